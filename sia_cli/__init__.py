@@ -1,0 +1,3 @@
+"""sia: Semantic Image Attack diagnosis for vision models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from sia_cli.cli import main
+
+main()

@@ -1,0 +1,316 @@
+"""The AttGAN backbone: generator, discriminator and the wrapper the attack uses.
+
+Module and parameter names follow the public PyTorch AttGAN checkpoints so their
+`weights.<epoch>.pth` files load with `strict=True` (see shared/compat/README.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sia_cli.errors import SiaError
+
+MAX_DIM = 1024
+
+
+def _norm(kind: str, channels: int) -> nn.Module | None:
+    if kind == "batchnorm":
+        return nn.BatchNorm2d(channels)
+    if kind == "instancenorm":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+def _activation(kind: str) -> nn.Module | None:
+    table = {"relu": nn.ReLU, "lrelu": lambda: nn.LeakyReLU(0.01), "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+    if kind == "none":
+        return None
+    if kind not in table:
+        raise ValueError(f"unknown activation {kind!r}")
+    return table[kind]()
+
+
+class Block(nn.Module):
+    """A layer followed by its norm and activation, kept in `.layers` to match checkpoint keys."""
+
+    def __init__(self, layer_cls, n_in: int, n_out: int, norm: str, acti: str, **kwargs):
+        super().__init__()
+        bias = norm == "none"  # a norm right after the layer makes its bias redundant
+        parts = [layer_cls(n_in, n_out, bias=bias, **kwargs), _norm(norm, n_out), _activation(acti)]
+        self.layers = nn.Sequential(*[p for p in parts if p is not None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def conv_block(n_in, n_out, norm, acti):
+    return Block(nn.Conv2d, n_in, n_out, norm, acti, kernel_size=4, stride=2, padding=1)
+
+
+def deconv_block(n_in, n_out, norm, acti):
+    return Block(nn.ConvTranspose2d, n_in, n_out, norm, acti, kernel_size=4, stride=2, padding=1)
+
+
+def linear_block(n_in, n_out, norm, acti):
+    return Block(nn.Linear, n_in, n_out, norm, acti)
+
+
+@dataclass
+class GeneratorConfig:
+    """Constructor settings of the generator, named as in a public `setting.txt`."""
+
+    enc_dim: int = 64
+    enc_layers: int = 5
+    enc_norm: str = "batchnorm"
+    enc_acti: str = "lrelu"
+    dec_dim: int = 64
+    dec_layers: int = 5
+    dec_norm: str = "batchnorm"
+    dec_acti: str = "relu"
+    n_attrs: int = 13
+    shortcut_layers: int = 1
+    inject_layers: int = 1
+    img_size: int = 128
+
+    @classmethod
+    def from_setting(cls, setting: dict) -> "GeneratorConfig":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in setting.items() if k in known}
+        if "attrs" in setting:
+            values["n_attrs"] = len(setting["attrs"])
+        return cls(**values)
+
+
+@dataclass
+class DiscriminatorConfig:
+    dim: int = 64
+    norm: str = "instancenorm"
+    acti: str = "lrelu"
+    fc_dim: int = 1024
+    fc_norm: str = "none"
+    fc_acti: str = "relu"
+    layers: int = 5
+    img_size: int = 128
+    n_attrs: int = 13
+
+    @classmethod
+    def from_setting(cls, setting: dict) -> "DiscriminatorConfig":
+        # setting.txt prefixes the discriminator's settings with `dis_`, except the shared ones.
+        values = {f.name: setting[f"dis_{f.name}"] for f in fields(cls) if f"dis_{f.name}" in setting}
+        if "img_size" in setting:
+            values["img_size"] = setting["img_size"]
+        if "attrs" in setting:
+            values["n_attrs"] = len(setting["attrs"])
+        return cls(**values)
+
+
+def _tile(a: torch.Tensor, size: int) -> torch.Tensor:
+    return a.view(a.size(0), -1, 1, 1).expand(-1, -1, size, size)
+
+
+class Generator(nn.Module):
+    """AttGAN generator: `decode(encode(x), a)` with attribute inputs already in checkpoint convention."""
+
+    def __init__(self, config: GeneratorConfig | None = None, **kwargs):
+        super().__init__()
+        c = config or GeneratorConfig(**kwargs)
+        self.config = c
+        if c.shortcut_layers > c.dec_layers - 1 or c.inject_layers > c.dec_layers - 1:
+            raise ValueError("shortcut_layers and inject_layers must be below dec_layers")
+        enc_widths = [min(c.enc_dim * 2**i, MAX_DIM) for i in range(c.enc_layers)]
+        self.enc_layers = nn.ModuleList()
+        n_in = 3
+        for width in enc_widths:
+            self.enc_layers.append(conv_block(n_in, width, c.enc_norm, c.enc_acti))
+            n_in = width
+        self.dec_layers = nn.ModuleList()
+        n_in = enc_widths[-1] + c.n_attrs
+        for i in range(c.dec_layers - 1):
+            width = min(c.dec_dim * 2 ** (c.dec_layers - i - 1), MAX_DIM)
+            self.dec_layers.append(deconv_block(n_in, width, c.dec_norm, c.dec_acti))
+            n_in = width
+            if i < c.shortcut_layers:
+                n_in += enc_widths[c.dec_layers - 2 - i]
+            if i < c.inject_layers:
+                n_in += c.n_attrs
+        self.dec_layers.append(deconv_block(n_in, 3, "none", "tanh"))
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for layer in self.enc_layers:
+            x = layer(x)
+            features.append(x)
+        return features
+
+    def decode(self, features: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        z = features[-1]
+        z = torch.cat([z, _tile(a, z.size(-1))], dim=1)
+        for i, layer in enumerate(self.dec_layers):
+            z = layer(z)
+            if i < c.shortcut_layers:
+                z = torch.cat([z, features[c.dec_layers - 2 - i]], dim=1)
+            if i < c.inject_layers:
+                z = torch.cat([z, _tile(a, z.size(-1))], dim=1)
+        return z
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x), a)
+
+
+class Discriminator(nn.Module):
+    """Critic with an adversarial head and an attribute-classification head (logits)."""
+
+    def __init__(self, config: DiscriminatorConfig | None = None, **kwargs):
+        super().__init__()
+        c = config or DiscriminatorConfig(**kwargs)
+        self.config = c
+        self.conv = nn.ModuleList()
+        n_in = 3
+        for i in range(c.layers):
+            width = min(c.dim * 2**i, MAX_DIM)
+            self.conv.append(conv_block(n_in, width, c.norm, c.acti))
+            n_in = width
+        flat = n_in * (c.img_size // 2**c.layers) ** 2
+
+        def head(n_out):
+            return nn.Sequential(linear_block(flat, c.fc_dim, c.fc_norm, c.fc_acti), linear_block(c.fc_dim, n_out, "none", "none"))
+
+        self.fc_adv = head(1)
+        self.fc_cls = head(c.n_attrs)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for layer in self.conv:
+            x = layer(x)
+        h = x.flatten(1)
+        return self.fc_adv(h), self.fc_cls(h)
+
+
+@dataclass
+class BackboneInfo:
+    """What describes a set of weights, apart from the architecture (cf. a model card)."""
+
+    name: str
+    attributes: list[str]
+    img_size: int
+    thres_int: float = 0.5
+    path: str = ""
+    sha256: str = ""
+    setting: dict = field(default_factory=dict)
+
+
+class AttGAN(nn.Module):
+    """The backbone as the attack sees it: images in [-1, 1], attributes in [0, 1].
+
+    The public checkpoints were trained on attribute inputs `(a * 2 - 1) * thres_int`;
+    the conversion lives here so every other module speaks [0, 1].
+    """
+
+    def __init__(self, generator: Generator, info: BackboneInfo, discriminator: Discriminator | None = None):
+        super().__init__()
+        self.generator = generator
+        self.discriminator = discriminator
+        self.info = info
+
+    @property
+    def attributes(self) -> list[str]:
+        return self.info.attributes
+
+    @property
+    def img_size(self) -> int:
+        return self.info.img_size
+
+    def attribute_input(self, a01: torch.Tensor) -> torch.Tensor:
+        return (a01 * 2 - 1) * self.info.thres_int
+
+    def forward(self, x: torch.Tensor, a01: torch.Tensor) -> torch.Tensor:
+        return self.generator(x, self.attribute_input(a01))
+
+    def reconstruct(self, x: torch.Tensor, a01: torch.Tensor) -> torch.Tensor:
+        return self.forward(x, a01)
+
+    @torch.no_grad()
+    def predict_attributes(self, x: torch.Tensor) -> torch.Tensor:
+        """Attribute probabilities from the discriminator's classification head."""
+        if self.discriminator is None:
+            raise RuntimeError("backbone has no discriminator")
+        return torch.sigmoid(self.discriminator(x)[1])
+
+    def freeze(self) -> "AttGAN":
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+SETTING_FILE = "setting.txt"
+
+
+def checkpoint_number(path) -> int:
+    """`weights.<n>.pth` -> n, so the newest of several checkpoints can be picked."""
+    try:
+        return int(path.name.split(".")[-2])
+    except (ValueError, IndexError):
+        return -1
+
+
+def latest_checkpoint(directory) -> Path | None:
+    directory = Path(directory)
+    found = [p for d in (directory / "checkpoint", directory) if d.is_dir() for p in d.glob("weights.*.pth")]
+    return max(found, key=checkpoint_number) if found else None
+
+
+def read_checkpoint(path) -> dict:
+    """Load a checkpoint dict with `weights_only=True`: tensors and plain data, never code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SiaError(f"backbone checkpoint not found: {path}") from None
+    except Exception as exc:  # torch raises many types for damaged zip/pickle data
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SiaError(f"cannot read backbone checkpoint {path} (corrupted or not a checkpoint): {first}") from None
+    if not isinstance(state, dict) or "G" not in state:
+        raise SiaError(f"{path} is not an AttGAN checkpoint: expected a dict with key 'G'")
+    return state
+
+
+def build_backbone(state: dict, setting: dict, name: str = "", path: str = "", sha256: str = "") -> AttGAN:
+    """Build generator (and discriminator when the checkpoint has one) and load them strictly."""
+    attributes = list(setting.get("attrs", []))
+    if not attributes:
+        raise SiaError(f"backbone setting for {name or path} lists no attributes ('attrs')")
+    generator = Generator(GeneratorConfig.from_setting(setting))
+    _load_strict(generator, state["G"], "generator", setting, path)
+    discriminator = None
+    if "D" in state:
+        discriminator = Discriminator(DiscriminatorConfig.from_setting(setting))
+        _load_strict(discriminator, state["D"], "discriminator", setting, path)
+    info = BackboneInfo(
+        name=name or path,
+        attributes=attributes,
+        img_size=int(setting.get("img_size", 128)),
+        thres_int=float(setting.get("thres_int", 0.5)),
+        path=path,
+        sha256=sha256,
+        setting=setting,
+    )
+    return AttGAN(generator, info, discriminator).freeze()
+
+
+def _load_strict(module: nn.Module, weights: dict, what: str, setting: dict, path: str) -> None:
+    try:
+        module.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise SiaError(
+            f"{what} weights in {path} do not match its settings "
+            f"({len(setting.get('attrs', []))} attributes, img_size {setting.get('img_size')}): {detail}"
+        ) from None

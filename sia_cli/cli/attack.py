@@ -1,0 +1,53 @@
+"""`sia attack`: run one or several attack methods and write adversaries and reports."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from sia_cli.cli import options as o
+from sia_cli.cli.common import console, handle_errors, progress_enabled, rich_progress
+from sia_cli.devices import pick_device
+from sia_cli.runs import RunConfig, attack as run_attack
+
+
+@handle_errors
+def attack(
+    model: Path = o.MODEL, images: Path = o.IMAGES, out: Path = o.OUT, gan: str = o.GAN,
+    attrs_file: Path = o.ATTRS_FILE,
+    method: str = typer.Option("sia", "--method", help="sia, attr, image, pgd, fgsm, spt; several comma-separated give a comparison."),
+    protect: list[str] = o.PROTECT, protect_eps: float = o.PROTECT_EPS, steps: int = o.STEPS, eps: str = o.EPS,
+    step_size: str = o.STEP_SIZE, eps_attr: str = o.EPS_ATTR, seed: int = o.SEED, batch_size: int = o.BATCH_SIZE,
+    device: str = o.DEVICE, amp: str = o.AMP, task: str = o.TASK, input_size: int = o.INPUT_SIZE,
+    mean: str = o.MEAN, std: str = o.STD, labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
+    nme_threshold: float = o.NME, force: bool = o.FORCE, no_progress: bool = o.NO_PROGRESS,
+):
+    """Attack MODEL on every image in --images; write adversaries/, report.json and a summary table."""
+    config = RunConfig(
+        model=model, images=images, out=out, gan=gan, attrs_file=attrs_file, methods=o.names([method]),
+        settings=o.attack_settings(steps, eps, step_size, eps_attr, protect_eps, amp, nme_threshold),
+        protect=o.names(protect), batch_size=batch_size, device=pick_device(device), seed=seed, task=task,
+        input_size=input_size, mean=o.triple(mean, "--mean"), std=o.triple(std, "--std"), labels=labels,
+        output_key=output_key, force=force, command=" ".join(["sia"] + sys.argv[1:]),
+    )
+    with rich_progress(progress_enabled(no_progress)) as progress:
+        result = run_attack(config, progress)
+    console.print(summary_table(result["reports"]))
+    for item in result["skipped"]:
+        console.print(f"[yellow]skipped[/] {item['file']}: {item['reason']}", highlight=False)
+    console.print(f"wrote {out}")
+
+
+def summary_table(reports: dict) -> Table:
+    table = Table(title="attack success rate and image quality (adversary vs its reference image)")
+    for column in ("method", "images", "ASR", "PSNR (dB)", "SSIM"):
+        table.add_column(column, justify="right" if column != "method" else "left")
+    for name, report in reports.items():
+        table.add_row(
+            name, str(len(report["images"])), f"{100 * report['attack_success_rate']:.1f} %",
+            f"{report['psnr']:.2f}", f"{report['ssim']:.3f}",
+        )
+    return table

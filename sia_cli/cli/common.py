@@ -1,0 +1,75 @@
+"""Shared pieces of the command layer: error mapping and the Rich progress adapter."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from typing import Callable, Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from sia_cli.errors import SiaError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    # User text may contain `[...]` or `:name:`; never let Rich read it as markup or emoji.
+    err_console.print("error: " + message, style="bold red", markup=False, emoji=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Map engine errors to one line on stderr and an exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SiaError as exc:
+            raise fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+        except FileNotFoundError as exc:
+            raise fail(f"file not found: {exc.filename}") from None
+        except PermissionError as exc:
+            raise fail(f"permission denied: {exc.filename}") from None
+        except OSError as exc:
+            raise fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
+
+    return wrapper
+
+
+def progress_enabled(no_progress: bool) -> bool:
+    return not no_progress and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def rich_progress(enabled: bool = True) -> Iterator[Callable]:
+    """Yield a progress callback `(task, done, total, info)` drawing Rich bars on stderr."""
+    if not enabled:
+        yield lambda *args, **kwargs: None
+        return
+    bars = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=err_console,
+        transient=False,
+    )
+    ids: dict[str, int] = {}
+
+    def update(task: str, done: int, total: int, info: dict | None = None) -> None:
+        if task not in ids:
+            ids[task] = bars.add_task(task, total=total, info="")
+        text = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (info or {}).items())
+        bars.update(ids[task], completed=done, total=total, info=text)
+
+    with bars:
+        yield update

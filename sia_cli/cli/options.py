@@ -1,0 +1,73 @@
+"""Options shared by the attack commands, declared once so their help reads alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from sia_cli.errors import SiaError
+
+
+def fraction(text: str) -> float:
+    """Accept `0.0059` or `1.5/255`."""
+    try:
+        if "/" in text:
+            top, bottom = text.split("/", 1)
+            return float(top) / float(bottom)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise SiaError(f"{text!r} is not a number or a fraction like 1.5/255") from None
+
+
+def triple(text: str | None, name: str) -> tuple[float, float, float] | None:
+    if not text:
+        return None
+    values = [fraction(v) for v in text.split(",")]
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3:
+        raise SiaError(f"{name} takes 1 or 3 comma-separated numbers, got {text!r}")
+    return tuple(values)
+
+
+def names(values: list[str] | None) -> tuple[str, ...]:
+    """Repeatable or comma-separated names."""
+    return tuple(n.strip() for v in values or [] for n in v.split(",") if n.strip())
+
+
+MODEL = typer.Argument(..., help="Target model: TorchScript file or torch.export archive (.pt2).")
+IMAGES = typer.Option(..., "--images", help="Folder of images to attack.")
+OUT = typer.Option(Path("sia-out"), "--out", help="Output folder.")
+GAN = typer.Option(None, "--gan", help="Backbone: registry name, checkpoint file or folder with setting.txt [default: synth-faces-64].")
+ATTRS_FILE = typer.Option(None, "--attrs-file", help="Starting attributes (CelebA list_attr layout); else the backbone's discriminator predicts them.")
+PROTECT = typer.Option(None, "--protect", help="Attribute held within --protect-eps of its start (repeatable).")
+PROTECT_EPS = typer.Option(0.0, "--protect-eps", help="How far a protected attribute may move.")
+STEPS = typer.Option(200, "--steps", help="Attack iterations T.")
+EPS = typer.Option("1.5/255", "--eps", help="Pixel L-inf bound (number or fraction).")
+STEP_SIZE = typer.Option("0.25/255", "--step-size", help="Step size eta for pixels and attributes.")
+EPS_ATTR = typer.Option("1.0", "--eps-attr", help="Attribute L-inf bound (attributes also stay in [0, 1]).")
+SEED = typer.Option(0, "--seed", help="Random seed.")
+BATCH_SIZE = typer.Option(16, "--batch-size", help="Images per batch.")
+DEVICE = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda when available).")
+AMP = typer.Option(None, "--amp", help="Mixed precision: bf16.")
+TASK = typer.Option(None, "--task", help="binary, multiclass or keypoints (inferred from the output shape when unambiguous).")
+INPUT_SIZE = typer.Option(None, "--input-size", help="Target input size (default: sia.yaml in the model, else the backbone's size).")
+MEAN = typer.Option(None, "--mean", help="Target normalisation mean, 1 or 3 comma-separated numbers.")
+STD = typer.Option(None, "--std", help="Target normalisation std, 1 or 3 comma-separated numbers.")
+LABELS = typer.Option(None, "--labels", help="CSV of reference labels (file,label or file,x1,y1,...); default: the model's clean prediction.")
+OUTPUT_KEY = typer.Option(None, "--output-key", help="Which output to use when the model returns a tuple or dict.")
+NME = typer.Option(0.1, "--nme-threshold", help="Keypoint attack success: normalised mean error above this.")
+FORCE = typer.Option(False, "--force", help="Overwrite a finished run in --out.")
+NO_PROGRESS = typer.Option(False, "--no-progress", help="Hide progress bars (also hidden when stderr is not a terminal).")
+
+
+def attack_settings(steps, eps, step_size, eps_attr, protect_eps, amp, nme_threshold):
+    from sia_cli.attack import AttackSettings
+
+    if steps < 1:
+        raise SiaError(f"--steps must be at least 1 (got {steps})")
+    return AttackSettings(
+        steps=steps, eps=fraction(eps), step_size=fraction(step_size), eps_attr=fraction(eps_attr),
+        protect_eps=protect_eps, amp=amp, nme_threshold=nme_threshold,
+    )

@@ -1,0 +1,12 @@
+"""Errors the CLI turns into one line on stderr and a non-zero exit code."""
+
+
+class SiaError(Exception):
+    """Bad input or environment: the message is shown to the user as is."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code

@@ -1,0 +1,199 @@
+"""The backbone registry (`weights.yaml`) and resolution of `--gan NAME_OR_PATH`.
+
+An entry describes a set of weights (attribute names, image size, `thres_int`,
+architecture) apart from where the file comes from: a path inside the repository,
+a URL with its sha256 (downloaded once into the cache), or a file the user must
+download by hand into the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sia_cli.backbone import SETTING_FILE, AttGAN, build_backbone, latest_checkpoint, read_checkpoint
+from sia_cli.errors import SiaError
+from sia_cli.progress import ProgressFn, silent
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BACKBONE = "synth-faces-64"
+CHUNK = 1 << 20
+
+
+@dataclass
+class RegistryEntry:
+    name: str
+    attributes: list[str]
+    img_size: int
+    thres_int: float
+    arch: dict
+    path: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    manual: str | None = None
+    description: str = ""
+    base: Path = field(default=REPO_ROOT)
+
+    def setting(self) -> dict:
+        """The entry in the shape of a public `setting.txt`."""
+        return {**self.arch, "attrs": list(self.attributes), "img_size": self.img_size, "thres_int": self.thres_int}
+
+
+def registry_file() -> Path:
+    return Path(os.environ.get("SIA_WEIGHTS", REPO_ROOT / "weights.yaml"))
+
+
+def cache_dir() -> Path:
+    if "SIA_CACHE" in os.environ:
+        return Path(os.environ["SIA_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sia"
+
+
+def load_registry(path: Path | None = None) -> dict[str, RegistryEntry]:
+    path = Path(path or registry_file())
+    if not path.is_file():
+        return {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SiaError(f"cannot parse backbone registry {path}: {' '.join(str(exc).split())}") from None
+    entries = {}
+    for name, item in raw.items():
+        source = item.get("source", {})
+        try:
+            entries[name] = RegistryEntry(
+                name=name,
+                attributes=list(item["attributes"]),
+                img_size=int(item["img_size"]),
+                thres_int=float(item.get("thres_int", 0.5)),
+                arch=dict(item.get("arch", {})),
+                path=source.get("path"),
+                url=source.get("url"),
+                sha256=source.get("sha256"),
+                manual=source.get("manual"),
+                description=item.get("description", ""),
+                base=path.parent,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SiaError(f"registry {path}: entry {name!r} is incomplete ({exc})") from None
+    return entries
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url: str, sha256: str, dest: Path, progress: ProgressFn = silent, timeout: float = 30) -> Path:
+    """Fetch `url` into `dest` once; the checksum is verified before the file takes its name."""
+    if dest.is_file() and file_sha256(dest) == sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".part")
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            for chunk in iter(lambda: response.read(CHUNK), b""):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                progress(f"download {dest.name}", done, total or done)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        partial.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", exc)
+        raise SiaError(f"cannot download {url}: {reason} (offline? put the file at {dest} by hand)") from None
+    if digest.hexdigest() != sha256:
+        partial.unlink(missing_ok=True)
+        raise SiaError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest.hexdigest()}")
+    os.replace(partial, dest)
+    return dest
+
+
+@dataclass
+class BackboneSource:
+    """Where a backbone's weights are and how to read them."""
+
+    name: str
+    checkpoint: Path
+    setting: dict
+
+
+def entry_source(entry: RegistryEntry, progress: ProgressFn = silent) -> BackboneSource:
+    if entry.path:
+        target = (entry.base / entry.path).resolve()
+        source = path_source(target)
+        return BackboneSource(entry.name, source.checkpoint, {**entry.setting(), **source.setting})
+    if entry.url:
+        if not entry.sha256:
+            raise SiaError(f"registry entry {entry.name!r} has a url but no sha256 to verify it")
+        dest = cache_dir() / entry.name / Path(entry.url.split("?")[0]).name
+        return BackboneSource(entry.name, download(entry.url, entry.sha256, dest, progress), entry.setting())
+    if entry.manual:
+        folder = cache_dir() / entry.name
+        found = latest_checkpoint(folder)
+        if found is None:
+            raise SiaError(f"backbone {entry.name!r} is not downloaded: {entry.manual.strip()} Put it in {folder}/")
+        return BackboneSource(entry.name, found, entry.setting())
+    raise SiaError(f"registry entry {entry.name!r} names no source (path, url or manual)")
+
+
+def path_source(path: Path) -> BackboneSource:
+    """A checkpoint file, or a directory in the public experiment layout."""
+    if path.is_dir():
+        checkpoint = latest_checkpoint(path)
+        if checkpoint is None:
+            raise SiaError(f"no weights.<n>.pth checkpoint in {path} or {path / 'checkpoint'}")
+        setting_dirs = [path]
+    elif path.is_file():
+        checkpoint = path
+        setting_dirs = [path.parent, path.parent.parent]
+    else:
+        raise SiaError(f"backbone path not found: {path}")
+    for folder in setting_dirs:
+        if (folder / SETTING_FILE).is_file():
+            return BackboneSource(str(path), checkpoint, read_setting(folder / SETTING_FILE))
+    raise SiaError(f"no {SETTING_FILE} found next to {checkpoint} (looked in {', '.join(map(str, setting_dirs))})")
+
+
+def read_setting(path: Path) -> dict:
+    try:
+        setting = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SiaError(f"cannot read {path} as JSON: {exc}") from None
+    if not isinstance(setting, dict) or "attrs" not in setting:
+        raise SiaError(f"{path} has no 'attrs' list: not an AttGAN setting file")
+    return setting
+
+
+def resolve(name_or_path: str | None, progress: ProgressFn = silent) -> BackboneSource:
+    """`--gan` value -> weights file and settings. Paths win over registry names."""
+    name_or_path = name_or_path or DEFAULT_BACKBONE
+    candidate = Path(name_or_path).expanduser()
+    if candidate.exists():
+        return path_source(candidate)
+    registry = load_registry()
+    if name_or_path in registry:
+        return entry_source(registry[name_or_path], progress)
+    known = ", ".join(sorted(registry)) or "none"
+    raise SiaError(f"--gan {name_or_path!r} is neither a file, a directory nor a registry name (known: {known})")
+
+
+def load_backbone(name_or_path: str | None = None, device: str = "cpu", progress: ProgressFn = silent) -> AttGAN:
+    source = resolve(name_or_path, progress)
+    state = read_checkpoint(source.checkpoint)
+    backbone = build_backbone(
+        state, source.setting, name=source.name, path=str(source.checkpoint), sha256=file_sha256(source.checkpoint)
+    )
+    return backbone.to(device)

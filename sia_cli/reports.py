@@ -1,0 +1,503 @@
+"""Report artefacts: report.json, sensitivity.png, grid.png, report.html, image quality.
+
+Every file is written atomically (temp file in the same directory, fsync,
+rename) so a reader, a CI gate or a resumed run never sees half a report.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from sia_cli.errors import SiaError
+from sia_cli.sensitivity import ranking
+
+PSNR_CAP_DB = 100.0
+
+# mkstemp creates 0600 files; reports should get the permissions any other new file would.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_NEW_FILE_MODE = 0o666 & ~_UMASK
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform, hence best effort.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, _NEW_FILE_MODE)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _json_ready(value: Any) -> Any:
+    """Plain JSON types; NaN/inf become null because strict JSON readers (jq, browsers) reject them."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_ready(value.tolist())
+    if isinstance(value, np.generic):
+        return _json_ready(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Atomic, indented, strict JSON (non-finite floats written as null, numpy values as plain numbers)."""
+    text = json.dumps(_json_ready(data), indent=2, allow_nan=False)
+    write_bytes_atomic(path, (text + "\n").encode("utf-8"))
+
+
+def _png_bytes(pil_image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    pil_image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_png_atomic(path: str | os.PathLike, pil_image: Image.Image) -> None:
+    write_bytes_atomic(path, _png_bytes(pil_image))
+
+
+# ---------------------------------------------------------------- image conversion and quality
+
+def _as_float_array(images: Any) -> np.ndarray:
+    if hasattr(images, "detach"):  # a torch tensor; .float() because numpy has no bfloat16
+        images = images.detach().float().cpu().numpy()
+    return np.asarray(images, dtype=np.float64)
+
+
+def to_uint8(img: Any) -> np.ndarray:
+    """(3,H,W) or (1,H,W) float tensor/array in [0,1] -> HxWx3 uint8 (rounded, clipped, NaN -> 0)."""
+    array = _as_float_array(img)
+    if array.ndim != 3 or array.shape[0] not in (1, 3):
+        raise SiaError(f"expected a (3,H,W) image, got shape {array.shape}")
+    array = np.nan_to_num(array, nan=0.0)
+    pixels = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    return np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
+
+
+def _psnr(mse: float) -> float:
+    if mse <= 0.0:
+        return PSNR_CAP_DB
+    return min(PSNR_CAP_DB, 10.0 * math.log10(1.0 / mse))
+
+
+def _ssim(adversary: np.ndarray, reference: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    smallest_side = min(adversary.shape[1:])
+    window = min(7, smallest_side if smallest_side % 2 else smallest_side - 1)
+    if window < 3:
+        return math.nan  # SSIM is undefined below a 3x3 window
+    return float(structural_similarity(adversary.transpose(1, 2, 0), reference.transpose(1, 2, 0),
+                                       channel_axis=2, data_range=1.0, win_size=window))
+
+
+def image_quality(adversaries: Any, references: Any) -> tuple[list[float], list[float]]:
+    """Per-image PSNR (dB, data range 1.0) and SSIM between two (N,3,H,W) batches in [0,1].
+
+    PSNR of identical images is infinite; it is reported as PSNR_CAP_DB (100 dB), and
+    larger values are capped too, so report.json stays valid JSON. SSIM uses
+    scikit-image with a 7x7 window (smaller for images under 7 px; NaN under 3 px).
+    """
+    adversary, reference = _as_float_array(adversaries), _as_float_array(references)
+    if adversary.shape != reference.shape or adversary.ndim != 4:
+        raise SiaError("image_quality needs two (N,C,H,W) batches of one shape, "
+                       f"got {adversary.shape} and {reference.shape}")
+    mse = ((adversary - reference) ** 2).reshape(len(adversary), -1).mean(axis=1)
+    psnr = [_psnr(float(m)) for m in mse]
+    ssim = [_ssim(a, r) for a, r in zip(adversary, reference)]
+    return psnr, ssim
+
+
+# ---------------------------------------------------------------- sensitivity histogram
+
+def _bar_label(value: float) -> str:
+    # Two decimals, unless that would print a non-zero value as 0.00.
+    return f"{value:.2f}" if value == 0 or abs(value) >= 0.005 else f"{value:.1e}"
+
+
+def _error_extents(names: list[str], values: dict[str, float], intervals: dict[str, dict]) -> np.ndarray:
+    """(2, K) distances below/above each bar; matplotlib rejects negative extents, so clip at 0."""
+    extents = np.zeros((2, len(names)))
+    for column, name in enumerate(names):
+        interval = intervals.get(name)
+        if interval:
+            extents[0, column] = max(0.0, values[name] - interval["low"])
+            extents[1, column] = max(0.0, interval["high"] - values[name])
+    return extents
+
+
+def sensitivity_png(path: str | os.PathLike, values: dict[str, float],
+                    intervals: dict[str, dict] | None = None, title: str = "") -> None:
+    """Horizontal bar chart, most sensitive on top, value printed beside each bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
+
+    if not values:
+        raise SiaError("no sensitivity values to plot")
+    names = ranking(values)
+    heights = np.array([values[name] for name in names])
+    extents = _error_extents(names, values, intervals) if intervals else None
+    bar_ends = heights + (extents[1] if extents is not None else 0.0)
+
+    figure = Figure(figsize=(8, max(4.0, 0.32 * len(names) + 1.2)), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    colours = ["#c0392b" if i == 0 else "#2e6da4" for i in range(len(names))]
+    rows = np.arange(len(names))
+    axes.barh(rows, heights, xerr=extents, color=colours, ecolor="#444444", capsize=3, height=0.7)
+    span = float(bar_ends.max()) if bar_ends.max() > 0 else 1.0
+    for row, (value, end) in enumerate(zip(heights, bar_ends)):
+        axes.text(end + 0.01 * span, row, _bar_label(value), va="center", fontsize=9)
+    axes.set_yticks(rows, names)
+    axes.invert_yaxis()
+    axes.set_xlim(0, span * 1.15)
+    axes.set_xlabel("sensitivity" + (" (bars: 95% bootstrap interval)" if intervals else ""))
+    axes.grid(axis="x", alpha=0.3)
+    axes.set_axisbelow(True)
+    for side in ("top", "right"):
+        axes.spines[side].set_visible(False)
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------- example grid
+
+GRID_COLUMNS = ("original", "reconstruction", "adversary")
+_MIN_CELL, _MAX_CELL, _PAD, _LINE = 128, 256, 8, 18
+
+
+def _font(size: int = 14) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _as_rgb(image: Any) -> np.ndarray | None:
+    """HxWx3 uint8 from HxW, HxWx3 or HxWx4 input; floats are taken as [0,1]."""
+    if image is None:
+        return None
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise SiaError(f"grid images must be HxWx3 arrays, got shape {array.shape}")
+    array = array[:, :, :3]
+    if array.dtype != np.uint8:
+        array = np.clip(np.rint(np.nan_to_num(array.astype(np.float64)) * 255.0), 0, 255).astype(np.uint8)
+    return array
+
+
+def _cell_size(panels: list[np.ndarray]) -> tuple[int, int]:
+    """(width, height) of one cell: small images upscaled by a whole factor so nearest stays crisp."""
+    height = max(p.shape[0] for p in panels)
+    width = max(p.shape[1] for p in panels)
+    longest = max(height, width)
+    scale = max(1, math.ceil(_MIN_CELL / longest)) if longest < _MIN_CELL else min(1.0, _MAX_CELL / longest)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _paste_cell(canvas: Image.Image, draw: ImageDraw.ImageDraw, panel: np.ndarray | None,
+                box: tuple[int, int], size: tuple[int, int], font) -> None:
+    if panel is None:  # e.g. pixel-space attacks have no reconstruction
+        draw.rectangle([box, (box[0] + size[0] - 1, box[1] + size[1] - 1)], fill=(225, 225, 225))
+        centre = (box[0] + size[0] // 2, box[1] + size[1] // 2)
+        draw.text(centre, "n/a", fill=(90, 90, 90), font=font, anchor="mm")
+        return
+    # A thin frame keeps images with white borders apart from the white canvas.
+    draw.rectangle([(box[0] - 1, box[1] - 1), (box[0] + size[0], box[1] + size[1])], outline=(190, 190, 190))
+    image = Image.fromarray(panel)
+    enlarging = size[0] >= image.width
+    canvas.paste(image.resize(size, Image.Resampling.NEAREST if enlarging else Image.Resampling.LANCZOS), box)
+
+
+def grid_png(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """One row per image: original | reconstruction | adversary, file name and caption below."""
+    if not rows:
+        raise SiaError("the example grid needs at least one image")
+    panels = [[_as_rgb(row.get(column)) for column in GRID_COLUMNS] for row in rows]
+    present = [p for row in panels for p in row if p is not None]
+    if not present:
+        raise SiaError("the example grid has no images")
+    cell_w, cell_h = _cell_size(present)
+    header_h, row_h = _LINE + _PAD, cell_h + 2 * _LINE + _PAD
+    canvas = Image.new("RGB", (_PAD + 3 * (cell_w + _PAD), header_h + len(rows) * row_h + _PAD), "white")
+    draw, font = ImageDraw.Draw(canvas), _font()
+    for column, title in enumerate(GRID_COLUMNS):
+        centre = _PAD + column * (cell_w + _PAD) + cell_w // 2
+        draw.text((centre, _PAD // 2), title, fill="black", font=font, anchor="ma")
+    text_width = canvas.width - 2 * _PAD
+    for index, (row, row_panels) in enumerate(zip(rows, panels)):
+        top = header_h + index * row_h
+        for column, panel in enumerate(row_panels):
+            _paste_cell(canvas, draw, panel, (_PAD + column * (cell_w + _PAD), top), (cell_w, cell_h), font)
+        for line, (key, colour) in enumerate([("file", (0, 0, 0)), ("caption", (60, 60, 60))]):
+            text = _fit_text(draw, str(row.get(key, "")), font, text_width)
+            draw.text((_PAD, top + cell_h + 2 + line * _LINE), text, fill=colour, font=font)
+    save_png_atomic(path, canvas)
+
+
+# ---------------------------------------------------------------- self-contained HTML report
+
+_MEASURES = {  # headline name -> report key of its raw values (normalised: key + "_normalized")
+    "attribute_shift": "sensitivity",
+    "ablation": "sensitivity_ablation",
+    "single": "sensitivity_single",
+}
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0} th,td{padding:.25em .7em;border-bottom:1px solid #e5e5e5;text-align:right}
+th:first-child,td:first-child{text-align:left} th{background:#f5f5f5} .headline{background:#fdf2e9}
+.warning{background:#fff3cd;border:1px solid #e0b000;padding:.8em 1em;border-radius:4px;font-weight:bold}
+.lead{font-size:1.15em} .muted{color:#666;font-size:.9em} code{font-size:.9em}
+img{max-width:100%;height:auto;border:1px solid #eee}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.{digits}f}"
+    return "—"
+
+
+def _interval_text(interval: dict | None, digits: int = 3) -> str:
+    if not interval:
+        return ""
+    return f"[{_number(interval.get('low'), digits)}, {_number(interval.get('high'), digits)}]"
+
+
+def _mean(value: Any) -> float | None:
+    """Report figures may be a number, a list of per-image values or a {"mean": ...} summary."""
+    if isinstance(value, dict):
+        value = value.get("mean")
+    if isinstance(value, (list, tuple)):
+        finite = [v for v in value if isinstance(v, (int, float)) and math.isfinite(v)]
+        return float(np.mean(finite)) if finite else None
+    return value if isinstance(value, (int, float)) else None
+
+
+def _with_unit(text: str, unit: str) -> str:
+    return text if text == "—" else f"{text} {unit}"
+
+
+def _count(value: Any) -> int:
+    return len(value) if isinstance(value, (list, tuple)) else int(value or 0)
+
+
+def _image_count(images: Any) -> str:
+    """Count, and how many of the per-image records failed (they are left out of the measures)."""
+    if not isinstance(images, (list, tuple)):
+        return str(_count(images))
+    failed = sum(1 for r in images if isinstance(r, dict) and r.get("error"))
+    return f"{len(images)} ({failed} failed, left out)" if failed else str(len(images))
+
+
+def _image_tag(png_path: Path, alt: str) -> str:
+    encoded = base64.b64encode(Path(png_path).read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{encoded}" alt="{_e(alt)}">'
+
+
+def _headline(report: dict) -> tuple[str, str]:
+    """(measure name, report key of its raw values), falling back to Eq. 2 when absent."""
+    name = (report.get("settings") or {}).get("headline", "attribute_shift")
+    key = _MEASURES.get(name, "sensitivity")
+    if not report.get(key + "_normalized"):
+        return "attribute_shift", "sensitivity"
+    return name, key
+
+
+def _descriptor(label: str, item: dict | None) -> str:
+    item = item or {}
+    name = item.get("name") or Path(str(item.get("path", "?"))).name
+    sha = str(item.get("sha256") or "")[:12]
+    kind = f" ({_e(item['kind'])})" if item.get("kind") else ""
+    return f"<div><b>{_e(label)}:</b> <code>{_e(name)}</code>{kind} <span class='muted'>sha256 {_e(sha)}</span></div>"
+
+
+def _top_attributes(report: dict, top_k: int) -> str:
+    name, key = _headline(report)
+    shares = report.get(key + "_normalized") or {}
+    order = ranking(shares)[:top_k]
+    if not order:
+        return "<p>No attribute sensitivities were measured.</p>"
+    first = order[0]
+    lines = [f"<p class='lead'>The model is most sensitive to {_e(first)}: {shares[first]:.2f} of total "
+             f"<span class='muted'>(headline measure: {_e(name)})</span></p>"]
+    if len(order) > 1:
+        items = "".join(f"<li>{_e(a)}: {shares[a]:.2f} of total</li>" for a in order[1:])
+        lines.append(f"<p>Next:</p><ol start='2'>{items}</ol>")
+    return "\n".join(lines)
+
+
+def _measure_columns(report: dict) -> list[tuple[str, str]]:
+    """(title, raw-values key) for each measure present in the report."""
+    columns = [("attribute shift (Eq. 2)", "sensitivity"), ("ablation", "sensitivity_ablation"),
+               ("single attribute", "sensitivity_single")]
+    return [(title, key) for title, key in columns if report.get(key)]
+
+
+def _table_order(report: dict, headline_key: str, columns: list[tuple[str, str]]) -> list[str]:
+    """Headline ranking first, then attributes only another measure has (none may be hidden)."""
+    order = ranking(report.get(headline_key) or {})
+    for _, key in columns:
+        order += [name for name in ranking(report.get(key) or {}) if name not in order]
+    return order
+
+
+def _measures_table(report: dict) -> str:
+    headline_key = _headline(report)[1]
+    columns = _measure_columns(report)
+    intervals = report.get("intervals") or {}
+    flips = report.get("flip_rate") or {}
+    header = "<tr><th>attribute</th>"
+    for title, key in columns:
+        mark = " class='headline'" if key == headline_key else ""
+        header += f"<th{mark}>{_e(title)} raw</th><th{mark}>95% interval</th><th{mark}>share</th>"
+    header += "<th>flip rate</th></tr>" if flips else "</tr>"
+    body = []
+    for attribute in _table_order(report, headline_key, columns):
+        cells = [f"<td>{_e(attribute)}</td>"]
+        for _, key in columns:
+            raw, shares = report.get(key) or {}, report.get(key + "_normalized") or {}
+            interval = _interval_text((intervals.get(key) or {}).get(attribute))
+            cells.append(f"<td>{_number(raw.get(attribute))}</td><td>{_e(interval)}</td>"
+                         f"<td>{_number(shares.get(attribute), 2)}</td>")
+        if flips:
+            cells.append(f"<td>{_number(flips.get(attribute), 2)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table>{header}{''.join(body)}</table>"
+
+
+def _summary_table(report: dict) -> str:
+    intervals = report.get("intervals") or {}
+    asr = report.get("attack_success_rate")
+    rows = [
+        ("attack success rate", f"{asr * 100:.1f} %" if isinstance(asr, (int, float)) else "—"),
+        ("SDAR", f"{_number(report.get('sdar'), 4)} {_interval_text(intervals.get('sdar'), 4)}".strip()),
+        ("mean PSNR (adversary vs reconstruction)", _with_unit(_number(_mean(report.get("psnr")), 2), "dB")),
+        ("mean SSIM", _number(_mean(report.get("ssim")), 3)),
+        ("images", _image_count(report.get("images"))),
+        ("skipped files", str(len(report.get("skipped") or []))),
+    ]
+    return "<table>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows) + "</table>"
+
+
+def _skipped_list(report: dict) -> str:
+    skipped = report.get("skipped") or []
+    if not skipped:
+        return ""
+    items = "".join(f"<li><code>{_e(s.get('file', '?'))}</code>: {_e(s.get('reason', ''))}</li>" for s in skipped)
+    return f"<h2>Skipped files</h2><ul>{items}</ul>"
+
+
+def _groups_section(report: dict) -> str:
+    groups = report.get("groups")
+    if not groups:
+        return ""
+    rows = []
+    for name, group in groups.items():
+        group = group if isinstance(group, dict) else {}
+        shares = group.get("sensitivity_normalized") or group.get("sensitivity") or {}
+        top = ", ".join(f"{a} {shares[a]:.2f}" for a in ranking(shares)[:3])
+        rows.append(f"<tr><td>{_e(name)}</td><td>{_e(_count(group.get('images')))}</td>"
+                    f"<td>{_number(group.get('sdar'), 4)}</td><td>{_e(top)}</td></tr>")
+    return ("<h2>Sub-populations</h2><table><tr><th>group</th><th>images</th><th>SDAR</th>"
+            f"<th>top attributes (share)</th></tr>{''.join(rows)}</table>")
+
+
+def _details(report: dict) -> str:
+    timing = report.get("timing") or {}
+    timing_rows = "".join(f"<tr><td>{_e(k)}</td><td>{_number(v, 1)} s</td></tr>" for k, v in timing.items())
+    settings = json.dumps(_json_ready(report.get("settings") or {}), indent=2, sort_keys=True)
+    return (f"<h2>Run</h2><div><b>command:</b> <code>{_e(report.get('command', ''))}</code></div>"
+            f"<div class='muted'>sia {_e(report.get('version', '?'))}</div>"
+            f"<table>{timing_rows}</table><details><summary>settings</summary><pre>{_e(settings)}</pre></details>")
+
+
+def report_html(path: str | os.PathLike, report: dict, sensitivity_png: Path, grid_png: Path | None,
+                top_k: int = 5) -> None:
+    """One self-contained page (inline CSS, base64 images) summarising a diagnosis report."""
+    banner = ("<p class='warning'>Incomplete run: this report covers only the images processed so far.</p>"
+              if report.get("incomplete") else "")
+    grid = f"<h2>Examples</h2>{_image_tag(grid_png, 'original, reconstruction and adversary')}" if grid_png else ""
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>SIA report</title><style>{_CSS}</style></head>
+<body>
+<h1>Semantic Image Attack report</h1>
+{banner}
+{_descriptor("target", report.get("target"))}
+{_descriptor("backbone", report.get("backbone"))}
+<h2>Which attributes the model is sensitive to</h2>
+{_top_attributes(report, top_k)}
+{_image_tag(sensitivity_png, "sensitivity histogram")}
+<h2>Summary</h2>
+{_summary_table(report)}
+<h2>Sensitivity measures</h2>
+<p class="muted">Attribute shift is paper Eq. 2 measured from the starting attributes a0 (the paper writes a1).
+Shares are each measure divided by its total; the highlighted columns are the headline measure.
+Protected attributes are left out.</p>
+{_measures_table(report)}
+{_groups_section(report)}
+{grid}
+{_skipped_list(report)}
+{_details(report)}
+</body></html>
+"""
+    write_bytes_atomic(path, page.encode("utf-8"))

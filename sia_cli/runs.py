@@ -1,0 +1,312 @@
+"""Running an attack over a folder: inputs, batches, records, adversary files and the report.
+
+`attack()` is the engine behind `sia attack`; `diagnose` builds on the same pieces.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sia_cli import __version__
+from sia_cli.attack import AttackSettings, Method, attribute_radius, get_method, run_loop
+from sia_cli.data import ImageError, list_images, load_image, read_attributes
+from sia_cli.errors import SiaError
+from sia_cli.progress import ProgressFn, silent
+from sia_cli.registry import load_backbone
+from sia_cli.reports import image_quality, to_uint8, write_json_atomic
+from sia_cli.target import load_target, read_labels
+
+SCHEMA_VERSION = 1
+REPORT = "report.json"
+
+
+@dataclass
+class RunConfig:
+    model: Path
+    images: Path
+    out: Path
+    gan: str | None = None
+    attrs_file: Path | None = None
+    methods: tuple[str, ...] = ("sia",)
+    settings: AttackSettings = field(default_factory=AttackSettings)
+    protect: tuple[str, ...] = ()
+    batch_size: int = 16
+    device: str = "cpu"
+    seed: int = 0
+    task: str | None = None
+    input_size: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    labels: Path | None = None
+    output_key: str | None = None
+    force: bool = False
+    command: str = ""
+
+    def describe(self) -> dict:
+        data = asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+
+
+@dataclass
+class Inputs:
+    """Everything loaded once before the first batch."""
+
+    backbone: object
+    target: object
+    files: list[Path]
+    attributes: object  # AttributeTable restricted to the backbone's names, or None
+    labels: dict | None
+    protected: torch.Tensor  # (K,) bool
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    """Refuse to overwrite a finished run; fail before any work when `out` is not writable."""
+    out = Path(out)
+    if (out / REPORT).exists() and not force:
+        raise SiaError(f"{out} holds a finished run ({REPORT}); pass --force to overwrite or pick another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".sia-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise SiaError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+
+
+def load_inputs(config: RunConfig, progress: ProgressFn = silent) -> Inputs:
+    backbone = load_backbone(config.gan, config.device, progress)
+    target = load_target(
+        config.model, device=config.device, task=config.task, input_size=config.input_size,
+        mean=config.mean, std=config.std, output_key=config.output_key, probe_size=backbone.img_size,
+    )
+    files = list_images(config.images)
+    table = read_attributes(config.attrs_file).select(backbone.attributes) if config.attrs_file else None
+    if table is None and backbone.discriminator is None:
+        raise SiaError(
+            "no starting attributes: pass --attrs-file (CelebA list_attr layout); "
+            f"backbone {backbone.info.name} has no discriminator head to predict them"
+        )
+    unknown = [name for name in config.protect if name not in backbone.attributes]
+    if unknown:
+        raise SiaError(f"--protect {', '.join(unknown)}: not a backbone attribute ({', '.join(backbone.attributes)})")
+    protected = torch.tensor([name in config.protect for name in backbone.attributes])
+    labels = read_labels(config.labels, target.kind) if config.labels else None
+    return Inputs(backbone, target, files, table, labels, protected)
+
+
+@dataclass
+class Batch:
+    files: list[Path]
+    x0: torch.Tensor  # (B, 3, S, S) in [0, 1]
+    a0: torch.Tensor  # (B, K) in [0, 1]
+
+
+def batches(inputs: Inputs, batch_size: int, device: str, skipped: list):
+    """Yield loaded batches; unusable files go to `skipped` with the reason, the rest go on."""
+    size = inputs.backbone.img_size
+    pending: list[tuple[Path, torch.Tensor, np.ndarray | None]] = []
+    for file in inputs.files:
+        try:
+            image = load_image(file, size)
+        except ImageError as exc:
+            skipped.append({"file": file.name, "reason": str(exc)})
+            continue
+        vector = inputs.attributes.vector(file) if inputs.attributes is not None else None
+        if inputs.attributes is not None and vector is None:
+            skipped.append({"file": file.name, "reason": f"not listed in {inputs.attributes.path.name}"})
+            continue
+        pending.append((file, image, vector))
+        if len(pending) == batch_size:
+            yield _stack(pending, inputs, device)
+            pending = []
+    if pending:
+        yield _stack(pending, inputs, device)
+
+
+def _stack(pending, inputs: Inputs, device: str) -> Batch:
+    x0 = torch.stack([image for _, image, _ in pending]).to(device)
+    if inputs.attributes is not None:
+        a0 = torch.from_numpy(np.stack([vector for _, _, vector in pending])).to(device)
+    else:
+        a0 = inputs.backbone.predict_attributes(x0 * 2 - 1)
+    return Batch([file for file, _, _ in pending], x0, a0.float())
+
+
+@torch.inference_mode()
+def clean_pass(inputs: Inputs, batch: Batch) -> dict:
+    """Clean prediction (the default reference label) and the backbone's reconstruction."""
+    target, backbone = inputs.target, inputs.backbone
+    clean = target(batch.x0 * 2 - 1)
+    reference = target.reference(clean)
+    if inputs.labels is not None:
+        reference = _labelled_reference(inputs, batch, clean)
+    reconstruction = backbone(batch.x0 * 2 - 1, batch.a0)
+    return {"clean": clean.clone(), "reference": reference.clone(), "reconstruction": reconstruction.clone()}
+
+
+def _labelled_reference(inputs: Inputs, batch: Batch, clean: torch.Tensor) -> torch.Tensor:
+    missing = [f.name for f in batch.files if f.name not in inputs.labels]
+    if missing:
+        raise SiaError(f"--labels has no row for {missing[0]} ({len(missing)} image(s) missing)")
+    values = torch.stack([torch.as_tensor(inputs.labels[f.name]) for f in batch.files]).to(clean.device)
+    if inputs.target.kind == "keypoints":
+        return inputs.target.reference_from_labels(values, clean.shape[-2:])
+    return values.to(inputs.target.reference(clean).dtype)
+
+
+def _plain(value: torch.Tensor):
+    value = value.detach().float().cpu()
+    return round(value.item(), 6) if value.dim() == 0 else np.round(value.numpy(), 6).tolist()
+
+
+def records_for(batch: Batch, inputs: Inputs, clean: dict, state, settings: AttackSettings) -> list[dict]:
+    target = inputs.target
+    success = target.success(state.output, clean["reference"], settings.nme_threshold)
+    label = clean["reference"] if target.kind != "keypoints" else target.predict(clean["reference"])
+    pred_clean, pred_adv = target.predict(clean["clean"]), target.predict(state.output)
+    return [
+        {
+            "file": file.name,
+            "attrs_start": _plain(batch.a0[i]),
+            "attrs_end": _plain(state.a[i]),
+            "label": _plain(label[i]),
+            "pred_clean": _plain(pred_clean[i]),
+            "pred_adv": _plain(pred_adv[i]),
+            "success": bool(success[i]),
+        }
+        for i, file in enumerate(batch.files)
+    ]
+
+
+def save_images(folder: Path, files: list[Path], images: torch.Tensor) -> None:
+    """Write [-1, 1] images as PNG named after their sources (temp file, then rename)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for file, image in zip(files, ((images + 1) / 2).cpu()):
+        partial = folder / f".{file.stem}.png.tmp"
+        Image.fromarray(to_uint8(image)).save(partial, format="PNG")
+        partial.replace(folder / f"{file.stem}.png")
+
+
+class MethodRun:
+    """Accumulates one method's records, image-quality figures and adversary files."""
+
+    def __init__(self, method: Method, folder: Path):
+        self.method, self.folder = method, folder
+        self.records: list[dict] = []
+        self.psnr: list[float] = []
+        self.ssim: list[float] = []
+
+    def add(self, batch: Batch, inputs: Inputs, clean: dict, state, settings: AttackSettings) -> None:
+        self.records += records_for(batch, inputs, clean, state, settings)
+        # Generator methods are judged against the reconstruction they start from; pixel
+        # baselines never pass through the generator, so against the clean image.
+        reference = clean["reconstruction"] if self.method.through_generator else batch.x0 * 2 - 1
+        psnr, ssim = image_quality((state.adversary + 1) / 2, (reference + 1) / 2)
+        self.psnr += psnr
+        self.ssim += ssim
+        save_images(self.folder / "adversaries", batch.files, state.adversary)
+
+    def summary(self) -> dict:
+        done = self.records
+        return {
+            "attack_success_rate": float(np.mean([r["success"] for r in done])) if done else 0.0,
+            "psnr": float(np.mean(self.psnr)) if self.psnr else None,
+            "ssim": float(np.mean(self.ssim)) if self.ssim else None,
+        }
+
+
+def attack_batch(inputs: Inputs, batch: Batch, method: Method, settings: AttackSettings, seed: int):
+    clean = clean_pass(inputs, batch)
+    fixed = inputs.protected.to(batch.a0.device).expand_as(batch.a0)
+    radius = attribute_radius(batch.a0, settings, fixed)
+    generator = torch.Generator().manual_seed(seed)
+    state = run_loop(inputs.backbone, inputs.target, method, batch.x0, batch.a0, clean["reference"],
+                     settings, radius, generator)
+    return clean, state
+
+
+def describe_inputs(inputs: Inputs) -> dict:
+    backbone, target = inputs.backbone, inputs.target
+    return {
+        "backbone": {
+            "name": backbone.info.name, "path": backbone.info.path, "sha256": backbone.info.sha256,
+            "img_size": backbone.img_size, "thres_int": backbone.info.thres_int,
+        },
+        "target": {"path": str(target.path), "sha256": target.sha256, "kind": target.kind, "format": target.format},
+        "attributes": list(backbone.attributes),
+        "protected": [n for n, p in zip(backbone.attributes, inputs.protected.tolist()) if p],
+    }
+
+
+def base_report(config: RunConfig, inputs: Inputs) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "version": __version__,
+        "command": config.command,
+        "settings": config.describe(),
+        **describe_inputs(inputs),
+        "device": _device_name(config.device),
+        "attrs_source": "attrs_file" if inputs.attributes is not None else "discriminator",
+    }
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def attack(config: RunConfig, progress: ProgressFn = silent) -> dict:
+    """Run every requested method over the folder; write adversaries and reports into `out`."""
+    methods = [get_method(name) for name in config.methods]
+    prepare_out(config.out, config.force)
+    began = time.perf_counter()
+    torch.manual_seed(config.seed)
+    inputs = load_inputs(config, progress)
+    single = len(methods) == 1
+    runs = {m.name: MethodRun(m, config.out if single else config.out / m.name) for m in methods}
+    skipped: list[dict] = []
+    done, total = 0, len(inputs.files)
+    for index, batch in enumerate(batches(inputs, config.batch_size, config.device, skipped)):
+        for method in methods:
+            clean, state = attack_batch(inputs, batch, method, config.settings, config.seed + index)
+            runs[method.name].add(batch, inputs, clean, state, config.settings)
+        done += len(batch.files)
+        progress("attack", done + len(skipped), total)
+    if not any(run.records for run in runs.values()):
+        raise SiaError(f"no usable image in {config.images}: {skipped[0]['reason'] if skipped else 'none found'}")
+    seconds = time.perf_counter() - began
+    reports = {name: _method_report(config, inputs, run, skipped, seconds) for name, run in runs.items()}
+    for name, report in reports.items():
+        write_json_atomic(runs[name].folder / REPORT, report)
+    if not single:
+        comparison = {name: {k: r[k] for k in ("attack_success_rate", "psnr", "ssim")} for name, r in reports.items()}
+        write_json_atomic(config.out / "comparison.json", {"methods": comparison, "images": done})
+    return {"reports": reports, "skipped": skipped, "seconds": seconds}
+
+
+def _method_report(config: RunConfig, inputs: Inputs, run: MethodRun, skipped: list, seconds: float) -> dict:
+    return {
+        **base_report(config, inputs),
+        "method": run.method.name,
+        "method_summary": run.method.summary,
+        **run.summary(),
+        "images": run.records,
+        "skipped": skipped,
+        "timing": {"total_s": round(seconds, 3)},
+        "complete": True,
+    }
+
+
+def remove_run(out: Path) -> None:
+    """`--force`: clear a previous run's outputs we own, nothing else."""
+    for name in ("adversaries",):
+        shutil.rmtree(Path(out) / name, ignore_errors=True)

@@ -1,0 +1,316 @@
+"""AttGAN training (WGAN-GP) on any CelebA-layout folder, writing the public checkpoint layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid, save_image
+
+from sia_cli import __version__
+from sia_cli.backbone import (
+    SETTING_FILE,
+    Discriminator,
+    DiscriminatorConfig,
+    Generator,
+    GeneratorConfig,
+    checkpoint_number,
+    latest_checkpoint,
+    read_checkpoint,
+)
+from sia_cli.data import LabelledImages, read_attributes
+from sia_cli.errors import SiaError
+from sia_cli.progress import ProgressFn, silent
+
+
+@dataclass
+class TrainConfig:
+    images: Path
+    attrs_file: Path
+    attributes: list[str]
+    out: Path
+    img_size: int = 64
+    batch_size: int = 32
+    max_steps: int = 10000  # generator steps; each follows n_d critic steps
+    enc_dim: int = 16
+    dec_dim: int = 16
+    enc_layers: int = 4
+    dec_layers: int = 4
+    dis_dim: int = 16
+    dis_layers: int = 4
+    dis_fc_dim: int = 64
+    shortcut_layers: int = 1
+    inject_layers: int = 1
+    thres_int: float = 0.5
+    lambda_1: float = 100.0  # reconstruction
+    lambda_2: float = 10.0  # generator attribute classification
+    lambda_3: float = 1.0  # critic attribute classification
+    lambda_gp: float = 10.0
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    n_d: int = 5
+    sample_every: int = 500
+    save_every: int = 1000
+    keep: int = 2
+    resume: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    workers: int = 0
+    preload: bool = False  # decode every image once into memory on the training device
+    time_limit: float | None = None  # seconds; stop early with a checkpoint
+
+    def setting(self) -> dict:
+        """The run's settings in the keys a public `setting.txt` uses."""
+        return {
+            "attrs": list(self.attributes),
+            "n_attrs": len(self.attributes),
+            "img_size": self.img_size,
+            "shortcut_layers": self.shortcut_layers,
+            "inject_layers": self.inject_layers,
+            "enc_dim": self.enc_dim,
+            "dec_dim": self.dec_dim,
+            "dis_dim": self.dis_dim,
+            "dis_fc_dim": self.dis_fc_dim,
+            "enc_layers": self.enc_layers,
+            "dec_layers": self.dec_layers,
+            "dis_layers": self.dis_layers,
+            "enc_norm": "batchnorm",
+            "dec_norm": "batchnorm",
+            "dis_norm": "instancenorm",
+            "dis_fc_norm": "none",
+            "enc_acti": "lrelu",
+            "dec_acti": "relu",
+            "dis_acti": "lrelu",
+            "dis_fc_acti": "relu",
+            "lambda_1": self.lambda_1,
+            "lambda_2": self.lambda_2,
+            "lambda_3": self.lambda_3,
+            "lambda_gp": self.lambda_gp,
+            "mode": "wgan",
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "betas": list(self.betas),
+            "n_d": self.n_d,
+            "thres_int": self.thres_int,
+            "data_path": str(self.images),
+            "attr_path": str(self.attrs_file),
+            "experiment_name": self.out.name,
+            "sia_version": __version__,
+        }
+
+
+def gradient_penalty(critic: Discriminator, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    alpha = torch.rand(real.size(0), 1, 1, 1, device=real.device)
+    mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+    score = critic(mixed)[0]
+    (grad,) = torch.autograd.grad(score.sum(), mixed, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+class Trainer:
+    """Holds the two networks and their optimisers; `step` runs one critic or generator update."""
+
+    def __init__(self, config: TrainConfig, setting: dict):
+        self.config = config
+        device = torch.device(config.device)
+        self.generator = Generator(GeneratorConfig.from_setting(setting)).to(device)
+        self.critic = Discriminator(DiscriminatorConfig.from_setting(setting)).to(device)
+        self.optim_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=config.betas)
+        self.optim_d = torch.optim.Adam(self.critic.parameters(), lr=config.lr, betas=config.betas)
+        self.device = device
+
+    def attribute_input(self, a: torch.Tensor) -> torch.Tensor:
+        return (a * 2 - 1) * self.config.thres_int
+
+    def critic_step(self, real: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict:
+        c = self.config
+        with torch.no_grad():
+            fake = self.generator(real, self.attribute_input(b))
+        real_score, real_cls = self.critic(real)
+        fake_score, _ = self.critic(fake)
+        wasserstein = real_score.mean() - fake_score.mean()
+        penalty = gradient_penalty(self.critic, real, fake)
+        cls = F.binary_cross_entropy_with_logits(real_cls, a)
+        loss = -wasserstein + c.lambda_gp * penalty + c.lambda_3 * cls
+        self.optim_d.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optim_d.step()
+        return {"d_wd": wasserstein.detach(), "d_gp": penalty.detach(), "d_cls": cls.detach()}
+
+    def generator_step(self, real: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict:
+        c = self.config
+        for p in self.critic.parameters():
+            p.requires_grad_(False)
+        features = self.generator.encode(real)
+        fake = self.generator.decode(features, self.attribute_input(b))
+        recon = self.generator.decode(features, self.attribute_input(a))
+        fake_score, fake_cls = self.critic(fake)
+        adv = -fake_score.mean()
+        cls = F.binary_cross_entropy_with_logits(fake_cls, b)
+        rec = F.l1_loss(recon, real)
+        loss = adv + c.lambda_2 * cls + c.lambda_1 * rec
+        self.optim_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optim_g.step()
+        for p in self.critic.parameters():
+            p.requires_grad_(True)
+        return {"g_adv": adv.detach(), "g_cls": cls.detach(), "g_rec": rec.detach()}
+
+    def state(self, step: int, setting: dict) -> dict:
+        return {
+            "G": self.generator.state_dict(),
+            "D": self.critic.state_dict(),
+            "optim_G": self.optim_g.state_dict(),
+            "optim_D": self.optim_d.state_dict(),
+            "sia": {"step": step, "setting": setting, "version": __version__},
+        }
+
+    def load(self, state: dict) -> int:
+        self.generator.load_state_dict(state["G"])
+        self.critic.load_state_dict(state["D"])
+        if "optim_G" in state:
+            self.optim_g.load_state_dict(state["optim_G"])
+            self.optim_d.load_state_dict(state["optim_D"])
+        return int(state.get("sia", {}).get("step", 0))
+
+
+def _batches(loader):
+    while True:
+        yield from loader
+
+
+def _memory_batches(dataset: LabelledImages, batch_size: int, device: torch.device, seed: int):
+    """Shuffled batches from images decoded once: for small data sets the decoding dominates."""
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))]).mul_(255).round_().to(torch.uint8).to(device)
+    attrs = torch.stack([dataset[i][1] for i in range(len(dataset))]).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    while True:
+        order = torch.randperm(len(dataset), generator=generator, device=device)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            index = order[start : start + batch_size]
+            yield images[index].float().div_(255), attrs[index]
+
+
+def prepare(config: TrainConfig) -> tuple[LabelledImages, dict]:
+    """Check the data and the output folder before any training starts."""
+    if not Path(config.images).is_dir():
+        raise SiaError(f"image folder not found: {config.images}")
+    if not config.attributes:
+        raise SiaError("--attributes names no attribute")
+    table = read_attributes(config.attrs_file).select(config.attributes)
+    dataset = LabelledImages(config.images, table, config.img_size)
+    if config.img_size % (2**config.enc_layers) or config.img_size % (2**config.dis_layers):
+        raise SiaError(f"--img-size {config.img_size} must be divisible by 2**layers ({2**config.enc_layers})")
+    if len(dataset) < config.batch_size:
+        raise SiaError(f"{len(dataset)} images is fewer than one batch ({config.batch_size})")
+    out = Path(config.out)
+    existing = latest_checkpoint(out)
+    if existing is not None and not config.resume:
+        raise SiaError(f"{out} already holds checkpoint {existing.name}: pass --resume to continue or pick another --out")
+    return dataset, config.setting()
+
+
+def _save(trainer: Trainer, out: Path, step: int, setting: dict, keep: int) -> Path:
+    folder = out / "checkpoint"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"weights.{step}.pth"
+    partial = folder / f".weights.{step}.pth.tmp"
+    torch.save(trainer.state(step, setting), partial)
+    os.replace(partial, path)
+    old = sorted(folder.glob("weights.*.pth"), key=checkpoint_number)[:-keep]
+    for stale in old:
+        stale.unlink()
+    return path
+
+
+def _write_setting(out: Path, setting: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f".{SETTING_FILE}.tmp"
+    partial.write_text(json.dumps(setting, indent=4))
+    os.replace(partial, out / SETTING_FILE)
+
+
+@torch.no_grad()
+def _sample(trainer: Trainer, images: torch.Tensor, attrs: torch.Tensor, path: Path) -> None:
+    """Grid: each row one image; columns original, reconstruction, then each attribute flipped."""
+    trainer.generator.eval()
+    columns = [images, trainer.generator(images, trainer.attribute_input(attrs))]
+    for k in range(attrs.size(1)):
+        flipped = attrs.clone()
+        flipped[:, k] = 1 - flipped[:, k]
+        columns.append(trainer.generator(images, trainer.attribute_input(flipped)))
+    trainer.generator.train()
+    grid = torch.stack(columns, dim=1).flatten(0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid(grid, nrow=len(columns), normalize=True, value_range=(-1, 1)), path)
+
+
+def train_gan(config: TrainConfig, progress: ProgressFn = silent) -> dict:
+    dataset, setting = prepare(config)
+    out = Path(config.out)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    trainer = Trainer(config, setting)
+    start = 0
+    if config.resume and latest_checkpoint(out) is not None:
+        start = trainer.load(read_checkpoint(latest_checkpoint(out)))
+    _write_setting(out, setting)
+    if config.preload:
+        batches = _memory_batches(dataset, config.batch_size, trainer.device, config.seed + start)
+    else:
+        generator = torch.Generator().manual_seed(config.seed + start)
+        batches = _batches(torch.utils.data.DataLoader(
+            dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
+            num_workers=config.workers, generator=generator, persistent_workers=config.workers > 0,
+        ))
+    fixed_images, fixed_attrs = next(iter(torch.utils.data.DataLoader(dataset, batch_size=min(8, len(dataset)))))
+    fixed = (fixed_images.to(trainer.device) * 2 - 1, fixed_attrs.to(trainer.device))
+    losses: dict = {}
+    began = time.perf_counter()
+    last = config.max_steps
+    for step in range(start + 1, config.max_steps + 1):
+        if config.time_limit is not None and time.perf_counter() - began > config.time_limit:
+            last = step - 1
+            break
+        for _ in range(config.n_d):
+            losses.update(trainer.critic_step(*_draw(batches, trainer.device)))
+        losses.update(trainer.generator_step(*_draw(batches, trainer.device)))
+        if step % 50 == 0 or step == config.max_steps:
+            progress("train-gan", step, config.max_steps, {k: float(v) for k, v in losses.items()})
+        if step % config.sample_every == 0 or step == config.max_steps:
+            _sample(trainer, *fixed, out / "sample_training" / f"step_{step:07d}.png")
+        if step % config.save_every == 0 or step == config.max_steps:
+            _save(trainer, out, step, setting, config.keep)
+    if last != config.max_steps and last > start:
+        _sample(trainer, *fixed, out / "sample_training" / f"step_{last:07d}.png")
+        _save(trainer, out, last, setting, config.keep)
+    final = latest_checkpoint(out)
+    return {
+        "steps": last,
+        "resumed_from": start,
+        "checkpoint": str(final) if final else None,
+        "seconds": time.perf_counter() - began,
+        "losses": {k: float(v) for k, v in losses.items()},
+        "images": len(dataset),
+    }
+
+
+def _draw(batches, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch in [-1, 1], its attributes, and target attributes shuffled across the batch."""
+    images, attrs = next(batches)
+    images = images.to(device, non_blocking=True) * 2 - 1
+    attrs = attrs.to(device, non_blocking=True)
+    target = attrs[torch.randperm(attrs.size(0), device=device)]
+    return images, attrs, target
+
+
+def config_dict(config: TrainConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
