@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100000, help="generator steps at most")
     parser.add_argument("--minutes", type=float, default=7.0, help="training time limit")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--n-d", type=int, default=5, help="critic steps per generator step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sia-backbone"))
     parser.add_argument("--export", type=Path, required=True)
@@ -57,7 +58,7 @@ def main() -> None:
     config = TrainConfig(
         images=data / "images", attrs_file=data / "list_attr.txt", attributes=list(ATTRIBUTES),
         out=args.work / "run", img_size=args.size, batch_size=args.batch_size, max_steps=args.steps,
-        sample_every=200, save_every=200, device=args.device, seed=args.seed, preload=True,
+        n_d=args.n_d, sample_every=100, save_every=100, device=args.device, seed=args.seed, preload=True,
         time_limit=args.minutes * 60, resume=True,
     )
     summary = train_gan(config, report)

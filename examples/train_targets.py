@@ -28,16 +28,16 @@ SIZE = 64
 
 
 class Classifier(nn.Module):
-    """Small CNN with one logit; input normalised with mean/std 0.5."""
+    """Small CNN with one logit per output; input normalised with mean/std 0.5."""
 
-    def __init__(self, width: int = 16):
+    def __init__(self, width: int = 16, outputs: int = 1):
         super().__init__()
         layers, n_in = [], 3
         for n_out in (width, width * 2, width * 4, width * 4):
             layers += [nn.Conv2d(n_in, n_out, 3, stride=2, padding=1), nn.BatchNorm2d(n_out), nn.ReLU()]
             n_in = n_out
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(n_in, 1)
+        self.head = nn.Linear(n_in, outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).mean(dim=(2, 3)))
@@ -121,6 +121,7 @@ def main() -> None:
             print(f"{name}: accuracy on unconfounded test faces {accuracy(model, test_images, test_labels[label]):.3f}"
                   f" ({time.time() - began:.0f} s)", flush=True)
     _keypoints(args, began)
+    _attribute_judge(args, began)
 
 
 def _keypoints(args, began: float) -> None:
@@ -133,6 +134,18 @@ def _keypoints(args, began: float) -> None:
     yaml_text = f"task: keypoints\ninput_size: {SIZE}\nmean: [0.5, 0.5, 0.5]\nstd: [0.5, 0.5, 0.5]\neye_indices: [0, 1]\n"
     save(model, args.out / "landmarks.pt", yaml_text)
     print(f"landmarks.pt trained ({time.time() - began:.0f} s)", flush=True)
+
+
+def _attribute_judge(args, began: float) -> None:
+    """Multi-label classifier of all synth attributes: judges the backbone's edits."""
+    images, labels = load_folder(_dataset(args.work / "judge", args.n, 41, ()))
+    names = list(labels)
+    targets = torch.stack([labels[n] for n in names], dim=1)
+    model = fit(Classifier(width=24, outputs=len(names)), images, targets,
+                F.binary_cross_entropy_with_logits, args.epochs, 41)
+    yaml_text = f"input_size: {SIZE}\nmean: [0.5, 0.5, 0.5]\nstd: [0.5, 0.5, 0.5]\nattributes: {names}\n"
+    save(model, args.out / "attribute_judge.pt", yaml_text)
+    print(f"attribute_judge.pt trained ({time.time() - began:.0f} s)", flush=True)
 
 
 def _dataset(folder: Path, n: int, seed: int, correlations) -> Path:

@@ -287,11 +287,13 @@ def build_backbone(state: dict, setting: dict, name: str = "", path: str = "", s
     attributes = list(setting.get("attrs", []))
     if not attributes:
         raise SiaError(f"backbone setting for {name or path} lists no attributes ('attrs')")
-    generator = Generator(GeneratorConfig.from_setting(setting))
+    try:
+        generator = Generator(GeneratorConfig.from_setting(setting))
+        discriminator = Discriminator(DiscriminatorConfig.from_setting(setting)) if "D" in state else None
+    except (TypeError, ValueError) as exc:  # impossible or mistyped values in setting.txt / weights.yaml
+        raise SiaError(f"backbone setting for {name or path} describes no valid AttGAN: {exc}") from None
     _load_strict(generator, state["G"], "generator", setting, path)
-    discriminator = None
-    if "D" in state:
-        discriminator = Discriminator(DiscriminatorConfig.from_setting(setting))
+    if discriminator is not None:
         _load_strict(discriminator, state["D"], "discriminator", setting, path)
     info = BackboneInfo(
         name=name or path,

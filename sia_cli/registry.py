@@ -64,10 +64,12 @@ def load_registry(path: Path | None = None) -> dict[str, RegistryEntry]:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise SiaError(f"cannot parse backbone registry {path}: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        raise SiaError(f"backbone registry {path} must map backbone names to entries")
     entries = {}
     for name, item in raw.items():
-        source = item.get("source", {})
         try:
+            source = item.get("source") or {}
             entries[name] = RegistryEntry(
                 name=name,
                 attributes=list(item["attributes"]),
@@ -81,7 +83,7 @@ def load_registry(path: Path | None = None) -> dict[str, RegistryEntry]:
                 description=item.get("description", ""),
                 base=path.parent,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise SiaError(f"registry {path}: entry {name!r} is incomplete ({exc})") from None
     return entries
 
@@ -96,6 +98,7 @@ def file_sha256(path: Path) -> str:
 
 def download(url: str, sha256: str, dest: Path, progress: ProgressFn = silent, timeout: float = 30) -> Path:
     """Fetch `url` into `dest` once; the checksum is verified before the file takes its name."""
+    sha256 = str(sha256).strip().lower()  # hexdigest() is lower case; registries often paste upper case
     if dest.is_file() and file_sha256(dest) == sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)

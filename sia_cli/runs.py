@@ -8,6 +8,7 @@ from __future__ import annotations
 import platform
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from sia_cli import __version__
-from sia_cli.attack import AttackSettings, Method, attribute_radius, get_method, run_loop
+from sia_cli.attack import METHODS, AttackSettings, Method, attribute_radius, get_method, run_loop
 from sia_cli.data import ImageError, list_images, load_image, read_attributes
 from sia_cli.errors import SiaError
 from sia_cli.progress import ProgressFn, silent
@@ -26,6 +27,7 @@ from sia_cli.target import load_target, read_labels
 
 SCHEMA_VERSION = 1
 REPORT = "report.json"
+COMPARISON = "comparison.json"
 
 
 @dataclass
@@ -67,11 +69,20 @@ class Inputs:
     protected: torch.Tensor  # (K,) bool
 
 
+def _finished_marker(out: Path) -> Path | None:
+    """The report that marks `out` as a finished run: its own, or a comparison's."""
+    candidates = [out / REPORT, out / COMPARISON] + [out / name / REPORT for name in METHODS]
+    return next((path for path in candidates if path.exists()), None)
+
+
 def prepare_out(out: Path, force: bool) -> None:
     """Refuse to overwrite a finished run; fail before any work when `out` is not writable."""
     out = Path(out)
-    if (out / REPORT).exists() and not force:
-        raise SiaError(f"{out} holds a finished run ({REPORT}); pass --force to overwrite or pick another --out")
+    marker = _finished_marker(out)
+    if marker is not None and not force:
+        raise SiaError(
+            f"{out} holds a finished run ({marker.relative_to(out)}); pass --force to overwrite or pick another --out"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".sia-write-test"
@@ -140,7 +151,7 @@ def _stack(pending, inputs: Inputs, device: str) -> Batch:
     return Batch([file for file, _, _ in pending], x0, a0.float())
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the reference label takes part in the attack's graph
 def clean_pass(inputs: Inputs, batch: Batch) -> dict:
     """Clean prediction (the default reference label) and the backbone's reconstruction."""
     target, backbone = inputs.target, inputs.backbone
@@ -149,7 +160,7 @@ def clean_pass(inputs: Inputs, batch: Batch) -> dict:
     if inputs.labels is not None:
         reference = _labelled_reference(inputs, batch, clean)
     reconstruction = backbone(batch.x0 * 2 - 1, batch.a0)
-    return {"clean": clean.clone(), "reference": reference.clone(), "reconstruction": reconstruction.clone()}
+    return {"clean": clean, "reference": reference, "reconstruction": reconstruction}
 
 
 def _labelled_reference(inputs: Inputs, batch: Batch, clean: torch.Tensor) -> torch.Tensor:
@@ -186,13 +197,21 @@ def records_for(batch: Batch, inputs: Inputs, clean: dict, state, settings: Atta
     ]
 
 
-def save_images(folder: Path, files: list[Path], images: torch.Tensor) -> None:
+def adversary_names(files: list[Path]) -> dict[str, str]:
+    """Source file name -> PNG name: its stem, or its whole name where stems clash (a.jpg, a.png)
+    so that no adversary silently overwrites another."""
+    stems = Counter(file.stem for file in files)
+    return {file.name: f"{file.stem}.png" if stems[file.stem] == 1 else f"{file.name}.png" for file in files}
+
+
+def save_images(folder: Path, files: list[Path], images: torch.Tensor, names: dict[str, str] | None = None) -> None:
     """Write [-1, 1] images as PNG named after their sources (temp file, then rename)."""
     folder.mkdir(parents=True, exist_ok=True)
+    names = names or adversary_names(files)
     for file, image in zip(files, ((images + 1) / 2).cpu()):
-        partial = folder / f".{file.stem}.png.tmp"
+        partial = folder / f".{names[file.name]}.tmp"
         Image.fromarray(to_uint8(image)).save(partial, format="PNG")
-        partial.replace(folder / f"{file.stem}.png")
+        partial.replace(folder / names[file.name])
 
 
 class MethodRun:
@@ -212,7 +231,7 @@ class MethodRun:
         psnr, ssim = image_quality((state.adversary + 1) / 2, (reference + 1) / 2)
         self.psnr += psnr
         self.ssim += ssim
-        save_images(self.folder / "adversaries", batch.files, state.adversary)
+        save_images(self.folder / "adversaries", batch.files, state.adversary, adversary_names(inputs.files))
 
     def summary(self) -> dict:
         done = self.records
@@ -266,11 +285,18 @@ def _device_name(device: str) -> str:
 
 def attack(config: RunConfig, progress: ProgressFn = silent) -> dict:
     """Run every requested method over the folder; write adversaries and reports into `out`."""
-    methods = [get_method(name) for name in config.methods]
+    # Each method once: `sia,sia` would otherwise record every image twice.
+    methods = [get_method(name) for name in dict.fromkeys(config.methods)]
+    if not methods:
+        raise SiaError("--method names no method: choose from " + ", ".join(METHODS))
+    if config.batch_size < 1:
+        raise SiaError(f"--batch-size must be at least 1 (got {config.batch_size})")
     prepare_out(config.out, config.force)
     began = time.perf_counter()
     torch.manual_seed(config.seed)
     inputs = load_inputs(config, progress)
+    if config.force:  # only now that the inputs are valid: a failing rerun keeps the old run
+        remove_run(config.out)
     single = len(methods) == 1
     runs = {m.name: MethodRun(m, config.out if single else config.out / m.name) for m in methods}
     skipped: list[dict] = []
@@ -289,7 +315,7 @@ def attack(config: RunConfig, progress: ProgressFn = silent) -> dict:
         write_json_atomic(runs[name].folder / REPORT, report)
     if not single:
         comparison = {name: {k: r[k] for k in ("attack_success_rate", "psnr", "ssim")} for name, r in reports.items()}
-        write_json_atomic(config.out / "comparison.json", {"methods": comparison, "images": done})
+        write_json_atomic(config.out / COMPARISON, {"methods": comparison, "images": done})
     return {"reports": reports, "skipped": skipped, "seconds": seconds}
 
 
@@ -307,6 +333,13 @@ def _method_report(config: RunConfig, inputs: Inputs, run: MethodRun, skipped: l
 
 
 def remove_run(out: Path) -> None:
-    """`--force`: clear a previous run's outputs we own, nothing else."""
-    for name in ("adversaries",):
-        shutil.rmtree(Path(out) / name, ignore_errors=True)
+    """`--force`: clear a previous run's outputs we own, nothing else.
+
+    A stale adversary or report (an image since removed, a method not rerun) would otherwise
+    sit next to the new report as if it belonged to it.
+    """
+    out = Path(out)
+    for folder in [out] + [out / name for name in METHODS]:
+        shutil.rmtree(folder / "adversaries", ignore_errors=True)
+        (folder / REPORT).unlink(missing_ok=True)
+    (out / COMPARISON).unlink(missing_ok=True)

@@ -261,7 +261,7 @@ def train_gan(config: TrainConfig, progress: ProgressFn = silent) -> dict:
     trainer = Trainer(config, setting)
     start = 0
     if config.resume and latest_checkpoint(out) is not None:
-        start = trainer.load(read_checkpoint(latest_checkpoint(out)))
+        start = _resume(trainer, latest_checkpoint(out), setting)
     _write_setting(out, setting)
     if config.preload:
         batches = _memory_batches(dataset, config.batch_size, trainer.device, config.seed + start)
@@ -303,6 +303,21 @@ def train_gan(config: TrainConfig, progress: ProgressFn = silent) -> dict:
     }
 
 
+def _resume(trainer: Trainer, checkpoint: Path, setting: dict) -> int:
+    """Load the run to continue; other attributes or another architecture is a user error, not a crash."""
+    state = read_checkpoint(checkpoint)
+    previous = state.get("sia", {}).get("setting", {}).get("attrs")
+    if previous is not None and list(previous) != setting["attrs"]:
+        raise SiaError(f"cannot resume from {checkpoint}: it was trained on attributes {','.join(previous)}")
+    try:
+        return trainer.load(state)
+    except (RuntimeError, KeyError):
+        raise SiaError(
+            f"cannot resume from {checkpoint}: its weights do not fit these settings "
+            f"(sizes and layers must match {checkpoint.parent.parent / SETTING_FILE})"
+        ) from None
+
+
 def _draw(batches, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A batch in [-1, 1], its attributes, and target attributes shuffled across the batch."""
     images, attrs = next(batches)
@@ -314,3 +329,28 @@ def _draw(batches, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def config_dict(config: TrainConfig) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+
+
+@torch.no_grad()
+def edit_success(backbone, judge, images: torch.Tensor, attrs: torch.Tensor, batch_size: int = 64) -> dict:
+    """How well each attribute input controls the image, as judged by an attribute classifier.
+
+    For every image and attribute k, flip a_k and ask `judge` (logits, one per attribute, on
+    [-1, 1] images) whether attribute k flipped in the output. Also the reconstruction error.
+    """
+    names = backbone.attributes
+    hits = torch.zeros(len(names))
+    recon_error = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size] * 2 - 1
+        a = attrs[start : start + batch_size]
+        recon_error.append((backbone(x, a) - x).abs().mean(dim=(1, 2, 3)) / 2)
+        for k in range(len(names)):
+            flipped = a.clone()
+            flipped[:, k] = 1 - flipped[:, k]
+            judged = judge(backbone(x, flipped))[:, k] > 0
+            hits[k] += (judged == (flipped[:, k] > 0.5)).sum()
+    return {
+        "edit_success": {name: float(hits[k] / len(images)) for k, name in enumerate(names)},
+        "reconstruction_l1": float(torch.cat(recon_error).mean()),
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from typing import Callable, Iterator
 
@@ -40,6 +41,12 @@ def handle_errors(command: Callable) -> Callable:
             raise fail(f"permission denied: {exc.filename}") from None
         except OSError as exc:
             raise fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:  # a bug of ours: still one line, the traceback on request
+            if os.environ.get("SIA_DEBUG"):
+                raise
+            raise fail(f"internal error: {type(exc).__name__}: {exc} (set SIA_DEBUG=1 for the traceback)", 3) from None
 
     return wrapper
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -67,7 +68,13 @@ def attack_settings(steps, eps, step_size, eps_attr, protect_eps, amp, nme_thres
 
     if steps < 1:
         raise SiaError(f"--steps must be at least 1 (got {steps})")
+    values = {"--eps": fraction(eps), "--step-size": fraction(step_size), "--eps-attr": fraction(eps_attr),
+              "--protect-eps": protect_eps, "--nme-threshold": nme_threshold}
+    for flag, value in values.items():
+        # A negative or NaN bound would run and report an attack with nonsensical limits.
+        if not math.isfinite(value) or value < 0:
+            raise SiaError(f"{flag} must be a finite non-negative number (got {value})")
     return AttackSettings(
-        steps=steps, eps=fraction(eps), step_size=fraction(step_size), eps_attr=fraction(eps_attr),
+        steps=steps, eps=values["--eps"], step_size=values["--step-size"], eps_attr=values["--eps-attr"],
         protect_eps=protect_eps, amp=amp, nme_threshold=nme_threshold,
     )

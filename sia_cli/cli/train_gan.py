@@ -56,4 +56,5 @@ def train_gan(
     losses = "  ".join(f"{k}={v:.3g}" for k, v in summary["losses"].items())
     console.print(f"trained to step {summary['steps']} (from {summary['resumed_from']}) on {summary['images']} images in {summary['seconds']:.0f} s")
     console.print(f"losses: {losses}")
-    console.print(f"checkpoint: {summary['checkpoint']}")
+    # A user's path may contain `[...]`: print it as text, never as Rich markup.
+    console.print(f"checkpoint: {summary['checkpoint']}", markup=False, highlight=False)

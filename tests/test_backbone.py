@@ -1,0 +1,207 @@
+"""The AttGAN backbone: public checkpoint compatibility, attribute convention, checkpoint loading."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from sia_cli import registry
+from sia_cli.backbone import (
+    AttGAN, BackboneInfo, Discriminator, DiscriminatorConfig, Generator, GeneratorConfig, latest_checkpoint,
+)
+from sia_cli.errors import SiaError
+
+COMPAT = Path("/work/shared/compat")
+VECTOR = COMPAT / "attgan_tiny_vector.pt"
+MANIFEST = COMPAT / "attgan_state_dict_keys.json"
+PUBLIC_SETTING = COMPAT / "setting_128_shortcut1_inject1_none.txt"
+
+needs_compat = pytest.mark.skipif(not VECTOR.is_file(), reason="shared/compat fixtures not available")
+
+
+TINY_ATTRS = ["Bangs", "Eyeglasses", "Male", "Smiling", "Young"]  # the attributes of conftest's tiny setting
+
+
+def shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- public compatibility
+
+
+@needs_compat
+def test_tiny_vector_is_reproduced_by_a_strictly_loaded_generator():
+    vector = torch.load(VECTOR, weights_only=False)
+    g = Generator(**vector["generator_kwargs"])
+    g.load_state_dict(vector["checkpoint"]["G"], strict=True)
+    g.eval()
+    with torch.no_grad():
+        features = g.encode(vector["x"])
+        y = g.decode(features, vector["attrs_input"])
+    assert [list(f.shape) for f in features] == [list(s) for s in vector["latent_shapes"]]
+    assert torch.allclose(y, vector["y_eval"], atol=1e-5)
+
+
+@needs_compat
+def test_wrapper_on_01_attributes_reproduces_the_tiny_vector():
+    # The vector's generator saw (a*2-1)*thres_int; the wrapper must do that conversion itself.
+    vector = torch.load(VECTOR, weights_only=False)
+    g = Generator(**vector["generator_kwargs"])
+    g.load_state_dict(vector["checkpoint"]["G"], strict=True)
+    info = BackboneInfo(name="tiny", attributes=list("abcde"), img_size=32, thres_int=vector["thres_int"])
+    backbone = AttGAN(g, info).freeze()
+    with torch.no_grad():
+        y = backbone(vector["x"], vector["attrs01"])
+    assert torch.allclose(y, vector["y_eval"], atol=1e-5)
+
+
+@needs_compat
+@pytest.mark.parametrize("experiment", ["128_shortcut1_inject1_none", "128_shortcut1_inject0_none"])
+def test_state_dict_keys_and_shapes_equal_the_public_manifest(experiment):
+    expected = json.loads(MANIFEST.read_text())[experiment]
+    setting = json.loads(PUBLIC_SETTING.read_text())
+    setting["inject_layers"] = expected["generator_kwargs"]["inject_layers"]
+    # The generator's settings must come out of setting.txt exactly as the public script passes them.
+    config = GeneratorConfig.from_setting(setting)
+    assert {k: asdict(config)[k] for k in expected["generator_kwargs"]} == expected["generator_kwargs"]
+    with torch.device("meta"):  # shapes only: no 100 MB of real weights
+        g = Generator(config)
+        d = Discriminator(DiscriminatorConfig.from_setting(setting))
+    assert shapes(g) == expected["G"]
+    assert shapes(d) == expected["D"]
+
+
+# ----------------------------------------------------------------------------- attribute convention
+
+
+@pytest.mark.parametrize("thres_int", [0.5, 0.7])
+def test_wrapper_maps_01_attributes_to_scaled_signed_inputs(tiny_setting, thres_int):
+    torch.manual_seed(0)
+    g = Generator(GeneratorConfig.from_setting(tiny_setting)).eval()
+    backbone = AttGAN(g, BackboneInfo("tiny", TINY_ATTRS, 32, thres_int=thres_int))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    a01 = torch.tensor([[0.0, 1.0, 0.5, 1.0, 0.0], [1.0, 1.0, 0.0, 0.25, 1.0]])
+    assert torch.allclose(backbone.attribute_input(a01), (a01 * 2 - 1) * thres_int)
+    with torch.no_grad():
+        assert torch.allclose(backbone(x, a01), g(x, (a01 * 2 - 1) * thres_int))
+        # Guard against a vacuous pass: feeding raw 0/1 attributes gives a different image.
+        assert not torch.allclose(backbone(x, a01), g(x, a01))
+
+
+# ----------------------------------------------------------------------------- checkpoints on disk
+
+
+def test_latest_checkpoint_compares_epoch_numbers_not_strings(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    for n in (9, 12, 100):
+        (tmp_path / "checkpoint" / f"weights.{n}.pth").touch()
+    assert latest_checkpoint(tmp_path).name == "weights.100.pth"
+    assert latest_checkpoint(tmp_path / "empty") is None
+
+
+def test_experiment_folder_loads_the_highest_epoch(tmp_path, make_experiment):
+    folder = make_experiment(tmp_path / "exp", epochs=(0, 12))
+    backbone = registry.load_backbone(str(folder))
+    saved = torch.load(folder / "checkpoint" / "weights.12.pth", weights_only=True)
+    for key, value in backbone.generator.state_dict().items():
+        assert torch.equal(value, saved["G"][key]), key
+    assert backbone.attributes == TINY_ATTRS and backbone.img_size == 32
+    assert backbone.info.path.endswith("weights.12.pth")
+    assert backbone.discriminator is not None
+    assert backbone.predict_attributes(torch.zeros(1, 3, 32, 32)).shape == (1, len(TINY_ATTRS))
+    # The attack only optimises attributes: the backbone comes back frozen and in eval mode.
+    assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
+
+
+def test_checkpoint_file_finds_setting_one_folder_up(tmp_path, make_experiment):
+    folder = make_experiment(tmp_path / "exp", epochs=(0, 12))
+    backbone = registry.load_backbone(str(folder / "checkpoint" / "weights.0.pth"))
+    saved = torch.load(folder / "checkpoint" / "weights.0.pth", weights_only=True)
+    assert torch.equal(backbone.generator.enc_layers[0].layers[0].weight, saved["G"]["enc_layers.0.layers.0.weight"])
+    assert backbone.attributes == TINY_ATTRS
+
+
+def test_checkpoint_without_discriminator_still_loads(tmp_path, make_experiment, tiny_setting, tiny_state):
+    folder = make_experiment(tmp_path / "exp", epochs=())
+    torch.save({"G": tiny_state(tiny_setting, 0)["G"]}, folder / "checkpoint" / "weights.1.pth")
+    backbone = registry.load_backbone(str(folder))
+    assert backbone.discriminator is None
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def assert_one_line(exc: pytest.ExceptionInfo, *words: str) -> None:
+    message = str(exc.value)
+    assert "\n" not in message, message
+    for word in words:
+        assert word in message, message
+
+
+def test_missing_setting_is_a_clear_error(tmp_path, make_experiment):
+    folder = make_experiment(tmp_path / "exp")
+    (folder / "setting.txt").unlink()
+    with pytest.raises(SiaError) as exc:
+        registry.load_backbone(str(folder))
+    assert_one_line(exc, "setting.txt")
+
+
+def test_setting_with_more_attributes_than_the_weights_is_a_clear_error(tmp_path, make_experiment, tiny_setting):
+    folder = make_experiment(tmp_path / "exp")
+    thirteen = [f"Attr_{i}" for i in range(13)]
+    (folder / "setting.txt").write_text(json.dumps({**tiny_setting, "attrs": thirteen, "n_attrs": 13}))
+    with pytest.raises(SiaError) as exc:
+        registry.load_backbone(str(folder))
+    assert_one_line(exc, "do not match", "13 attributes")
+
+
+def truncated(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def random_bytes(path: Path) -> None:
+    path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+                     .numpy().tobytes())
+
+
+def empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage", [truncated, random_bytes, empty])
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path, make_experiment, damage):
+    folder = make_experiment(tmp_path / "exp")
+    damage(folder / "checkpoint" / "weights.0.pth")
+    with pytest.raises(SiaError) as exc:
+        registry.load_backbone(str(folder))
+    assert_one_line(exc, "weights.0.pth", "corrupted")
+
+
+@pytest.mark.parametrize("content", [{"model": {}}, {"g": {}}, [1, 2]])
+def test_checkpoint_without_generator_is_a_clear_error(tmp_path, make_experiment, content):
+    folder = make_experiment(tmp_path / "exp")
+    torch.save(content, folder / "checkpoint" / "weights.0.pth")
+    with pytest.raises(SiaError) as exc:
+        registry.load_backbone(str(folder))
+    assert_one_line(exc, "'G'")
+
+
+def test_folder_without_checkpoint_is_a_clear_error(tmp_path, make_experiment):
+    folder = make_experiment(tmp_path / "exp", epochs=())
+    with pytest.raises(SiaError) as exc:
+        registry.load_backbone(str(folder))
+    assert_one_line(exc, "weights.<n>.pth")
+
+
+def test_impossible_architecture_in_setting_is_a_clear_error(tmp_path, make_experiment, tiny_setting):
+    # shortcut_layers must be below dec_layers; a hand-edited setting.txt must not crash with a traceback.
+    folder = make_experiment(tmp_path / "exp")
+    (folder / "setting.txt").write_text(json.dumps({**tiny_setting, "shortcut_layers": 5}))
+    with pytest.raises(SiaError) as exc:
+        registry.load_backbone(str(folder))
+    assert_one_line(exc, "shortcut_layers")
