@@ -40,7 +40,7 @@ def names(values: list[str] | None) -> tuple[str, ...]:
 MODEL = typer.Argument(..., help="Target model: TorchScript file or torch.export archive (.pt2).")
 IMAGES = typer.Option(..., "--images", help="Folder of images to attack.")
 OUT = typer.Option(Path("sia-out"), "--out", help="Output folder.")
-GAN = typer.Option(None, "--gan", help="Backbone: registry name, checkpoint file or folder with setting.txt [default: synth-faces-64].")
+GAN = typer.Option(None, "--gan", help="Backbone: registry name, checkpoint file or folder with setting.txt (default: synth-faces-64).")
 ATTRS_FILE = typer.Option(None, "--attrs-file", help="Starting attributes (CelebA list_attr layout); else the backbone's discriminator predicts them.")
 PROTECT = typer.Option(None, "--protect", help="Attribute held within --protect-eps of its start (repeatable).")
 PROTECT_EPS = typer.Option(0.0, "--protect-eps", help="How far a protected attribute may move.")

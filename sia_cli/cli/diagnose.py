@@ -1,0 +1,58 @@
+"""`sia diagnose`: rank the attributes a model is sensitive to, with SDAR and reports."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from sia_cli.cli import options as o
+from sia_cli.cli.common import console, handle_errors, progress_enabled, rich_progress
+from sia_cli.devices import pick_device
+from sia_cli.diagnosis import MEASURES, DiagnoseConfig, diagnose as run_diagnosis
+
+
+@handle_errors
+def diagnose(
+    model: Path = o.MODEL, images: Path = o.IMAGES, out: Path = o.OUT, gan: str = o.GAN,
+    attrs_file: Path = o.ATTRS_FILE, protect: list[str] = o.PROTECT, protect_eps: float = o.PROTECT_EPS,
+    mode: str = typer.Option("multi", "--mode", help="multi: SIA as in the paper; single: one attribute at a time (ZOOM-style)."),
+    top_k: int = typer.Option(5, "--top-k", help="Attributes named in the summary."),
+    group_by: list[str] = typer.Option(None, "--group-by", help="Repeat the sensitivity for images with and without this starting attribute."),
+    bootstrap: int = typer.Option(200, "--bootstrap", help="Bootstrap resamples for confidence intervals (0: none)."),
+    steps: int = o.STEPS, eps: str = o.EPS, step_size: str = o.STEP_SIZE, eps_attr: str = o.EPS_ATTR,
+    seed: int = o.SEED, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE, amp: str = o.AMP,
+    task: str = o.TASK, input_size: int = o.INPUT_SIZE, mean: str = o.MEAN, std: str = o.STD,
+    labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY, nme_threshold: float = o.NME,
+    force: bool = o.FORCE, no_progress: bool = o.NO_PROGRESS,
+):
+    """Find which attributes MODEL is sensitive to: report.json, sensitivity.png, grid.png, report.html."""
+    config = DiagnoseConfig(
+        model=model, images=images, out=out, gan=gan, attrs_file=attrs_file,
+        settings=o.attack_settings(steps, eps, step_size, eps_attr, protect_eps, amp, nme_threshold),
+        protect=o.names(protect), batch_size=batch_size, device=pick_device(device), seed=seed, task=task,
+        input_size=input_size, mean=o.triple(mean, "--mean"), std=o.triple(std, "--std"), labels=labels,
+        output_key=output_key, force=force, command=" ".join(["sia"] + sys.argv[1:]),
+        mode=mode, top_k=top_k, group_by=o.names(group_by), bootstrap=bootstrap,
+    )
+    with rich_progress(progress_enabled(no_progress)) as progress:
+        report = run_diagnosis(config, progress)
+    console.print(summary_table(report, top_k))
+    console.print(f"wrote {out / 'report.html'}", highlight=False)
+
+
+def summary_table(report: dict, top_k: int) -> Table:
+    key = MEASURES[report["settings"]["headline"]]
+    shares, intervals = report[f"{key}_normalized"], report.get("intervals", {})
+    sdar_ci = intervals.get("sdar")
+    title = (f"ASR {100 * report['attack_success_rate']:.1f} %   SDAR {report['sdar']:.4f}"
+             + (f" [{sdar_ci['low']:.4f}, {sdar_ci['high']:.4f}]" if sdar_ci else "")
+             + f"   ({len(report['images'])} images)")
+    table = Table(title=title)
+    for column in ("rank", "attribute", f"{key} share", "Eq. 2 share"):
+        table.add_column(column)
+    for rank, name in enumerate(report["ranking"][:top_k], start=1):
+        table.add_row(str(rank), name, f"{shares[name]:.3f}", f"{report['sensitivity_normalized'][name]:.3f}")
+    return table

@@ -1,0 +1,202 @@
+"""`sia diagnose`: which attributes the target is sensitive to, from SIA runs over a folder.
+
+Multi mode runs SIA as in the paper and measures, per attribute, how far it moved (Eq. 2)
+and how much its move mattered (counterfactual ablation). Single mode (ZOOM-style) lets
+one attribute move at a time and measures the change in the model's output and flip rate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sia_cli import sensitivity as sens
+from sia_cli.attack import METHODS, ablation_effects, attribute_radius, run_loop
+from sia_cli.errors import SiaError
+from sia_cli.progress import ProgressFn, silent
+from sia_cli.reports import grid_png, report_html, sensitivity_png, to_uint8, write_json_atomic
+from sia_cli.runs import REPORT, Inputs, MethodRun, RunConfig, base_report, batches, clean_pass, load_inputs, prepare_out
+
+# report key of each measure; the headline is the one that recovered planted confounders best
+MEASURES = {"attribute_shift": "sensitivity", "ablation": "sensitivity_ablation", "single": "sensitivity_single"}
+DEFAULT_HEADLINE = "ablation"
+
+
+@dataclass
+class DiagnoseConfig(RunConfig):
+    mode: str = "multi"
+    top_k: int = 5
+    group_by: tuple[str, ...] = ()
+    bootstrap: int = 200
+    headline: str | None = None  # default: ablation (multi), single (single)
+
+    def chosen_headline(self) -> str:
+        if self.headline:
+            return self.headline
+        return "single" if self.mode == "single" else DEFAULT_HEADLINE
+
+
+def _multi(inputs: Inputs, batch, clean: dict, config: DiagnoseConfig):
+    fixed = inputs.protected.to(batch.a0.device).expand_as(batch.a0)
+    radius = attribute_radius(batch.a0, config.settings, fixed)
+    state = run_loop(inputs.backbone, inputs.target, METHODS["sia"], batch.x0, batch.a0, clean["reference"],
+                     config.settings, radius)
+    effects = ablation_effects(inputs.backbone, inputs.target, state.x, state.a, batch.a0)
+    return state, {"ablation": effects}
+
+
+def _single(inputs: Inputs, batch, clean: dict, config: DiagnoseConfig):
+    """All one-attribute attacks of a batch at once: row (i, k) may move attribute k only."""
+    b, k = batch.a0.shape
+    movable = torch.eye(k, dtype=torch.bool, device=batch.a0.device) & ~inputs.protected.to(batch.a0.device)
+    a0 = batch.a0.repeat_interleave(k, dim=0)
+    radius = torch.where(movable.repeat(b, 1), attribute_radius(a0, config.settings, None), torch.zeros_like(a0))
+    x0 = batch.x0.repeat_interleave(k, dim=0)
+    reference = clean["reference"].repeat_interleave(k, dim=0)
+    state = run_loop(inputs.backbone, inputs.target, METHODS["attr"], x0, a0, reference, config.settings, radius)
+    clean_out = clean["clean"].repeat_interleave(k, dim=0)
+    effect = inputs.target.distance(clean_out, state.output).view(b, k) * movable.any(dim=1)
+    flips = inputs.target.success(state.output, reference, config.settings.nme_threshold).view(b, k)
+    best = effect.argmax(dim=1) + torch.arange(b, device=effect.device) * k
+    state.x, state.a, state.adversary, state.output = (t[best] for t in (x0, state.a, state.adversary, state.output))
+    return state, {"single_effect": effect, "single_flip": flips & movable.any(dim=1)}
+
+
+def _attach(records: list[dict], extras: dict) -> None:
+    for key, values in extras.items():
+        rows = values.detach().cpu()
+        for record, row in zip(records, rows):
+            record[key] = [bool(v) for v in row.tolist()] if row.dtype == torch.bool else [round(v, 6) for v in row.tolist()]
+
+
+def diagnose(config: DiagnoseConfig, progress: ProgressFn = silent) -> dict:
+    if config.mode not in ("multi", "single"):
+        raise SiaError(f"--mode must be multi or single, not {config.mode!r}")
+    if config.chosen_headline() not in MEASURES or (config.chosen_headline() == "single") != (config.mode == "single"):
+        raise SiaError(f"headline measure {config.chosen_headline()!r} does not fit --mode {config.mode}")
+    prepare_out(config.out, config.force)
+    began = time.perf_counter()
+    torch.manual_seed(config.seed)
+    inputs = load_inputs(config, progress)
+    unknown = [g for g in config.group_by if g not in inputs.backbone.attributes]
+    if unknown:
+        raise SiaError(f"--group-by {', '.join(unknown)}: not a backbone attribute")
+    run = MethodRun(METHODS["sia"] if config.mode == "multi" else METHODS["attr"], config.out)
+    skipped: list[dict] = []
+    telling: list[dict] = []
+    step = _single if config.mode == "single" else _multi
+    for batch in batches(inputs, config.batch_size, config.device, skipped):
+        clean = clean_pass(inputs, batch)
+        state, extras = step(inputs, batch, clean, config)
+        first = len(run.records)
+        run.add(batch, inputs, clean, state, config.settings)
+        _attach(run.records[first:], extras)
+        telling += _grid_rows(batch, clean, state, run.records[first:])
+        progress("diagnose", len(run.records) + len(skipped), len(inputs.files))
+    if not run.records:
+        raise SiaError(f"no usable image in {config.images}: {skipped[0]['reason'] if skipped else 'none found'}")
+    report = _report(config, inputs, run, skipped, time.perf_counter() - began)
+    write_outputs(config, report, telling)
+    return report
+
+
+def measures(records: list[dict], attributes: list[str], protected: list[str], mode: str) -> dict:
+    """Every sensitivity measure of a set of records, raw and normalised."""
+    values = {"sensitivity": sens.attribute_shift(records, attributes, protected)}
+    if mode == "multi":
+        values["sensitivity_ablation"] = sens.ablation_effect(records, attributes, protected)
+    else:
+        values["sensitivity_single"] = sens.single_effect(records, attributes, protected)
+        values["flip_rate"] = sens.flip_rate(records, attributes, protected)
+    out = dict(values)
+    for key in [k for k in values if k.startswith("sensitivity")]:
+        out[f"{key}_normalized"] = sens.normalize(values[key])
+    out["sdar"] = sens.sdar(values["sensitivity"])
+    return out
+
+
+def _report(config: DiagnoseConfig, inputs: Inputs, run: MethodRun, skipped: list, seconds: float) -> dict:
+    base = base_report(config, inputs)
+    attributes, protected = base["attributes"], base["protected"]
+    headline = config.chosen_headline()
+    found = measures(run.records, attributes, protected, config.mode)
+    report = {**base, **found, **run.summary()}
+    report["settings"]["headline"] = headline
+    report["settings"]["eq2_reference"] = "a0 (the starting attributes; the paper writes a_1)"
+    report["ranking"] = sens.ranking(found[MEASURES[headline]])
+    if config.mode == "multi":
+        report["sensitivity_ablation_normalized"] = found["sensitivity_ablation_normalized"]
+    report["intervals"] = _intervals(run.records, attributes, protected, config)
+    report["groups"] = _groups(run.records, attributes, protected, config)
+    report.update(images=run.records, skipped=skipped, timing={"total_s": round(seconds, 3)}, complete=True)
+    return report
+
+
+def _intervals(records, attributes, protected, config: DiagnoseConfig) -> dict:
+    if config.bootstrap <= 0:
+        return {}
+    keys = [k for k in MEASURES.values() if k != "sensitivity_single" or config.mode == "single"]
+    keys = [k for k in keys if k != "sensitivity_ablation" or config.mode == "multi"]
+    out = {}
+    for key in keys:
+        out[key] = sens.bootstrap(records, lambda r, key=key: measures(r, attributes, protected, config.mode)[key],
+                                  n=config.bootstrap, seed=config.seed)
+    out["sdar"] = sens.bootstrap(records, lambda r: sens.sdar(sens.attribute_shift(r, attributes, protected)),
+                                 n=config.bootstrap, seed=config.seed)
+    return out
+
+
+def _groups(records, attributes, protected, config: DiagnoseConfig) -> dict:
+    groups = {}
+    for attribute in config.group_by:
+        for name, members in sens.group_split(records, attributes, attribute).items():
+            if members:
+                found = measures(members, attributes, protected, config.mode)
+                groups[name] = {"images": len(members), "sdar": found["sdar"],
+                                "sensitivity_normalized": found[f"{MEASURES[config.chosen_headline()]}_normalized"]}
+    return groups
+
+
+def _grid_rows(batch, clean: dict, state, records: list[dict]) -> list[dict]:
+    rows = []
+    for i, record in enumerate(records):
+        moved = max(abs(e - s) for e, s in zip(record["attrs_end"], record["attrs_start"]))
+        rows.append({
+            "score": (record["success"], moved),
+            "file": record["file"],
+            "original": to_uint8(batch.x0[i].cpu()),
+            "reconstruction": to_uint8(((clean["reconstruction"][i] + 1) / 2).cpu()),
+            "adversary": to_uint8(((state.adversary[i] + 1) / 2).cpu()),
+            "caption": f"{_short(record['pred_clean'])} -> {_short(record['pred_adv'])}"
+                       f"{' (success)' if record['success'] else ''}",
+        })
+    rows.sort(key=lambda r: r["score"], reverse=True)
+    return rows[:8]
+
+
+def _short(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)[:24]
+
+
+def write_outputs(config: DiagnoseConfig, report: dict, telling: list[dict]) -> None:
+    """report.json, the histogram, the grid of the most telling images and the HTML page."""
+    out = config.out
+    headline_key = MEASURES[report["settings"]["headline"]]
+    intervals = report.get("intervals", {}).get(headline_key)
+    sensitivity_png(out / "sensitivity.png", report[f"{headline_key}_normalized"],
+                    _normalised_intervals(intervals, report[headline_key]),
+                    title=f"{headline_key} (share of total)")
+    telling.sort(key=lambda r: r["score"], reverse=True)
+    grid_png(out / "grid.png", telling[:8])
+    write_json_atomic(out / REPORT, report)
+    report_html(out / "report.html", report, out / "sensitivity.png", out / "grid.png", top_k=config.top_k)
+
+
+def _normalised_intervals(intervals: dict | None, raw: dict) -> dict | None:
+    """Bootstrap intervals of raw values, scaled like the bars (share of the point total)."""
+    if not intervals:
+        return None
+    total = sum(raw.values()) or 1.0
+    return {k: {"low": v["low"] / total, "high": v["high"] / total} for k, v in intervals.items() if k in raw}
