@@ -138,11 +138,12 @@ def _keypoints(args, began: float) -> None:
 
 def _attribute_judge(args, began: float) -> None:
     """Multi-label classifier of all synth attributes: judges the backbone's edits."""
-    images, labels = load_folder(_dataset(args.work / "judge", args.n, 41, ()))
+    # Twice the data and epochs of the targets: small features (a smile) need it.
+    images, labels = load_folder(_dataset(args.work / "judge", args.n * 2, 41, ()))
     names = list(labels)
     targets = torch.stack([labels[n] for n in names], dim=1)
-    model = fit(Classifier(width=24, outputs=len(names)), images, targets,
-                F.binary_cross_entropy_with_logits, args.epochs, 41)
+    model = fit(Classifier(width=32, outputs=len(names)), images, targets,
+                F.binary_cross_entropy_with_logits, args.epochs * 2, 41)
     yaml_text = f"input_size: {SIZE}\nmean: [0.5, 0.5, 0.5]\nstd: [0.5, 0.5, 0.5]\nattributes: {names}\n"
     save(model, args.out / "attribute_judge.pt", yaml_text)
     print(f"attribute_judge.pt trained ({time.time() - began:.0f} s)", flush=True)

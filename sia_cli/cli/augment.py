@@ -1,0 +1,83 @@
+"""`sia augment`: write SIA adversaries as a labelled augmentation set (CelebA layout), resumably."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from sia_cli.augment import AugmentConfig, augment as run_augment
+from sia_cli.cli import options as o
+from sia_cli.cli.common import console, handle_errors, progress_enabled, rich_progress
+from sia_cli.devices import pick_device
+from sia_cli.errors import SiaError
+
+
+@handle_errors
+def augment(
+    model: Path = o.MODEL, images: Path = o.IMAGES,
+    out: Path = typer.Option(..., "--out", help="Output folder: images/, list_attr.txt, labels.csv, augment.json."),
+    n: int = typer.Option(None, "--n", help="Images to write (default: one per source); beyond the sources, "
+                          "further rounds with seed + round."),
+    only_class: str = typer.Option(None, "--class", help="Augment only sources whose reference label is this "
+                                   "class (index, or a class name from the model's sia.yaml)."),
+    jitter: float = typer.Option(0.2, "--jitter", help="Rounds after the first start from a0 plus uniform noise "
+                                 "of this size in the unprotected attributes, so they differ from round 0."),
+    gan: str = o.GAN, attrs_file: Path = o.ATTRS_FILE, protect: list[str] = o.PROTECT,
+    no_protect: bool = typer.Option(False, "--no-protect", help="Do not protect the attribute named in the "
+                                    "model file name (e.g. Eyeglasses for eyeglasses_confounded.pt)."),
+    protect_eps: float = o.PROTECT_EPS, steps: int = o.STEPS, eps: str = o.EPS, step_size: str = o.STEP_SIZE,
+    eps_attr: str = o.EPS_ATTR, seed: int = o.SEED, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE,
+    amp: str = o.AMP, task: str = o.TASK, input_size: int = o.INPUT_SIZE, mean: str = o.MEAN, std: str = o.STD,
+    labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
+    force: bool = typer.Option(False, "--force", help="Start over in an --out that holds another augmentation."),
+    no_progress: bool = o.NO_PROGRESS,
+):
+    """Write SIA adversaries of the images in --images as an augmentation set labelled with each
+    source's class; a rerun of the same command continues where it stopped."""
+    if no_protect and protect:
+        raise SiaError("--protect and --no-protect contradict each other; give one")
+    config = AugmentConfig(
+        model=model, images=images, out=out, gan=gan, attrs_file=attrs_file,
+        settings=o.attack_settings(steps, eps, step_size, eps_attr, protect_eps, amp, 0.1),
+        protect=o.names(protect), batch_size=batch_size, device=pick_device(device), seed=seed, task=task,
+        input_size=input_size, mean=o.triple(mean, "--mean"), std=o.triple(std, "--std"), labels=labels,
+        output_key=output_key, force=force, command=" ".join(["sia"] + sys.argv[1:]),
+        n=n, only_class=only_class, auto_protect=not no_protect, jitter=jitter,
+    )
+    with rich_progress(progress_enabled(no_progress)) as progress:
+        summary = run_augment(config, progress)
+    print_summary(summary)
+
+
+def class_text(label: str, class_names: list[str] | None) -> str:
+    if class_names and label.isdigit() and int(label) < len(class_names):
+        return f"{label} ({class_names[int(label)]})"
+    return label
+
+
+def counts_text(counts: dict, class_names: list[str] | None) -> str:
+    return ", ".join(f"{class_text(label, class_names)}: {count}" for label, count in counts.items()) or "none"
+
+
+def say(text: str) -> None:
+    console.print(text, highlight=False)
+
+
+def print_summary(summary: dict) -> None:
+    names = summary["class_names"]
+    protected = ", ".join(summary["protected"]) or "nothing"
+    say(f"protected: {escape(protected)} ({escape(summary['protect_reason'])})")
+    if summary["already_complete"]:
+        say(f"{escape(summary['out'])} is already complete ({summary['n']} images); nothing to do "
+            "(--force starts over)")
+        return
+    say(f"wrote {summary['written']} image(s), {summary['done'] - summary['written']} already there: "
+        f"{summary['done']} of {summary['n']} in {escape(summary['out'])}")
+    say(f"sources per class: {escape(counts_text(summary['source_counts'], names))}")
+    say(f"augmentation per class: {escape(counts_text(summary['class_counts'], names))}")
+    say(f"adversaries that changed the model's prediction: {summary['fooled']} of {summary['done']}")
+    for item in summary["skipped"]:
+        say(f"[yellow]skipped[/] {escape(item['file'])}: {escape(item['reason'])}")
