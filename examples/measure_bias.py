@@ -18,7 +18,7 @@ from sia_cli.diagnosis import DiagnoseConfig, diagnose
 from sia_cli.faces import make_dataset
 
 TARGETS = Path(__file__).parent / "targets"
-PAIRS = (("Eyeglasses", "Bangs"), ("Smiling", "Blond_Hair"))
+PAIRS = (("Eyeglasses", "Bangs"), ("Smiling", "Blond_Hair"), ("Mustache", "Pale_Skin"))
 MEASURES = (("Eq. 2", "multi", "sensitivity_normalized"), ("ablation", "multi", "sensitivity_ablation_normalized"),
             ("single", "single", "sensitivity_single_normalized"))
 

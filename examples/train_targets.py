@@ -23,7 +23,7 @@ from sia_cli.data import load_image, read_attributes
 from sia_cli.faces import make_dataset
 from sia_cli.target import gaussian_heatmaps
 
-PAIRS = (("Eyeglasses", "Bangs"), ("Smiling", "Blond_Hair"))
+PAIRS = (("Eyeglasses", "Bangs"), ("Smiling", "Blond_Hair"), ("Mustache", "Pale_Skin"))
 SIZE = 64
 
 
