@@ -13,6 +13,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sia_cli.data import load_image, read_attributes
@@ -29,7 +30,7 @@ def measure(gan: str | None, judge_path: Path, n: int, seed: int) -> dict:
         make_dataset(Path(tmp), n, seed=seed, size=backbone.img_size)
         table = read_attributes(Path(tmp) / "list_attr.txt").select(backbone.attributes)
         images = torch.stack([load_image(Path(tmp) / "images" / f, backbone.img_size) for f in table.rows])
-        attrs = torch.tensor([table.rows[f] for f in table.rows])
+        attrs = torch.from_numpy(np.stack([table.rows[f] for f in table.rows]))
     return edit_success(backbone, judge, images, attrs)
 
 

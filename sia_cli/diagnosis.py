@@ -56,9 +56,13 @@ def _single(inputs: Inputs, batch, clean: dict, config: DiagnoseConfig):
     x0 = batch.x0.repeat_interleave(k, dim=0)
     reference = clean["reference"].repeat_interleave(k, dim=0)
     state = run_loop(inputs.backbone, inputs.target, METHODS["attr"], x0, a0, reference, config.settings, radius)
-    clean_out = clean["clean"].repeat_interleave(k, dim=0)
-    effect = inputs.target.distance(clean_out, state.output).view(b, k) * movable.any(dim=1)
-    flips = inputs.target.success(state.output, reference, config.settings.nme_threshold).view(b, k)
+    # Measured against the reconstruction G(x, a0), not the clean image: otherwise the
+    # reconstruction's own difference, the same for every k, swamps each attribute's effect.
+    with torch.no_grad():
+        start_out = inputs.target(clean["reconstruction"]).repeat_interleave(k, dim=0)
+    start_label = inputs.target.reference(start_out)
+    effect = inputs.target.distance(start_out, state.output).view(b, k) * movable.any(dim=1)
+    flips = inputs.target.success(state.output, start_label, config.settings.nme_threshold).view(b, k)
     best = effect.argmax(dim=1) + torch.arange(b, device=effect.device) * k
     state.x, state.a, state.adversary, state.output = (t[best] for t in (x0, state.a, state.adversary, state.output))
     return state, {"single_effect": effect, "single_flip": flips & movable.any(dim=1)}

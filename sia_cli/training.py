@@ -335,8 +335,10 @@ def config_dict(config: TrainConfig) -> dict:
 def edit_success(backbone, judge, images: torch.Tensor, attrs: torch.Tensor, batch_size: int = 64) -> dict:
     """How well each attribute input controls the image, as judged by an attribute classifier.
 
-    For every image and attribute k, flip a_k and ask `judge` (logits, one per attribute, on
-    [-1, 1] images) whether attribute k flipped in the output. Also the reconstruction error.
+    For every image and attribute k, an edit succeeds when `judge` (one logit per attribute,
+    on [-1, 1] images) sees a_k in the reconstruction and 1 - a_k once a_k is flipped: the
+    judged attribute must change. (Asking only whether the edit shows 1 - a_k rewards a
+    broken generator whose outputs the judge labels the same way whatever the input.)
     """
     names = backbone.attributes
     hits = torch.zeros(len(names))
@@ -344,12 +346,14 @@ def edit_success(backbone, judge, images: torch.Tensor, attrs: torch.Tensor, bat
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size] * 2 - 1
         a = attrs[start : start + batch_size]
-        recon_error.append((backbone(x, a) - x).abs().mean(dim=(1, 2, 3)) / 2)
+        reconstruction = backbone(x, a)
+        recon_error.append((reconstruction - x).abs().mean(dim=(1, 2, 3)) / 2)
+        kept = (judge(reconstruction) > 0) == (a > 0.5)
         for k in range(len(names)):
             flipped = a.clone()
             flipped[:, k] = 1 - flipped[:, k]
-            judged = judge(backbone(x, flipped))[:, k] > 0
-            hits[k] += (judged == (flipped[:, k] > 0.5)).sum()
+            shows = (judge(backbone(x, flipped))[:, k] > 0) == (flipped[:, k] > 0.5)
+            hits[k] += (kept[:, k] & shows).sum()
     return {
         "edit_success": {name: float(hits[k] / len(images)) for k, name in enumerate(names)},
         "reconstruction_l1": float(torch.cat(recon_error).mean()),

@@ -120,6 +120,9 @@ def test_single_mode_and_groups(faces, tmp_path):
     assert set(report["flip_rate"]) == set(report["sensitivity_single_normalized"])
     assert "Smiling" not in report["flip_rate"]
     assert all(0 <= v <= 1 for v in report["flip_rate"].values())
+    # Each attribute's own effect, not one shared offset: the shares must differ.
+    shares = report["sensitivity_single_normalized"].values()
+    assert max(shares) > 1.5 * min(shares), report["sensitivity_single_normalized"]
     assert set(report["groups"]) == {"Male=1", "Male=0"}
     assert sum(g["images"] for g in report["groups"].values()) == len(report["images"])
 

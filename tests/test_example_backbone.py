@@ -7,6 +7,7 @@ set used). An untrained or collapsed backbone scores near 0: its edits do not sh
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,10 @@ from sia_cli.target import load_target
 from sia_cli.training import edit_success
 
 JUDGE = Path(__file__).parents[1] / "examples" / "targets" / "attribute_judge.pt"
+# Measured with examples/measure_backbone.py (300 faces): the shipped backbone 0.24 mean edit
+# success, reconstruction error 0.054; an 18-step backbone 0.01 and 0.177.
+MEAN_EDIT_SUCCESS = 0.15
+MAX_RECONSTRUCTION_L1 = 0.08
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +40,7 @@ def judge():
 
 def test_judge_recognises_every_attribute_on_clean_faces(faces, judge):
     images, table = faces
-    truth = torch.tensor([table.rows[f] for f in table.rows])
+    truth = torch.from_numpy(np.stack([table.rows[f] for f in table.rows]))
     with torch.no_grad():
         predicted = (judge(images * 2 - 1) > 0).float()
     accuracy = (predicted == truth).float().mean(dim=0)
@@ -45,7 +50,7 @@ def test_judge_recognises_every_attribute_on_clean_faces(faces, judge):
 def test_shipped_backbone_edits_show_and_reconstructs(faces, judge):
     images, table = faces
     backbone = load_backbone(None)
-    attrs = torch.tensor([table.select(backbone.attributes).rows[f] for f in table.rows])
+    attrs = torch.from_numpy(np.stack([table.select(backbone.attributes).rows[f] for f in table.rows]))
     result = edit_success(backbone, judge, images, attrs)
     rates = result["edit_success"]
     assert set(rates) == set(backbone.attributes)
