@@ -15,12 +15,12 @@ from sia_cli.backbone import (
 )
 from sia_cli.errors import SiaError
 
-COMPAT = Path("/work/shared/compat")
+# Copies of the project's shared/compat fixtures (public AttGAN checkpoint facts and test vector).
+COMPAT = Path(__file__).parent / "fixtures" / "compat"
 VECTOR = COMPAT / "attgan_tiny_vector.pt"
 MANIFEST = COMPAT / "attgan_state_dict_keys.json"
 PUBLIC_SETTING = COMPAT / "setting_128_shortcut1_inject1_none.txt"
 
-needs_compat = pytest.mark.skipif(not VECTOR.is_file(), reason="shared/compat fixtures not available")
 
 
 TINY_ATTRS = ["Bangs", "Eyeglasses", "Male", "Smiling", "Young"]  # the attributes of conftest's tiny setting
@@ -33,7 +33,6 @@ def shapes(module: torch.nn.Module) -> dict[str, list[int]]:
 # ----------------------------------------------------------------------------- public compatibility
 
 
-@needs_compat
 def test_tiny_vector_is_reproduced_by_a_strictly_loaded_generator():
     vector = torch.load(VECTOR, weights_only=False)
     g = Generator(**vector["generator_kwargs"])
@@ -46,7 +45,6 @@ def test_tiny_vector_is_reproduced_by_a_strictly_loaded_generator():
     assert torch.allclose(y, vector["y_eval"], atol=1e-5)
 
 
-@needs_compat
 def test_wrapper_on_01_attributes_reproduces_the_tiny_vector():
     # The vector's generator saw (a*2-1)*thres_int; the wrapper must do that conversion itself.
     vector = torch.load(VECTOR, weights_only=False)
@@ -59,7 +57,6 @@ def test_wrapper_on_01_attributes_reproduces_the_tiny_vector():
     assert torch.allclose(y, vector["y_eval"], atol=1e-5)
 
 
-@needs_compat
 @pytest.mark.parametrize("experiment", ["128_shortcut1_inject1_none", "128_shortcut1_inject0_none"])
 def test_state_dict_keys_and_shapes_equal_the_public_manifest(experiment):
     expected = json.loads(MANIFEST.read_text())[experiment]
