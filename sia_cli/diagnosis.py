@@ -17,7 +17,9 @@ from sia_cli.attack import METHODS, ablation_effects, attribute_radius, run_loop
 from sia_cli.errors import SiaError
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.reports import grid_png, report_html, sensitivity_png, to_uint8, write_json_atomic
-from sia_cli.runs import REPORT, Inputs, MethodRun, RunConfig, base_report, batches, clean_pass, load_inputs, prepare_out
+from sia_cli.runs import (
+    REPORT, Inputs, MethodRun, RunConfig, base_report, batches, clean_pass, load_inputs, prepare_out, remove_run,
+)
 
 # report key of each measure; the headline is the one that recovered planted confounders best
 MEASURES = {"attribute_shift": "sensitivity", "ablation": "sensitivity_ablation", "single": "sensitivity_single"}
@@ -87,6 +89,8 @@ def diagnose(config: DiagnoseConfig, progress: ProgressFn = silent) -> dict:
     unknown = [g for g in config.group_by if g not in inputs.backbone.attributes]
     if unknown:
         raise SiaError(f"--group-by {', '.join(unknown)}: not a backbone attribute")
+    if config.force:  # only once the inputs are valid: a failing rerun keeps the old run
+        remove_run(config.out)
     run = MethodRun(METHODS["sia"] if config.mode == "multi" else METHODS["attr"], config.out)
     skipped: list[dict] = []
     telling: list[dict] = []

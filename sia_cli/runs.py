@@ -93,6 +93,8 @@ def prepare_out(out: Path, force: bool) -> None:
 
 
 def load_inputs(config: RunConfig, progress: ProgressFn = silent) -> Inputs:
+    if config.batch_size < 1:
+        raise SiaError(f"--batch-size must be at least 1 (got {config.batch_size})")
     backbone = load_backbone(config.gan, config.device, progress)
     target = load_target(
         config.model, device=config.device, task=config.task, input_size=config.input_size,
@@ -289,8 +291,6 @@ def attack(config: RunConfig, progress: ProgressFn = silent) -> dict:
     methods = [get_method(name) for name in dict.fromkeys(config.methods)]
     if not methods:
         raise SiaError("--method names no method: choose from " + ", ".join(METHODS))
-    if config.batch_size < 1:
-        raise SiaError(f"--batch-size must be at least 1 (got {config.batch_size})")
     prepare_out(config.out, config.force)
     began = time.perf_counter()
     torch.manual_seed(config.seed)

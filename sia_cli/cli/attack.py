@@ -24,6 +24,7 @@ def attack(
     device: str = o.DEVICE, amp: str = o.AMP, task: str = o.TASK, input_size: int = o.INPUT_SIZE,
     mean: str = o.MEAN, std: str = o.STD, labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
     nme_threshold: float = o.NME, force: bool = o.FORCE, no_progress: bool = o.NO_PROGRESS,
+    config_file: Path = o.CONFIG,
 ):
     """Attack MODEL on every image in --images; write adversaries/, report.json and a summary table."""
     config = RunConfig(

@@ -34,6 +34,7 @@ def augment(
     labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
     force: bool = typer.Option(False, "--force", help="Start over in an --out that holds another augmentation."),
     no_progress: bool = o.NO_PROGRESS,
+    config_file: Path = o.CONFIG,
 ):
     """Write SIA adversaries of the images in --images as an augmentation set labelled with each
     source's class; a rerun of the same command continues where it stopped."""

@@ -26,7 +26,7 @@ def diagnose(
     seed: int = o.SEED, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE, amp: str = o.AMP,
     task: str = o.TASK, input_size: int = o.INPUT_SIZE, mean: str = o.MEAN, std: str = o.STD,
     labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY, nme_threshold: float = o.NME,
-    force: bool = o.FORCE, no_progress: bool = o.NO_PROGRESS,
+    force: bool = o.FORCE, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
 ):
     """Find which attributes MODEL is sensitive to: report.json, sensitivity.png, grid.png, report.html."""
     config = DiagnoseConfig(

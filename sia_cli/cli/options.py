@@ -10,6 +10,36 @@ import typer
 from sia_cli.errors import SiaError
 
 
+def load_config(ctx: typer.Context, param, path: Path | None) -> Path | None:
+    """`--config FILE.yaml`: its values become the command's defaults; the command line wins.
+
+    Eager, so it runs before the other options read their defaults from `ctx.default_map`.
+    """
+    if path is None or ctx.resilient_parsing:
+        return path
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise typer.BadParameter(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+    if not isinstance(values, dict):
+        raise typer.BadParameter(f"{path} must hold a mapping of option names to values")
+    known = {p.name for p in ctx.command.params if p.name != "config_file"}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise typer.BadParameter(f"{path}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return path
+
+
+CONFIG = typer.Option(
+    None, "--config", callback=load_config, is_eager=True,
+    help="YAML file of option values (names as on the command line); the command line overrides it.",
+)
+
+
 def fraction(text: str) -> float:
     """Accept `0.0059` or `1.5/255`."""
     try:

@@ -39,7 +39,7 @@ def sdar(
     images: Path = typer.Option(None, "--images", help="With a model: images to diagnose."),
     out: Path = o.OUT, gan: str = o.GAN, attrs_file: Path = o.ATTRS_FILE, protect: list[str] = o.PROTECT,
     steps: int = o.STEPS, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE, seed: int = o.SEED,
-    force: bool = o.FORCE, no_progress: bool = o.NO_PROGRESS,
+    force: bool = o.FORCE, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
 ):
     """Print SDAR (standard deviation of attribute sensitivity, paper 4.4.1) and gate on --max."""
     if source.suffix.lower() == ".json":

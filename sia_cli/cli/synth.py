@@ -8,13 +8,16 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from sia_cli.errors import SiaError
+from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, progress_enabled, rich_progress
 from sia_cli.faces import make_dataset, parse_correlation
 
 
 @handle_errors
 def synth(
-    out: Path = typer.Argument(..., help="Folder to write images/, list_attr.txt and list_landmarks.txt into."),
+    out: Optional[Path] = typer.Argument(None, help="Folder to write images/, list_attr.txt and list_landmarks.txt into."),
+    out_option: Optional[Path] = typer.Option(None, "--out", help="The same folder, as an option (give one of the two)."),
     n: int = typer.Option(1000, "--n", help="Number of faces to generate.", show_default=True),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives identical files.", show_default=True),
     size: int = typer.Option(64, "--size", help="Image side in pixels (16 to 1024).", show_default=True),
@@ -24,8 +27,12 @@ def synth(
         "e.g. Eyeglasses:Bangs:0.99. Repeatable.",
     ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not draw a progress bar.", show_default="off"),
+    config_file: Optional[Path] = o.CONFIG,
 ) -> None:
     """Generate synthetic faces with CelebA attribute labels and landmarks."""
+    if (out is None) == (out_option is None):
+        raise SiaError("give the output folder once: as OUT or as --out")
+    out = out or out_option
     correlations = [parse_correlation(spec) for spec in correlate or []]
     with rich_progress(progress_enabled(no_progress)) as progress:
         stats = make_dataset(out, n=n, seed=seed, size=size, correlations=correlations, progress=progress)

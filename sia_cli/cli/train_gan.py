@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, progress_enabled, rich_progress
 from sia_cli.devices import pick_device
 from sia_cli.training import TrainConfig, train_gan as run_training
@@ -36,6 +37,7 @@ def train_gan(
     preload: bool = typer.Option(False, "--preload", help="Decode all images once into memory (small data sets)."),
     time_limit: float = typer.Option(0, help="Stop after this many minutes with a checkpoint (0: no limit)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    config_file: Path = o.CONFIG,
 ):
     """Train an AttGAN backbone (WGAN-GP, public AttGAN defaults) on any CelebA-layout data."""
     names = [a.strip() for a in attributes.split(",") if a.strip()]
