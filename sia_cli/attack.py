@@ -170,4 +170,7 @@ def ablation_effects(backbone, target, x: torch.Tensor, a: torch.Tensor, a0: tor
     reset[:, index, index] = a0
     images = (x * 2 - 1).unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
     ablated = target(backbone(images, reset.flatten(0, 1)))
-    return target.distance(base.repeat_interleave(k, dim=0), ablated).view(batch, k)
+    effect = target.distance(base.repeat_interleave(k, dim=0), ablated).view(batch, k)
+    # Resetting an attribute that never moved changes nothing; without the mask, kernels that
+    # vary with batch composition would report ~1e-7 for it.
+    return effect * (a != a0)
