@@ -140,3 +140,22 @@ def test_sdar_gate_exit_codes(reports, tmp_path):
     control = Path(reports["smiling", "control"]["_folder"]) / "report.json"
     result = runner.invoke(app, ["sdar", str(path), "--baseline", str(control)])
     assert result.exit_code == 0 and "Blond_Hair" in result.output
+
+
+def test_unlabeled_images_with_a_backbone_without_discriminator_is_a_clear_error(faces, tmp_path):
+    import shutil
+
+    import torch
+
+    backbone = Path(__file__).parents[1] / "examples" / "backbone"
+    copy = tmp_path / "no-critic"
+    shutil.copytree(backbone, copy)
+    checkpoint = next((copy / "checkpoint").glob("weights.*.pth"))
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save({"G": state["G"]}, checkpoint)
+    result = CliRunner().invoke(app, [
+        "diagnose", str(TARGETS / "smiling_confounded.pt"), "--images", str(faces / "images"),
+        "--gan", str(copy), "--out", str(tmp_path / "out"), "--no-progress",
+    ])
+    assert result.exit_code == 2
+    assert "no starting attributes: pass --attrs-file" in result.output
