@@ -17,13 +17,16 @@ from sia_cli.attack import METHODS, ablation_effects, attribute_radius, run_loop
 from sia_cli.errors import SiaError
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.reports import grid_png, report_html, sensitivity_png, to_uint8, write_json_atomic
-from sia_cli.runs import (
-    REPORT, Inputs, MethodRun, RunConfig, base_report, batches, clean_pass, load_inputs, prepare_out, remove_run,
-)
+from sia_cli.runs import REPORT, Inputs, MethodRun, RunConfig, base_report, batches, clean_pass, start_run
 
 # report key of each measure; the headline is the one that recovered planted confounders best
 MEASURES = {"attribute_shift": "sensitivity", "ablation": "sensitivity_ablation", "single": "sensitivity_single"}
 DEFAULT_HEADLINE = "ablation"
+# raw measure of each mode: report key -> function of the records
+RAW_MEASURES = {
+    "multi": {"sensitivity": sens.attribute_shift, "sensitivity_ablation": sens.ablation_effect},
+    "single": {"sensitivity": sens.attribute_shift, "sensitivity_single": sens.single_effect},
+}
 
 
 @dataclass
@@ -82,15 +85,14 @@ def diagnose(config: DiagnoseConfig, progress: ProgressFn = silent) -> dict:
         raise SiaError(f"--mode must be multi or single, not {config.mode!r}")
     if config.chosen_headline() not in MEASURES or (config.chosen_headline() == "single") != (config.mode == "single"):
         raise SiaError(f"headline measure {config.chosen_headline()!r} does not fit --mode {config.mode}")
-    prepare_out(config.out, config.force)
     began = time.perf_counter()
-    torch.manual_seed(config.seed)
-    inputs = load_inputs(config, progress)
-    unknown = [g for g in config.group_by if g not in inputs.backbone.attributes]
-    if unknown:
-        raise SiaError(f"--group-by {', '.join(unknown)}: not a backbone attribute")
-    if config.force:  # only once the inputs are valid: a failing rerun keeps the old run
-        remove_run(config.out)
+
+    def check_groups(inputs: Inputs) -> None:
+        unknown = [g for g in config.group_by if g not in inputs.backbone.attributes]
+        if unknown:
+            raise SiaError(f"--group-by {', '.join(unknown)}: not a backbone attribute")
+
+    inputs = start_run(config, progress, check_groups)
     run = MethodRun(METHODS["sia"] if config.mode == "multi" else METHODS["attr"], config.out)
     skipped: list[dict] = []
     telling: list[dict] = []
@@ -112,16 +114,12 @@ def diagnose(config: DiagnoseConfig, progress: ProgressFn = silent) -> dict:
 
 def measures(records: list[dict], attributes: list[str], protected: list[str], mode: str) -> dict:
     """Every sensitivity measure of a set of records, raw and normalised."""
-    values = {"sensitivity": sens.attribute_shift(records, attributes, protected)}
-    if mode == "multi":
-        values["sensitivity_ablation"] = sens.ablation_effect(records, attributes, protected)
-    else:
-        values["sensitivity_single"] = sens.single_effect(records, attributes, protected)
-        values["flip_rate"] = sens.flip_rate(records, attributes, protected)
-    out = dict(values)
-    for key in [k for k in values if k.startswith("sensitivity")]:
-        out[f"{key}_normalized"] = sens.normalize(values[key])
-    out["sdar"] = sens.sdar(values["sensitivity"])
+    out = {key: measure(records, attributes, protected) for key, measure in RAW_MEASURES[mode].items()}
+    for key in list(out):
+        out[f"{key}_normalized"] = sens.normalize(out[key])
+    if mode == "single":
+        out["flip_rate"] = sens.flip_rate(records, attributes, protected)
+    out["sdar"] = sens.sdar(out["sensitivity"])
     return out
 
 
@@ -134,8 +132,6 @@ def _report(config: DiagnoseConfig, inputs: Inputs, run: MethodRun, skipped: lis
     report["settings"]["headline"] = headline
     report["settings"]["eq2_reference"] = "a0 (the starting attributes; the paper writes a_1)"
     report["ranking"] = sens.ranking(found[MEASURES[headline]])
-    if config.mode == "multi":
-        report["sensitivity_ablation_normalized"] = found["sensitivity_ablation_normalized"]
     report["intervals"] = _intervals(run.records, attributes, protected, config)
     report["groups"] = _groups(run.records, attributes, protected, config)
     report.update(images=run.records, skipped=skipped, timing={"total_s": round(seconds, 3)}, complete=True)
@@ -145,12 +141,11 @@ def _report(config: DiagnoseConfig, inputs: Inputs, run: MethodRun, skipped: lis
 def _intervals(records, attributes, protected, config: DiagnoseConfig) -> dict:
     if config.bootstrap <= 0:
         return {}
-    keys = [k for k in MEASURES.values() if k != "sensitivity_single" or config.mode == "single"]
-    keys = [k for k in keys if k != "sensitivity_ablation" or config.mode == "multi"]
-    out = {}
-    for key in keys:
-        out[key] = sens.bootstrap(records, lambda r, key=key: measures(r, attributes, protected, config.mode)[key],
-                                  n=config.bootstrap, seed=config.seed)
+    out = {
+        key: sens.bootstrap(records, lambda r, measure=measure: measure(r, attributes, protected),
+                            n=config.bootstrap, seed=config.seed)
+        for key, measure in RAW_MEASURES[config.mode].items()
+    }
     out["sdar"] = sens.bootstrap(records, lambda r: sens.sdar(sens.attribute_shift(r, attributes, protected)),
                                  n=config.bootstrap, seed=config.seed)
     return out

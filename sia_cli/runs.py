@@ -67,6 +67,7 @@ class Inputs:
     attributes: object  # AttributeTable restricted to the backbone's names, or None
     labels: dict | None
     protected: torch.Tensor  # (K,) bool
+    adversary_names: dict[str, str]  # source file name -> PNG name
 
 
 def _finished_marker(out: Path) -> Path | None:
@@ -112,7 +113,7 @@ def load_inputs(config: RunConfig, progress: ProgressFn = silent) -> Inputs:
         raise SiaError(f"--protect {', '.join(unknown)}: not a backbone attribute ({', '.join(backbone.attributes)})")
     protected = torch.tensor([name in config.protect for name in backbone.attributes])
     labels = read_labels(config.labels, target.kind) if config.labels else None
-    return Inputs(backbone, target, files, table, labels, protected)
+    return Inputs(backbone, target, files, table, labels, protected, adversary_names(files))
 
 
 @dataclass
@@ -233,7 +234,7 @@ class MethodRun:
         psnr, ssim = image_quality((state.adversary + 1) / 2, (reference + 1) / 2)
         self.psnr += psnr
         self.ssim += ssim
-        save_images(self.folder / "adversaries", batch.files, state.adversary, adversary_names(inputs.files))
+        save_images(self.folder / "adversaries", batch.files, state.adversary, inputs.adversary_names)
 
     def summary(self) -> dict:
         done = self.records
@@ -285,18 +286,27 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def start_run(config: RunConfig, progress: ProgressFn = silent, check=None) -> Inputs:
+    """Check `out`, seed, load every input, run `check(inputs)`; only then clear an old run
+    (with --force), so a rerun that fails validation keeps the previous results."""
+    prepare_out(config.out, config.force)
+    torch.manual_seed(config.seed)
+    inputs = load_inputs(config, progress)
+    if check is not None:
+        check(inputs)
+    if config.force:
+        remove_run(config.out)
+    return inputs
+
+
 def attack(config: RunConfig, progress: ProgressFn = silent) -> dict:
     """Run every requested method over the folder; write adversaries and reports into `out`."""
     # Each method once: `sia,sia` would otherwise record every image twice.
     methods = [get_method(name) for name in dict.fromkeys(config.methods)]
     if not methods:
         raise SiaError("--method names no method: choose from " + ", ".join(METHODS))
-    prepare_out(config.out, config.force)
     began = time.perf_counter()
-    torch.manual_seed(config.seed)
-    inputs = load_inputs(config, progress)
-    if config.force:  # only now that the inputs are valid: a failing rerun keeps the old run
-        remove_run(config.out)
+    inputs = start_run(config, progress)
     single = len(methods) == 1
     runs = {m.name: MethodRun(m, config.out if single else config.out / m.name) for m in methods}
     skipped: list[dict] = []
