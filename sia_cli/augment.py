@@ -32,7 +32,9 @@ from PIL import Image
 from sia_cli import __version__
 from sia_cli.attack import METHODS, attribute_radius, run_loop
 from sia_cli.data import ImageError, load_image
+from sia_cli.distributed import World, agree, all_gather, join
 from sia_cli.errors import SiaError
+from sia_cli.journal import locked
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.reports import save_png_atomic, to_uint8, write_bytes_atomic, write_json_atomic
 from sia_cli.runs import Inputs, RunConfig, batches, clean_pass, describe_inputs, load_inputs, prepare_out
@@ -77,47 +79,66 @@ class Job:
 # ---------------------------------------------------------------- the run
 
 def augment(config: AugmentConfig, progress: ProgressFn = silent) -> dict:
-    """Write (or finish writing) the augmentation set in `config.out`; return a summary."""
+    """Write (or finish writing) the augmentation set in `config.out`; return a summary.
+
+    Under torchrun every rank attacks its share of the jobs; rank 0 writes the tables and
+    the manifest.
+    """
     check_config(config)
+    world, config.device = join(config.device)
     out = Path(config.out)
-    if not (out / MANIFEST).exists():
-        refuse_foreign(out)  # before anything is written there, the lock file included
-    prepare_out(out, config.force)
-    with exclusive(out):
-        return _augment(config, out, read_manifest(out), progress)
+
+    def prepare() -> None:
+        if not (out / MANIFEST).exists():
+            refuse_foreign(out)  # before anything is written there, the lock file included
+        prepare_out(out, config.force)
+
+    agree(prepare, world)
+    with locked(out, LOCK, "sia augment", world):
+        return _augment(config, out, agree(lambda: read_manifest(out), world), world,
+                        progress if world.main else silent)
 
 
-def _augment(config: AugmentConfig, out: Path, previous: dict | None, progress: ProgressFn) -> dict:
+def _augment(config: AugmentConfig, out: Path, previous: dict | None, world: World, progress: ProgressFn) -> dict:
     torch.manual_seed(config.seed)
-    inputs = load_inputs(config, progress)
-    if inputs.target.kind == "keypoints":
-        raise SiaError("sia augment writes class labels; this model is a keypoint detector")
-    reason = apply_protection(config, inputs)
-    settings = fingerprint(config, inputs)
+    inputs, reason, settings = agree(lambda: _load(config), world)
     resuming = previous is not None and not config.force
     if resuming:
         refuse_changed(out, previous["settings"], settings)
         if previous.get("complete") and "summary" in previous and \
                 len(finished_rows(out, previous["n"])) == previous["n"]:
             return {**previous["summary"], "already_complete": True, "written": 0}
-    skipped: list[dict] = []
-    sources = scan_sources(inputs, config, skipped, progress)
+    sources, skipped = scan_sources(inputs, config, world, progress)
     chosen = choose_class(sources, config.only_class, inputs.target)
     jobs = plan_jobs(chosen, config.n or len(chosen), config.seed, config.jitter)
     digest = sources_digest(chosen)
     if resuming and previous.get("sources_digest") not in (None, digest):
         raise SiaError(f"the images in {config.images} changed since {out} was begun; "
                        "pass --force to start over or pick another --out")
-    if previous is not None and not resuming:
-        clear_run(out)  # --force, and only now that every input checked out: a failing rerun keeps the old set
-    rows = resume_rows(out, jobs) if resuming else {}
     context = {"config": config, "inputs": inputs, "reason": reason, "settings": settings, "digest": digest,
                "skipped": skipped, "sources": sources, "n": len(jobs)}
-    write_manifest(out, context, rows, complete=False)
+    rows = {}
+    if world.main:
+        if previous is not None and not resuming:
+            clear_run(out)  # --force, and only now that every input checked out: a failing rerun keeps the old set
+        rows = resume_rows(out, jobs) if resuming else {}
+        write_manifest(out, context, rows, complete=False)
+    rows = all_gather(rows, world)[0]
     already = len(rows)
-    run_jobs(inputs, config, jobs, rows, out, progress)
-    summary = write_manifest(out, context, rows, complete=True)
+    run_jobs(inputs, config, jobs, rows, out, world, progress)
+    for part in all_gather(rows, world):
+        rows.update(part)
+    summary = write_manifest(out, context, rows, complete=True) if world.main else None
+    summary = all_gather(summary, world)[0]
     return {**summary, "already_complete": False, "written": len(rows) - already}
+
+
+def _load(config: AugmentConfig) -> tuple[Inputs, str, dict]:
+    inputs = load_inputs(config)
+    if inputs.target.kind == "keypoints":
+        raise SiaError("sia augment writes class labels; this model is a keypoint detector")
+    reason = apply_protection(config, inputs)
+    return inputs, reason, fingerprint(config, inputs)
 
 
 def check_config(config: AugmentConfig) -> None:
@@ -191,18 +212,25 @@ def refuse_changed(out: Path, before: dict, now: dict) -> None:
 
 # ---------------------------------------------------------------- sources and jobs
 
-def scan_sources(inputs: Inputs, config: AugmentConfig, skipped: list, progress: ProgressFn) -> list[Source]:
-    """Usable sources with their a0 and reference label, before any attack: `--class` and the
-    job numbering both need the whole list. Images are reloaded per batch later, not kept."""
+def scan_sources(inputs: Inputs, config: AugmentConfig, world: World,
+                 progress: ProgressFn) -> tuple[list[Source], list[dict]]:
+    """Usable sources with their a0 and reference label, and the skipped files, before any
+    attack: `--class` and the job numbering both need the whole list, so every rank scans its
+    share and all get the whole. Images are reloaded per batch later, not kept."""
     sources: list[Source] = []
-    for batch in batches(inputs, config.batch_size, config.device, skipped):
+    skipped: list[dict] = []
+    for batch in batches(inputs, config.batch_size, config.device, skipped, world=world):
         reference = clean_pass(inputs, batch)["reference"]
         for file, a0, label in zip(batch.files, batch.a0.cpu().numpy(), reference.tolist()):
             sources.append(Source(file, a0, int(label)))
-        progress("labels", len(sources) + len(skipped), len(inputs.files))
+        progress("labels", (len(sources) + len(skipped)) * world.size, len(inputs.files))
+    order = {file.name: i for i, file in enumerate(inputs.files)}
+    parts = all_gather((sources, skipped), world)
+    sources = sorted((s for part, _ in parts for s in part), key=lambda s: order[s.file.name])
+    skipped = sorted((s for _, part in parts for s in part), key=lambda s: order[s["file"]])
     if not sources:
         raise SiaError(f"no usable image in {config.images}: {skipped[0]['reason'] if skipped else 'none found'}")
-    return sources
+    return sources, skipped
 
 
 def class_index(text: str, target) -> int:
@@ -294,24 +322,27 @@ def attack_jobs(inputs: Inputs, jobs: list[Job], config: AugmentConfig):
     return state, target.success(state.output, reference, settings.nme_threshold)
 
 
-def run_jobs(inputs: Inputs, config: AugmentConfig, jobs: list[Job], rows: dict, out: Path,
+def run_jobs(inputs: Inputs, config: AugmentConfig, jobs: list[Job], rows: dict, out: Path, world: World,
              progress: ProgressFn) -> None:
-    """Attack the unfinished jobs in fixed blocks of --batch-size (so an interrupted run resumes
-    with the very batches it would have run) and record each image once it is in place."""
+    """Attack this rank's unfinished jobs in fixed blocks of --batch-size (so an interrupted run
+    resumes with the very batches it would have run, whatever the number of ranks) and record
+    each image once it is in place."""
     attributes = list(inputs.backbone.attributes)
-    with open(out / JOURNAL, "a", encoding="utf-8") as journal:
-        for start in range(0, len(jobs), config.batch_size):
+    with open(journal_path(out, world.rank), "a", encoding="utf-8") as journal:
+        for block, start in enumerate(range(0, len(jobs), config.batch_size)):
             todo = [job for job in jobs[start:start + config.batch_size] if job.index not in rows]
-            if not todo:
+            if not todo or not world.owns(block):
                 continue
             state, fooled = attack_jobs(inputs, todo, config)
             for i, job in enumerate(todo):
                 save_png_atomic(out / IMAGES / job.name, Image.fromarray(to_uint8((state.adversary[i] + 1) / 2)))
                 rows[job.index] = journal_row(job, state.a[i], bool(fooled[i]))
                 append_line(journal, rows[job.index])
-            write_tables(out, rows, attributes)
-            progress("augment", len(rows), len(jobs))
-    write_tables(out, rows, attributes)
+            if world.main:  # only rank 0 writes the tables; they hold its rows until the end
+                write_tables(out, rows, attributes)
+            progress("augment", min(len(rows) * world.size, len(jobs)), len(jobs))
+    if world.main:
+        write_tables(out, rows, attributes)
 
 
 def journal_row(job: Job, a_end: torch.Tensor, fooled: bool) -> dict:
@@ -328,10 +359,24 @@ def append_line(journal, row: dict) -> None:
     os.fsync(journal.fileno())
 
 
-def read_journal(path: Path) -> list[dict]:
-    """Journal rows; a torn last line (the run died while writing it) is dropped."""
-    if not path.exists():
-        return []
+def journal_path(out: Path, rank: int) -> Path:
+    """Rank 0 keeps the journal; other torchrun ranks append to their own, merged on resume."""
+    return out / (JOURNAL if rank == 0 else f"{JOURNAL}.{rank}")
+
+
+def journal_paths(out: Path) -> list[Path]:
+    return [path for path in [out / JOURNAL, *sorted(out.glob(f"{JOURNAL}.*"))] if path.exists()]
+
+
+def read_journal(out: Path) -> list[dict]:
+    """Every rank's journal rows; a torn last line (the run died while writing it) is dropped."""
+    rows = []
+    for path in journal_paths(out):
+        rows += _journal_rows(path)
+    return rows
+
+
+def _journal_rows(path: Path) -> list[dict]:
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         with contextlib.suppress(ValueError):
@@ -343,7 +388,7 @@ def read_journal(path: Path) -> list[dict]:
 
 def finished_rows(out: Path, n: int) -> dict[int, dict]:
     """Journal rows within 0..n-1 whose image is on disk; a later row for an index wins."""
-    rows = {row["index"]: row for row in read_journal(out / JOURNAL) if 0 <= row["index"] < n}
+    rows = {row["index"]: row for row in read_journal(out) if 0 <= row["index"] < n}
     return {index: row for index, row in sorted(rows.items()) if (out / IMAGES / row["file"]).is_file()}
 
 
@@ -356,6 +401,8 @@ def resume_rows(out: Path, jobs: list[Job]) -> dict[int, dict]:
         and row.get("round") == jobs[index].round
     }
     write_bytes_atomic(out / JOURNAL, "".join(json.dumps(row) + "\n" for row in rows.values()).encode("utf-8"))
+    for other in journal_paths(out)[1:]:  # merged into the one above
+        other.unlink()
     for partial in (out / IMAGES).glob(".*.tmp"):  # left by a run killed mid-write; ours, never listed
         partial.unlink(missing_ok=True)
     return rows
@@ -404,24 +451,10 @@ def clear_run(out: Path) -> None:
         for file in images.iterdir():
             if (file.suffix == ".png" and file.stem.isdigit()) or file.name.endswith(".tmp"):
                 file.unlink()
-    for name in (JOURNAL, ATTR_TABLE, LABEL_TABLE, MANIFEST):
+    for path in journal_paths(out):
+        path.unlink()
+    for name in (ATTR_TABLE, LABEL_TABLE, MANIFEST):
         (out / name).unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def exclusive(out: Path):
-    """Hold a lock on `out` so two runs never append to one journal."""
-    try:
-        import fcntl
-    except ImportError:  # no advisory locks on this platform: go on unguarded
-        yield
-        return
-    with open(out / LOCK, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise SiaError(f"another sia augment is writing to {out}") from None
-        yield
 
 
 def write_manifest(out: Path, context: dict, rows: dict, complete: bool) -> dict:

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from sia_cli import sensitivity as sens
 from sia_cli.attack import METHODS, ablation_effects, attribute_radius, run_loop
+from sia_cli.data import load_image
+from sia_cli.distributed import barrier
 from sia_cli.errors import SiaError
+from sia_cli.journal import close_run
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.reports import grid_png, report_html, sensitivity_png, to_uint8, write_json_atomic
-from sia_cli.runs import REPORT, Inputs, MethodRun, RunConfig, base_report, batches, clean_pass, start_run
+from sia_cli.runs import (
+    REPORT, Inputs, MethodRun, RunConfig, base_report, clean_pass, collect, interrupted, start_run, sweep,
+)
 
 # report key of each measure; the headline is the one that recovered planted confounders best
 MEASURES = {"attribute_shift": "sensitivity", "ablation": "sensitivity_ablation", "single": "sensitivity_single"}
@@ -77,6 +85,8 @@ def _attach(records: list[dict], extras: dict) -> None:
     for key, values in extras.items():
         rows = values.detach().cpu()
         for record, row in zip(records, rows):
+            if "error" in record:  # a failed image's numbers are NaN: they would only mislead
+                continue
             record[key] = [bool(v) for v in row.tolist()] if row.dtype == torch.bool else [round(v, 6) for v in row.tolist()]
 
 
@@ -92,23 +102,38 @@ def diagnose(config: DiagnoseConfig, progress: ProgressFn = silent) -> dict:
         if unknown:
             raise SiaError(f"--group-by {', '.join(unknown)}: not a backbone attribute")
 
-    inputs = start_run(config, progress, check_groups)
-    run = MethodRun(METHODS["sia"] if config.mode == "multi" else METHODS["attr"], config.out)
-    skipped: list[dict] = []
-    telling: list[dict] = []
-    step = _single if config.mode == "single" else _multi
-    for batch in batches(inputs, config.batch_size, config.device, skipped):
-        clean = clean_pass(inputs, batch)
-        state, extras = step(inputs, batch, clean, config)
-        first = len(run.records)
-        run.add(batch, inputs, clean, state, config.settings)
-        _attach(run.records[first:], extras)
-        telling += _grid_rows(batch, clean, state, run.records[first:])
-        progress("diagnose", len(run.records) + len(skipped), len(inputs.files))
-    if not run.records:
-        raise SiaError(f"no usable image in {config.images}: {skipped[0]['reason'] if skipped else 'none found'}")
-    report = _report(config, inputs, run, skipped, time.perf_counter() - began)
-    write_outputs(config, report, telling)
+    with start_run(config, progress, check_groups) as (inputs, world, journal):
+        run = MethodRun(METHODS["sia"] if config.mode == "multi" else METHODS["attr"], config.out)
+        step = _single if config.mode == "single" else _multi
+
+        def work(batch) -> dict[str, list[dict]]:
+            clean = clean_pass(inputs, batch)
+            state, extras = step(inputs, batch, clean, config)
+            records = run.add(batch, inputs, clean, state, config.settings)
+            _attach(records, extras)
+            return {run.method.name: records}
+
+        def write(entries: dict, complete: bool) -> dict | None:
+            records, skipped = collect(entries, inputs.files)
+            run.records = records.get(run.method.name, [])
+            if not any("error" not in r for r in run.records):
+                return None
+            report = _report(config, inputs, run, skipped, time.perf_counter() - began, complete)
+            write_outputs(config, report, _telling(inputs, config.out, run.records))
+            return report
+
+        try:
+            records, skipped = sweep(config, inputs, world, journal, work, progress, "diagnose")
+        except KeyboardInterrupt:
+            raise interrupted(config, world, lambda entries: write(entries, complete=False) is not None) from None
+        if not any("error" not in r for r in records.get(run.method.name, [])):
+            reason = next((r["error"] for r in records.get(run.method.name, [])), None) or \
+                (skipped[0]["reason"] if skipped else "none found")
+            raise SiaError(f"no usable image in {config.images}: {reason}")
+        report = write(journal.gather(), complete=True) if world.main else None
+        barrier(world)
+        if world.main:
+            close_run(config.out)
     return report
 
 
@@ -123,7 +148,8 @@ def measures(records: list[dict], attributes: list[str], protected: list[str], m
     return out
 
 
-def _report(config: DiagnoseConfig, inputs: Inputs, run: MethodRun, skipped: list, seconds: float) -> dict:
+def _report(config: DiagnoseConfig, inputs: Inputs, run: MethodRun, skipped: list, seconds: float,
+            complete: bool) -> dict:
     base = base_report(config, inputs)
     attributes, protected = base["attributes"], base["protected"]
     headline = config.chosen_headline()
@@ -134,7 +160,7 @@ def _report(config: DiagnoseConfig, inputs: Inputs, run: MethodRun, skipped: lis
     report["ranking"] = sens.ranking(found[MEASURES[headline]])
     report["intervals"] = _intervals(run.records, attributes, protected, config)
     report["groups"] = _groups(run.records, attributes, protected, config)
-    report.update(images=run.records, skipped=skipped, timing={"total_s": round(seconds, 3)}, complete=True)
+    report.update(images=run.records, skipped=skipped, timing={"total_s": round(seconds, 3)}, complete=complete)
     return report
 
 
@@ -162,21 +188,34 @@ def _groups(records, attributes, protected, config: DiagnoseConfig) -> dict:
     return groups
 
 
-def _grid_rows(batch, clean: dict, state, records: list[dict]) -> list[dict]:
-    rows = []
-    for i, record in enumerate(records):
+@torch.no_grad()
+def _telling(inputs: Inputs, out: Path, records: list[dict], count: int = 8) -> list[dict]:
+    """Grid rows of the most telling images (fooled, then attributes moved furthest), rebuilt
+    from the records and the saved adversaries, so a resumed or distributed run draws the same."""
+    def score(record: dict) -> tuple:
         moved = max(abs(e - s) for e, s in zip(record["attrs_end"], record["attrs_start"]))
-        rows.append({
-            "score": (record["success"], moved),
-            "file": record["file"],
-            "original": to_uint8(batch.x0[i].cpu()),
-            "reconstruction": to_uint8(((clean["reconstruction"][i] + 1) / 2).cpu()),
-            "adversary": to_uint8(((state.adversary[i] + 1) / 2).cpu()),
-            "caption": f"{_short(record['pred_clean'])} -> {_short(record['pred_adv'])}"
-                       f"{' (success)' if record['success'] else ''}",
-        })
-    rows.sort(key=lambda r: r["score"], reverse=True)
-    return rows[:8]
+        return record["success"], moved
+
+    best = sorted((r for r in records if "error" not in r), key=score, reverse=True)[:count]
+    if not best:
+        return []
+    paths = {file.name: file for file in inputs.files}
+    size = inputs.backbone.img_size
+    x0 = torch.stack([load_image(paths[r["file"]], size) for r in best]).to(next(inputs.backbone.parameters()).device)
+    a0 = torch.tensor([r["attrs_start"] for r in best], dtype=torch.float32, device=x0.device)
+    reconstruction = (inputs.backbone(x0 * 2 - 1, a0) + 1) / 2
+    rows = []
+    for i, record in enumerate(best):
+        with Image.open(out / "adversaries" / inputs.adversary_names[record["file"]]) as adversary:
+            rows.append({
+                "file": record["file"],
+                "original": to_uint8(x0[i].cpu()),
+                "reconstruction": to_uint8(reconstruction[i].cpu()),
+                "adversary": np.asarray(adversary.convert("RGB")),
+                "caption": f"{_short(record['pred_clean'])} -> {_short(record['pred_adv'])}"
+                           f"{' (success)' if record['success'] else ''}",
+            })
+    return rows
 
 
 def _short(value) -> str:
@@ -191,8 +230,7 @@ def write_outputs(config: DiagnoseConfig, report: dict, telling: list[dict]) -> 
     sensitivity_png(out / "sensitivity.png", report[f"{headline_key}_normalized"],
                     _normalised_intervals(intervals, report[headline_key]),
                     title=f"{headline_key} (share of total)")
-    telling.sort(key=lambda r: r["score"], reverse=True)
-    grid_png(out / "grid.png", telling[:8])
+    grid_png(out / "grid.png", telling)
     write_json_atomic(out / REPORT, report)
     report_html(out / "report.html", report, out / "sensitivity.png", out / "grid.png", top_k=config.top_k)
 

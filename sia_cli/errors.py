@@ -5,6 +5,7 @@ class SiaError(Exception):
     """Bad input or environment: the message is shown to the user as is."""
 
     exit_code = 2
+    shared = False  # raised alike on every torchrun rank (see distributed.agree)
 
     def __init__(self, message: str, exit_code: int | None = None):
         super().__init__(message)

@@ -475,7 +475,7 @@ def report_html(path: str | os.PathLike, report: dict, sensitivity_png: Path, gr
                 top_k: int = 5) -> None:
     """One self-contained page (inline CSS, base64 images) summarising a diagnosis report."""
     banner = ("<p class='warning'>Incomplete run: this report covers only the images processed so far.</p>"
-              if report.get("incomplete") else "")
+              if report.get("complete") is False else "")
     grid = f"<h2>Examples</h2>{_image_tag(grid_png, 'original, reconstruction and adversary')}" if grid_png else ""
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>SIA report</title><style>{_CSS}</style></head>

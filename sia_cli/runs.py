@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import platform
 import shutil
 import time
@@ -19,7 +22,9 @@ from PIL import Image
 from sia_cli import __version__
 from sia_cli.attack import METHODS, AttackSettings, Method, attribute_radius, get_method, run_loop
 from sia_cli.data import ImageError, list_images, load_image, read_attributes
+from sia_cli.distributed import World, agree, barrier, current, join
 from sia_cli.errors import SiaError
+from sia_cli.journal import Journal, close_run, locked, open_journal, read_entries
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.registry import load_backbone
 from sia_cli.reports import image_quality, to_uint8, write_json_atomic
@@ -28,6 +33,8 @@ from sia_cli.target import load_target, read_labels
 SCHEMA_VERSION = 1
 REPORT = "report.json"
 COMPARISON = "comparison.json"
+LOCK = ".sia.lock"
+INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
 @dataclass
@@ -71,9 +78,19 @@ class Inputs:
 
 
 def _finished_marker(out: Path) -> Path | None:
-    """The report that marks `out` as a finished run: its own, or a comparison's."""
+    """The report that marks `out` as a finished run: its own, or a comparison's.
+
+    A report marked incomplete (an interrupted run) is not one: rerunning resumes it.
+    """
     candidates = [out / REPORT, out / COMPARISON] + [out / name / REPORT for name in METHODS]
-    return next((path for path in candidates if path.exists()), None)
+    return next((path for path in candidates if path.exists() and _complete(path)), None)
+
+
+def _complete(report: Path) -> bool:
+    try:
+        return json.loads(report.read_text(encoding="utf-8")).get("complete", True) is not False
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: never overwrite it without --force
 
 
 def prepare_out(out: Path, force: bool) -> None:
@@ -86,7 +103,7 @@ def prepare_out(out: Path, force: bool) -> None:
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".sia-write-test"
+        probe = out / f".sia-write-test.{os.getpid()}"  # per process: torchrun ranks probe at once
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
@@ -121,37 +138,44 @@ class Batch:
     files: list[Path]
     x0: torch.Tensor  # (B, 3, S, S) in [0, 1]
     a0: torch.Tensor  # (B, K) in [0, 1]
+    index: int = 0  # position among the run's fixed blocks of files: seeds and shards follow it
 
 
-def batches(inputs: Inputs, batch_size: int, device: str, skipped: list):
-    """Yield loaded batches; unusable files go to `skipped` with the reason, the rest go on."""
+def batches(inputs: Inputs, batch_size: int, device: str, skipped: list, files: list[Path] | None = None,
+            world: World = World()):
+    """Yield loaded batches of this rank's blocks of `files` (default: all the inputs' files).
+
+    Blocks are fixed before loading, so a batch holds the same images whatever the number of
+    processes, and results do not depend on it. Unusable files go to `skipped` with the reason.
+    """
+    files = inputs.files if files is None else files
     size = inputs.backbone.img_size
-    pending: list[tuple[Path, torch.Tensor, np.ndarray | None]] = []
-    for file in inputs.files:
-        try:
-            image = load_image(file, size)
-        except ImageError as exc:
-            skipped.append({"file": file.name, "reason": str(exc)})
+    for index, start in enumerate(range(0, len(files), batch_size)):
+        if not world.owns(index):
             continue
-        vector = inputs.attributes.vector(file) if inputs.attributes is not None else None
-        if inputs.attributes is not None and vector is None:
-            skipped.append({"file": file.name, "reason": f"not listed in {inputs.attributes.path.name}"})
-            continue
-        pending.append((file, image, vector))
-        if len(pending) == batch_size:
-            yield _stack(pending, inputs, device)
-            pending = []
-    if pending:
-        yield _stack(pending, inputs, device)
+        pending: list[tuple[Path, torch.Tensor, np.ndarray | None]] = []
+        for file in files[start:start + batch_size]:
+            try:
+                image = load_image(file, size)
+            except ImageError as exc:
+                skipped.append({"file": file.name, "reason": str(exc)})
+                continue
+            vector = inputs.attributes.vector(file) if inputs.attributes is not None else None
+            if inputs.attributes is not None and vector is None:
+                skipped.append({"file": file.name, "reason": f"not listed in {inputs.attributes.path.name}"})
+                continue
+            pending.append((file, image, vector))
+        if pending:
+            yield _stack(pending, inputs, device, index)
 
 
-def _stack(pending, inputs: Inputs, device: str) -> Batch:
+def _stack(pending, inputs: Inputs, device: str, index: int) -> Batch:
     x0 = torch.stack([image for _, image, _ in pending]).to(device)
     if inputs.attributes is not None:
         a0 = torch.from_numpy(np.stack([vector for _, _, vector in pending])).to(device)
     else:
         a0 = inputs.backbone.predict_attributes(x0 * 2 - 1)
-    return Batch([file for file, _, _ in pending], x0, a0.float())
+    return Batch([file for file, _, _ in pending], x0, a0.float(), index)
 
 
 @torch.no_grad()  # not inference_mode: the reference label takes part in the attack's graph
@@ -177,8 +201,31 @@ def _labelled_reference(inputs: Inputs, batch: Batch, clean: torch.Tensor) -> to
 
 
 def _plain(value: torch.Tensor):
+    """Rounded plain numbers; NaN and inf become None, which strict JSON can hold."""
     value = value.detach().float().cpu()
-    return round(value.item(), 6) if value.dim() == 0 else np.round(value.numpy(), 6).tolist()
+    if value.dim() == 0:
+        return round(value.item(), 6) if torch.isfinite(value) else None
+    return [round(v, 6) if np.isfinite(v) else None for v in value.flatten().tolist()] if value.dim() == 1 \
+        else [_plain(row) for row in value]
+
+
+def failures(clean: dict, state) -> list[str | None]:
+    """Why each image's attack cannot be trusted (NaN or inf on the way), or None.
+
+    Checked once after the loop: a check per step would be a host sync per step, and a
+    non-finite value stays non-finite, so nothing is missed by waiting.
+    """
+    def finite(t: torch.Tensor) -> torch.Tensor:
+        return torch.isfinite(t.float()).reshape(len(t), -1).all(dim=1).cpu()
+
+    clean_ok = finite(clean["clean"])
+    attack_ok = finite(state.output) & finite(state.x) & finite(state.a)
+    return [
+        None if c and a else
+        "the model returns NaN or inf on this image" if not c else
+        "the loss became NaN or inf during the attack"
+        for c, a in zip(clean_ok.tolist(), attack_ok.tolist())
+    ]
 
 
 def records_for(batch: Batch, inputs: Inputs, clean: dict, state, settings: AttackSettings) -> list[dict]:
@@ -186,18 +233,16 @@ def records_for(batch: Batch, inputs: Inputs, clean: dict, state, settings: Atta
     success = target.success(state.output, clean["reference"], settings.nme_threshold)
     label = clean["reference"] if target.kind != "keypoints" else target.predict(clean["reference"])
     pred_clean, pred_adv = target.predict(clean["clean"]), target.predict(state.output)
-    return [
-        {
-            "file": file.name,
-            "attrs_start": _plain(batch.a0[i]),
-            "attrs_end": _plain(state.a[i]),
-            "label": _plain(label[i]),
-            "pred_clean": _plain(pred_clean[i]),
-            "pred_adv": _plain(pred_adv[i]),
-            "success": bool(success[i]),
-        }
-        for i, file in enumerate(batch.files)
-    ]
+    records = []
+    for i, (file, problem) in enumerate(zip(batch.files, failures(clean, state))):
+        record = {"file": file.name, "attrs_start": _plain(batch.a0[i])}
+        if problem is None:
+            record.update(attrs_end=_plain(state.a[i]), label=_plain(label[i]), pred_clean=_plain(pred_clean[i]),
+                          pred_adv=_plain(pred_adv[i]), success=bool(success[i]))
+        else:
+            record.update(success=False, error=problem)
+        records.append(record)
+    return records
 
 
 def adversary_names(files: list[Path]) -> dict[str, str]:
@@ -218,30 +263,34 @@ def save_images(folder: Path, files: list[Path], images: torch.Tensor, names: di
 
 
 class MethodRun:
-    """Accumulates one method's records, image-quality figures and adversary files."""
+    """One method's output folder: turns an attacked batch into records and adversary files."""
 
     def __init__(self, method: Method, folder: Path):
         self.method, self.folder = method, folder
-        self.records: list[dict] = []
-        self.psnr: list[float] = []
-        self.ssim: list[float] = []
+        self.records: list[dict] = []  # the whole run's, in file order, once gathered
 
-    def add(self, batch: Batch, inputs: Inputs, clean: dict, state, settings: AttackSettings) -> None:
-        self.records += records_for(batch, inputs, clean, state, settings)
-        # Generator methods are judged against the reconstruction they start from; pixel
-        # baselines never pass through the generator, so against the clean image.
-        reference = clean["reconstruction"] if self.method.through_generator else batch.x0 * 2 - 1
-        psnr, ssim = image_quality((state.adversary + 1) / 2, (reference + 1) / 2)
-        self.psnr += psnr
-        self.ssim += ssim
-        save_images(self.folder / "adversaries", batch.files, state.adversary, inputs.adversary_names)
+    def add(self, batch: Batch, inputs: Inputs, clean: dict, state, settings: AttackSettings) -> list[dict]:
+        """Records of the batch, each with its PSNR/SSIM; adversaries written for the images that did not fail."""
+        records = records_for(batch, inputs, clean, state, settings)
+        ok = [i for i, record in enumerate(records) if "error" not in record]
+        if ok:
+            # Generator methods are judged against the reconstruction they start from; pixel
+            # baselines never pass through the generator, so against the clean image.
+            reference = clean["reconstruction"] if self.method.through_generator else batch.x0 * 2 - 1
+            psnr, ssim = image_quality((state.adversary[ok] + 1) / 2, (reference[ok] + 1) / 2)
+            for i, p, q in zip(ok, psnr, ssim):
+                records[i].update(psnr=float(p), ssim=float(q))
+            save_images(self.folder / "adversaries", [batch.files[i] for i in ok], state.adversary[ok],
+                        inputs.adversary_names)
+        return records
 
     def summary(self) -> dict:
-        done = self.records
+        usable = [r for r in self.records if "error" not in r]
         return {
-            "attack_success_rate": float(np.mean([r["success"] for r in done])) if done else 0.0,
-            "psnr": float(np.mean(self.psnr)) if self.psnr else None,
-            "ssim": float(np.mean(self.ssim)) if self.ssim else None,
+            "attack_success_rate": float(np.mean([r["success"] for r in usable])) if usable else 0.0,
+            "psnr": float(np.mean([r["psnr"] for r in usable])) if usable else None,
+            "ssim": float(np.mean([r["ssim"] for r in usable])) if usable else None,
+            "failed": len(self.records) - len(usable),
         }
 
 
@@ -277,6 +326,7 @@ def base_report(config: RunConfig, inputs: Inputs) -> dict:
         **describe_inputs(inputs),
         "device": _device_name(config.device),
         "attrs_source": "attrs_file" if inputs.attributes is not None else "discriminator",
+        "world_size": current().size,
     }
 
 
@@ -286,17 +336,88 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def start_run(config: RunConfig, progress: ProgressFn = silent, check=None) -> Inputs:
-    """Check `out`, seed, load every input, run `check(inputs)`; only then clear an old run
-    (with --force), so a rerun that fails validation keeps the previous results."""
-    prepare_out(config.out, config.force)
-    torch.manual_seed(config.seed)
-    inputs = load_inputs(config, progress)
-    if check is not None:
-        check(inputs)
-    if config.force:
-        remove_run(config.out)
-    return inputs
+def settings_fingerprint(config: RunConfig) -> dict:
+    """What decides a run's results: a resumed run must match it. Where and how fast it runs
+    (device, batch size, progress) may change between attempts."""
+    data = json.loads(json.dumps(config.describe(), default=str))
+    for key in ("out", "force", "command", "device", "batch_size"):
+        data.pop(key, None)
+    return data
+
+
+@contextlib.contextmanager
+def start_run(config: RunConfig, progress: ProgressFn = silent, check=None):
+    """Yield (inputs, world, journal) for a run into `config.out`, holding its lock throughout.
+
+    Checks `out`, seeds, loads every input and runs `check(inputs)` on every rank; only then
+    clears an old run (with --force), so a rerun that fails validation keeps the previous
+    results. Under torchrun, `config.device` becomes this rank's device.
+    """
+    world, config.device = join(config.device)
+    agree(lambda: prepare_out(config.out, config.force), world)
+    with locked(config.out, LOCK, "sia run", world):
+        torch.manual_seed(config.seed)
+
+        def load() -> Inputs:
+            inputs = load_inputs(config, progress if world.main else silent)
+            if check is not None:
+                check(inputs)
+            return inputs
+
+        inputs = agree(load, world)
+        if config.force and world.main:
+            remove_run(config.out)
+        barrier(world)
+        yield inputs, world, open_journal(config.out, settings_fingerprint(config), world)
+
+
+def sweep(config: RunConfig, inputs: Inputs, world: World, journal: Journal, work, progress: ProgressFn,
+          task: str) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Run `work(batch) -> {method: records}` over this rank's share of the unfinished images.
+
+    Returns every rank's records per method and the skipped files, both in file order, as
+    one process would have produced them.
+    """
+    todo = [file for file in inputs.files if file.name not in journal.done]
+    skipped: list[dict] = []
+    finished = len(journal.done)
+    for batch in batches(inputs, config.batch_size, config.device, skipped, todo, world):
+        results = work(batch)
+        entries = [{"file": item["file"], "skipped": item["reason"]} for item in skipped]
+        entries += [{"file": file.name, "records": {m: rows[i] for m, rows in results.items()}}
+                    for i, file in enumerate(batch.files)]
+        journal.append(entries)
+        finished += len(entries) * world.size  # rank 0 speaks for all: shards differ by one batch at most
+        skipped.clear()
+        progress(task, min(finished, len(inputs.files)), len(inputs.files))
+    journal.append([{"file": item["file"], "skipped": item["reason"]} for item in skipped])
+    return collect(journal.gather(), inputs.files)
+
+
+def collect(entries: dict[str, dict], files: list[Path]) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Journal entries -> records per method and skipped files, in the order of `files`."""
+    records: dict[str, list[dict]] = {}
+    skipped = []
+    for file in files:
+        entry = entries.get(file.name)
+        if entry is None:
+            continue
+        if "skipped" in entry:
+            skipped.append({"file": file.name, "reason": entry["skipped"]})
+        for method, record in entry.get("records", {}).items():
+            records.setdefault(method, []).append(record)
+    return records, skipped
+
+
+def interrupted(config: RunConfig, world: World, write_partial) -> SiaError:
+    """After Ctrl-C: rank 0 writes a report of what is finished, marked incomplete."""
+    if not world.main:
+        return SiaError("interrupted", INTERRUPTED)
+    entries = read_entries(config.out)  # every rank's journal: the others may not answer a gather now
+    wrote = write_partial(entries) if entries else False
+    where = f"a partial report is in {config.out} (complete: false); " if wrote else ""
+    return SiaError(f"interrupted after {len(entries)} image(s): {where}rerun the same command to resume",
+                    INTERRUPTED)
 
 
 def attack(config: RunConfig, progress: ProgressFn = silent) -> dict:
@@ -306,30 +427,51 @@ def attack(config: RunConfig, progress: ProgressFn = silent) -> dict:
     if not methods:
         raise SiaError("--method names no method: choose from " + ", ".join(METHODS))
     began = time.perf_counter()
-    inputs = start_run(config, progress)
-    single = len(methods) == 1
-    runs = {m.name: MethodRun(m, config.out if single else config.out / m.name) for m in methods}
-    skipped: list[dict] = []
-    done, total = 0, len(inputs.files)
-    for index, batch in enumerate(batches(inputs, config.batch_size, config.device, skipped)):
-        for method in methods:
-            clean, state = attack_batch(inputs, batch, method, config.settings, config.seed + index)
-            runs[method.name].add(batch, inputs, clean, state, config.settings)
-        done += len(batch.files)
-        progress("attack", done + len(skipped), total)
-    if not any(run.records for run in runs.values()):
-        raise SiaError(f"no usable image in {config.images}: {skipped[0]['reason'] if skipped else 'none found'}")
-    seconds = time.perf_counter() - began
-    reports = {name: _method_report(config, inputs, run, skipped, seconds) for name, run in runs.items()}
+    with start_run(config, progress) as (inputs, world, journal):
+        single = len(methods) == 1
+        runs = {m.name: MethodRun(m, config.out if single else config.out / m.name) for m in methods}
+
+        def work(batch: Batch) -> dict[str, list[dict]]:
+            results = {}
+            for method in methods:
+                clean, state = attack_batch(inputs, batch, method, config.settings, config.seed + batch.index)
+                results[method.name] = runs[method.name].add(batch, inputs, clean, state, config.settings)
+            return results
+
+        def write(entries: dict, complete: bool) -> dict:
+            records, skipped = collect(entries, inputs.files)
+            for name, run in runs.items():
+                run.records = records.get(name, [])
+            return _write_attack_reports(config, inputs, runs, skipped, time.perf_counter() - began, complete)
+
+        try:
+            records, skipped = sweep(config, inputs, world, journal, work, progress, "attack")
+        except KeyboardInterrupt:
+            raise interrupted(config, world, lambda entries: bool(write(entries, complete=False))) from None
+        if not any(records.values()):
+            raise SiaError(f"no usable image in {config.images}: {skipped[0]['reason'] if skipped else 'none found'}")
+        reports = write(journal.gather(), complete=True) if world.main else {}
+        barrier(world)
+        if world.main:
+            close_run(config.out)
+    return {"reports": reports, "skipped": skipped, "seconds": time.perf_counter() - began}
+
+
+def _write_attack_reports(config: RunConfig, inputs: Inputs, runs: dict, skipped: list, seconds: float,
+                          complete: bool) -> dict:
+    reports = {name: _method_report(config, inputs, run, skipped, seconds, complete) for name, run in runs.items()
+               if run.records}
     for name, report in reports.items():
         write_json_atomic(runs[name].folder / REPORT, report)
-    if not single:
+    if len(runs) > 1 and complete:
         comparison = {name: {k: r[k] for k in ("attack_success_rate", "psnr", "ssim")} for name, r in reports.items()}
-        write_json_atomic(config.out / COMPARISON, {"methods": comparison, "images": done})
-    return {"reports": reports, "skipped": skipped, "seconds": seconds}
+        images = len(next(iter(runs.values())).records)
+        write_json_atomic(config.out / COMPARISON, {"methods": comparison, "images": images})
+    return reports
 
 
-def _method_report(config: RunConfig, inputs: Inputs, run: MethodRun, skipped: list, seconds: float) -> dict:
+def _method_report(config: RunConfig, inputs: Inputs, run: MethodRun, skipped: list, seconds: float,
+                   complete: bool = True) -> dict:
     return {
         **base_report(config, inputs),
         "method": run.method.name,
@@ -338,7 +480,7 @@ def _method_report(config: RunConfig, inputs: Inputs, run: MethodRun, skipped: l
         "images": run.records,
         "skipped": skipped,
         "timing": {"total_s": round(seconds, 3)},
-        "complete": True,
+        "complete": complete,
     }
 
 
@@ -353,3 +495,4 @@ def remove_run(out: Path) -> None:
         shutil.rmtree(folder / "adversaries", ignore_errors=True)
         (folder / REPORT).unlink(missing_ok=True)
     (out / COMPARISON).unlink(missing_ok=True)
+    close_run(out)

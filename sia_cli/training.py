@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import itertools
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.utils import make_grid, save_image
 
 from sia_cli import __version__
@@ -26,6 +29,7 @@ from sia_cli.backbone import (
     read_checkpoint,
 )
 from sia_cli.data import LabelledImages, read_attributes
+from sia_cli.distributed import World, agree, all_gather, barrier, join
 from sia_cli.errors import SiaError
 from sia_cli.progress import ProgressFn, silent
 
@@ -106,7 +110,7 @@ class TrainConfig:
         }
 
 
-def gradient_penalty(critic: Discriminator, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+def gradient_penalty(critic: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     alpha = torch.rand(real.size(0), 1, 1, 1, device=real.device)
     mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
     score = critic(mixed)[0]
@@ -114,10 +118,27 @@ def gradient_penalty(critic: Discriminator, real: torch.Tensor, fake: torch.Tens
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
-class Trainer:
-    """Holds the two networks and their optimisers; `step` runs one critic or generator update."""
+class Edits(torch.nn.Module):
+    """The generator step's forward as one call, so DistributedDataParallel can see it."""
 
-    def __init__(self, config: TrainConfig, setting: dict):
+    def __init__(self, generator: Generator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, real: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.generator.encode(real)
+        return self.generator.decode(features, b), self.generator.decode(features, a)
+
+
+class Trainer:
+    """Holds the two networks and their optimisers; `step` runs one critic or generator update.
+
+    Under torchrun the trained forwards go through DistributedDataParallel, which averages
+    gradients across ranks; forwards that need no gradient use the plain modules, whose
+    weights DDP keeps equal on every rank.
+    """
+
+    def __init__(self, config: TrainConfig, setting: dict, world: World = World()):
         self.config = config
         device = torch.device(config.device)
         self.generator = Generator(GeneratorConfig.from_setting(setting)).to(device)
@@ -125,6 +146,11 @@ class Trainer:
         self.optim_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=config.betas)
         self.optim_d = torch.optim.Adam(self.critic.parameters(), lr=config.lr, betas=config.betas)
         self.device = device
+        self.edits, self.scorer = Edits(self.generator), self.critic
+        if world.size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.edits = DistributedDataParallel(self.edits, device_ids=ids)
+            self.scorer = DistributedDataParallel(self.critic, device_ids=ids)
 
     def attribute_input(self, a: torch.Tensor) -> torch.Tensor:
         return (a * 2 - 1) * self.config.thres_int
@@ -133,10 +159,10 @@ class Trainer:
         c = self.config
         with torch.no_grad():
             fake = self.generator(real, self.attribute_input(b))
-        real_score, real_cls = self.critic(real)
-        fake_score, _ = self.critic(fake)
+        real_score, real_cls = self.scorer(real)
+        fake_score, _ = self.scorer(fake)
         wasserstein = real_score.mean() - fake_score.mean()
-        penalty = gradient_penalty(self.critic, real, fake)
+        penalty = gradient_penalty(self.scorer, real, fake)
         cls = F.binary_cross_entropy_with_logits(real_cls, a)
         loss = -wasserstein + c.lambda_gp * penalty + c.lambda_3 * cls
         self.optim_d.zero_grad(set_to_none=True)
@@ -148,9 +174,7 @@ class Trainer:
         c = self.config
         for p in self.critic.parameters():
             p.requires_grad_(False)
-        features = self.generator.encode(real)
-        fake = self.generator.decode(features, self.attribute_input(b))
-        recon = self.generator.decode(features, self.attribute_input(a))
+        fake, recon = self.edits(real, self.attribute_input(a), self.attribute_input(b))
         fake_score, fake_cls = self.critic(fake)
         adv = -fake_score.mean()
         cls = F.binary_cross_entropy_with_logits(fake_cls, b)
@@ -181,24 +205,37 @@ class Trainer:
         return int(state.get("sia", {}).get("step", 0))
 
 
-def _batches(loader):
-    while True:
+def _loader_batches(dataset: LabelledImages, config: TrainConfig, world: World, seed: int):
+    """Shuffled batches, each rank drawing from its own share of every epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if world.size > 1:
+        sampler = DistributedSampler(dataset, world.size, world.rank, shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
+        num_workers=config.workers, generator=generator, persistent_workers=config.workers > 0,
+    )
+    for epoch in itertools.count():
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         yield from loader
 
 
-def _memory_batches(dataset: LabelledImages, batch_size: int, device: torch.device, seed: int):
-    """Shuffled batches from images decoded once: for small data sets the decoding dominates."""
+def _memory_batches(dataset: LabelledImages, config: TrainConfig, device: torch.device, world: World, seed: int):
+    """Shuffled batches from images decoded once: for small data sets the decoding dominates.
+    Every rank draws the same permutation and takes its own stride of it."""
     images = torch.stack([dataset[i][0] for i in range(len(dataset))]).mul_(255).round_().to(torch.uint8).to(device)
     attrs = torch.stack([dataset[i][1] for i in range(len(dataset))]).to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
+    batch_size = config.batch_size
     while True:
-        order = torch.randperm(len(dataset), generator=generator, device=device)
+        order = torch.randperm(len(dataset), generator=generator, device=device)[world.rank::world.size]
         for start in range(0, len(order) - batch_size + 1, batch_size):
             index = order[start : start + batch_size]
             yield images[index].float().div_(255), attrs[index]
 
 
-def prepare(config: TrainConfig) -> tuple[LabelledImages, dict]:
+def prepare(config: TrainConfig, world: World = World()) -> tuple[LabelledImages, dict]:
     """Check the data and the output folder before any training starts."""
     if not Path(config.images).is_dir():
         raise SiaError(f"image folder not found: {config.images}")
@@ -208,8 +245,9 @@ def prepare(config: TrainConfig) -> tuple[LabelledImages, dict]:
     dataset = LabelledImages(config.images, table, config.img_size)
     if config.img_size % (2**config.enc_layers) or config.img_size % (2**config.dis_layers):
         raise SiaError(f"--img-size {config.img_size} must be divisible by 2**layers ({2**config.enc_layers})")
-    if len(dataset) < config.batch_size:
-        raise SiaError(f"{len(dataset)} images is fewer than one batch ({config.batch_size})")
+    if len(dataset) < config.batch_size * world.size:
+        raise SiaError(f"{len(dataset)} images is fewer than one batch ({config.batch_size}) per process "
+                       f"({world.size} processes)")
     out = Path(config.out)
     existing = latest_checkpoint(out)
     if existing is not None and not config.resume:
@@ -253,31 +291,34 @@ def _sample(trainer: Trainer, images: torch.Tensor, attrs: torch.Tensor, path: P
 
 
 def train_gan(config: TrainConfig, progress: ProgressFn = silent) -> dict:
-    dataset, setting = prepare(config)
+    """Train to `config.max_steps`; under torchrun with DDP, --batch-size per process, rank 0 writing."""
+    world, config.device = join(config.device)
+    dataset, setting = agree(lambda: prepare(config, world), world)
     out = Path(config.out)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
-    trainer = Trainer(config, setting)
+    trainer = Trainer(config, setting, world)
     start = 0
     if config.resume and latest_checkpoint(out) is not None:
-        start = _resume(trainer, latest_checkpoint(out), setting)
-    _write_setting(out, setting)
+        start = agree(lambda: _resume(trainer, latest_checkpoint(out), setting), world)
+    if world.size > 1:
+        # Ranks differ in their data (sampler) and in their random targets and penalties, like
+        # more images per step; weights start equal (DDP broadcasts rank 0's on wrapping).
+        torch.manual_seed(config.seed + start + 1000 * world.rank)
+    if world.main:
+        _write_setting(out, setting)
     if config.preload:
-        batches = _memory_batches(dataset, config.batch_size, trainer.device, config.seed + start)
+        batches = _memory_batches(dataset, config, trainer.device, world, config.seed + start)
     else:
-        generator = torch.Generator().manual_seed(config.seed + start)
-        batches = _batches(torch.utils.data.DataLoader(
-            dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-            num_workers=config.workers, generator=generator, persistent_workers=config.workers > 0,
-        ))
-    fixed_images, fixed_attrs = next(iter(torch.utils.data.DataLoader(dataset, batch_size=min(8, len(dataset)))))
+        batches = _loader_batches(dataset, config, world, config.seed + start)
+    fixed_images, fixed_attrs = next(iter(DataLoader(dataset, batch_size=min(8, len(dataset)))))
     fixed = (fixed_images.to(trainer.device) * 2 - 1, fixed_attrs.to(trainer.device))
     losses: dict = {}
     began = time.perf_counter()
     last = config.max_steps
     for step in range(start + 1, config.max_steps + 1):
-        if config.time_limit is not None and time.perf_counter() - began > config.time_limit:
+        if _out_of_time(config, began, world):
             last = step - 1
             break
         for _ in range(config.n_d):
@@ -285,13 +326,14 @@ def train_gan(config: TrainConfig, progress: ProgressFn = silent) -> dict:
         losses.update(trainer.generator_step(*_draw(batches, trainer.device)))
         if step % 50 == 0 or step == config.max_steps:
             progress("train-gan", step, config.max_steps, {k: float(v) for k, v in losses.items()})
-        if step % config.sample_every == 0 or step == config.max_steps:
+        if world.main and (step % config.sample_every == 0 or step == config.max_steps):
             _sample(trainer, *fixed, out / "sample_training" / f"step_{step:07d}.png")
-        if step % config.save_every == 0 or step == config.max_steps:
+        if world.main and (step % config.save_every == 0 or step == config.max_steps):
             _save(trainer, out, step, setting, config.keep)
-    if last != config.max_steps and last > start:
+    if world.main and last != config.max_steps and last > start:
         _sample(trainer, *fixed, out / "sample_training" / f"step_{last:07d}.png")
         _save(trainer, out, last, setting, config.keep)
+    barrier(world)  # the last checkpoint is on disk before any rank reports it
     final = latest_checkpoint(out)
     return {
         "steps": last,
@@ -300,7 +342,16 @@ def train_gan(config: TrainConfig, progress: ProgressFn = silent) -> dict:
         "seconds": time.perf_counter() - began,
         "losses": {k: float(v) for k, v in losses.items()},
         "images": len(dataset),
+        "processes": world.size,
     }
+
+
+def _out_of_time(config: TrainConfig, began: float, world: World) -> bool:
+    """Whether --time-limit has passed; ranks decide together, or one would wait on the others forever."""
+    if config.time_limit is None:
+        return False
+    late = time.perf_counter() - began > config.time_limit
+    return any(all_gather(late, world)) if world.size > 1 else late
 
 
 def _resume(trainer: Trainer, checkpoint: Path, setting: dict) -> int:

@@ -244,7 +244,7 @@ def test_report_html_escapes_report_strings(tmp_path):
 
 
 def test_report_html_incomplete_banner_and_no_grid(tmp_path):
-    page = render(tmp_path, sample_report(incomplete=True), with_grid=False)
+    page = render(tmp_path, sample_report(complete=False), with_grid=False)
     assert "Incomplete run" in page
     assert page.count("data:image/png;base64,") == 1
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from sia_cli.cli import options as o
-from sia_cli.cli.common import console, handle_errors, progress_enabled, rich_progress
+from sia_cli.cli.common import console, handle_errors, main_process, progress_enabled, rich_progress
 from sia_cli.devices import pick_device
 from sia_cli.runs import RunConfig, attack as run_attack
 
@@ -36,6 +36,8 @@ def attack(
     )
     with rich_progress(progress_enabled(no_progress)) as progress:
         result = run_attack(config, progress)
+    if not main_process():
+        return
     console.print(summary_table(result["reports"]))
     for item in result["skipped"]:
         console.print(f"[yellow]skipped[/] {item['file']}: {item['reason']}", highlight=False)

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from sia_cli.augment import AugmentConfig, augment as run_augment
 from sia_cli.cli import options as o
-from sia_cli.cli.common import console, handle_errors, progress_enabled, rich_progress
+from sia_cli.cli.common import console, handle_errors, main_process, progress_enabled, rich_progress
 from sia_cli.devices import pick_device
 from sia_cli.errors import SiaError
 
@@ -50,6 +50,8 @@ def augment(
     )
     with rich_progress(progress_enabled(no_progress)) as progress:
         summary = run_augment(config, progress)
+    if not main_process():
+        return
     print_summary(summary)
 
 

@@ -12,13 +12,23 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from sia_cli.distributed import launched_rank
 from sia_cli.errors import SiaError
 
 console = Console()
 err_console = Console(stderr=True)
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
+def main_process() -> bool:
+    """Under torchrun only rank 0 speaks: N copies of every table would bury the one that matters."""
+    return launched_rank() == 0
+
+
+def fail(message: str, code: int = 2, shared: bool = False) -> typer.Exit:
+    if shared and not main_process():
+        return typer.Exit(code)
+    if not main_process():
+        message = f"rank {launched_rank()}: {message}"
     # User text may contain `[...]` or `:name:`; never let Rich read it as markup or emoji.
     err_console.print("error: " + message, style="bold red", markup=False, emoji=False, highlight=False, soft_wrap=True)
     return typer.Exit(code)
@@ -32,7 +42,7 @@ def handle_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except SiaError as exc:
-            raise fail(str(exc), exc.exit_code) from None
+            raise fail(str(exc), exc.exit_code, exc.shared) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
         except FileNotFoundError as exc:
@@ -52,7 +62,7 @@ def handle_errors(command: Callable) -> Callable:
 
 
 def progress_enabled(no_progress: bool) -> bool:
-    return not no_progress and sys.stderr.isatty()
+    return not no_progress and sys.stderr.isatty() and main_process()
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from sia_cli.cli import options as o
-from sia_cli.cli.common import console, handle_errors, progress_enabled, rich_progress
+from sia_cli.cli.common import console, handle_errors, main_process, progress_enabled, rich_progress
 from sia_cli.devices import pick_device
 from sia_cli.diagnosis import MEASURES, DiagnoseConfig, diagnose as run_diagnosis
 
@@ -39,6 +39,8 @@ def diagnose(
     )
     with rich_progress(progress_enabled(no_progress)) as progress:
         report = run_diagnosis(config, progress)
+    if not main_process():
+        return
     console.print(summary_table(report, top_k))
     console.print(f"wrote {out / 'report.html'}", highlight=False)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 
 from sia_cli.cli import options as o
-from sia_cli.cli.common import console, handle_errors, progress_enabled, rich_progress
+from sia_cli.cli.common import console, handle_errors, main_process, progress_enabled, rich_progress
 from sia_cli.devices import pick_device
 from sia_cli.training import TrainConfig, train_gan as run_training
 
@@ -17,7 +17,7 @@ def train_gan(
     out: Path = typer.Option(..., "--out", help="Experiment folder: setting.txt, checkpoint/, sample_training/."),
     attributes: str = typer.Option("", "--attributes", help="Comma-separated attribute names (default: all in --attrs)."),
     img_size: int = typer.Option(64, help="Images are centre-cropped and resized to this size."),
-    batch_size: int = typer.Option(32, help="Images per batch."),
+    batch_size: int = typer.Option(32, help="Images per batch (per process under torchrun)."),
     max_steps: int = typer.Option(10000, help="Generator steps to train to (each after --n-d critic steps)."),
     n_d: int = typer.Option(5, help="Critic steps per generator step."),
     enc_dim: int = typer.Option(16, help="Encoder width of the first layer (doubles per layer, max 1024)."),
@@ -55,6 +55,8 @@ def train_gan(
     )
     with rich_progress(progress_enabled(no_progress)) as progress:
         summary = run_training(config, progress)
+    if not main_process():
+        return
     losses = "  ".join(f"{k}={v:.3g}" for k, v in summary["losses"].items())
     console.print(f"trained to step {summary['steps']} (from {summary['resumed_from']}) on {summary['images']} images in {summary['seconds']:.0f} s")
     console.print(f"losses: {losses}")
