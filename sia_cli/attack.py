@@ -15,6 +15,8 @@ import torch
 
 from sia_cli.errors import SiaError
 
+AMP_MODES = (None, "bf16")
+
 
 @dataclass(frozen=True)
 class Method:
@@ -58,6 +60,10 @@ class AttackSettings:
     amp: str | None = None  # None or "bf16"
     nme_threshold: float = 0.1
 
+    def __post_init__(self):
+        if self.amp not in AMP_MODES:
+            raise SiaError(f"--amp {self.amp!r}: only bf16 is supported")
+
     def for_method(self, method: Method) -> "AttackSettings":
         if method.single_step:
             return replace(self, steps=1, step_size=self.eps)
@@ -74,11 +80,10 @@ class AttackState:
     output: torch.Tensor  # target output on the adversary
 
 
-def _autocast(device: torch.device, amp: str | None):
+def amp_context(device: torch.device, amp: str | None):
+    """bf16 autocast for `--amp bf16`; the loss and the updates stay in fp32."""
     if amp is None:
         return contextlib.nullcontext()
-    if amp != "bf16":
-        raise SiaError(f"--amp {amp!r}: only bf16 is supported")
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
@@ -101,6 +106,33 @@ def attribute_radius(a0: torch.Tensor, settings: AttackSettings, fixed: torch.Te
     return radius
 
 
+def pixel_box(x0: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of x: the eps-ball around x0 within [0, 1]."""
+    return (x0 - eps).clamp_(0, 1), (x0 + eps).clamp_(0, 1)
+
+
+def attribute_box(a0: torch.Tensor, radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of a: the per-entry radius around a0 within [0, 1]."""
+    return (a0 - radius).clamp_(0, 1), (a0 + radius).clamp_(0, 1)
+
+
+def random_offset(x0: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
+    """PGD's uniform start offset in [-eps, eps], for the whole batch in one draw.
+
+    Drawn on the CPU so that a seed gives the same start on any device.
+    """
+    noise = torch.rand(x0.shape, generator=generator, device="cpu").to(x0.device)
+    return (noise * 2 - 1) * eps
+
+
+def working_copy(x0: torch.Tensor) -> torch.Tensor:
+    # Prepared models hold NHWC weights (sia_cli.speed); an NHWC x spares the first cuDNN
+    # convolution a layout copy per step. On CPU x keeps its layout, so that a loop on
+    # unprepared models does exactly the reference's arithmetic.
+    layout = torch.channels_last if x0.is_cuda and x0.dim() == 4 else torch.preserve_format
+    return x0.clone(memory_format=layout)
+
+
 def run_loop(
     backbone,
     target,
@@ -113,23 +145,27 @@ def run_loop(
     generator: torch.Generator | None = None,
     on_step=None,
 ) -> AttackState:
-    """Algorithm 1 for a whole batch at once; `a_radius` (B, K) bounds each attribute's move."""
+    """Algorithm 1 for a whole batch at once; `a_radius` (B, K) bounds each attribute's move.
+
+    Per step: one forward and one backward of f(G(x, a)) that give the gradients of both
+    inputs, updates and projections in place, and nothing read back to the host, so the
+    device never waits for Python. Success flags and logs are computed by the caller from
+    the returned state. The loaders freeze both models' parameters, so the backward keeps
+    and computes nothing for weights: input gradients only.
+    """
     settings = settings.for_method(method)
-    x_lo, x_hi = (x0 - settings.eps).clamp_(0, 1), (x0 + settings.eps).clamp_(0, 1)
-    a_lo, a_hi = (a0 - a_radius).clamp_(0, 1), (a0 + a_radius).clamp_(0, 1)
-    x, a = x0.clone(), a0.clone()
+    x_lo, x_hi = pixel_box(x0, settings.eps)
+    a_lo, a_hi = attribute_box(a0, a_radius)
+    x, a = working_copy(x0), a0.clone()
     if method.random_start:
-        noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device)
-        x.add_((noise * 2 - 1) * settings.eps).clamp_(min=x_lo, max=x_hi)
+        x.add_(random_offset(x0, settings.eps, generator)).clamp_(min=x_lo, max=x_hi)
     moving = [t for t, moves in ((x, method.moves_pixels), (a, method.moves_attributes)) if moves]
     for t in moving:
         t.requires_grad_(True)
     square_avg = torch.zeros_like(a) if method.rule == "rmsprop" else None
     attr_step = settings.attr_step_size or settings.step_size
     for step in range(settings.steps):
-        with _autocast(x.device, settings.amp):
-            loss = target.loss(target(render(backbone, method, x, a)), reference).float().sum()
-        grads = torch.autograd.grad(loss, moving)
+        grads = gradients(backbone, target, method, x, a, reference, moving, settings.amp)
         with torch.no_grad():
             for t, g in zip(moving, grads):
                 if t is x:
@@ -141,11 +177,27 @@ def run_loop(
                     a.add_(g.sign(), alpha=attr_step).clamp_(min=a_lo, max=a_hi)
         if on_step is not None:
             on_step(step + 1, settings.steps)
-    x, a = x.detach(), a.detach()
-    with torch.inference_mode(), _autocast(x.device, settings.amp):
-        # Judge the adversary as it will be saved (8-bit PNG) so the report never claims
-        # a success that writing the file undoes.
-        adversary = quantize(render(backbone, method, x, a).float())
+    return final_state(backbone, target, method, x.detach(), a.detach(), settings.amp)
+
+
+def gradients(backbone, target, method: Method, x, a, reference, moving: list[torch.Tensor], amp: str | None):
+    """One forward and one backward of f(G(x, a)): the gradients of the `moving` inputs, together."""
+    with amp_context(x.device, amp):
+        loss = target.loss(target(render(backbone, method, x, a)), reference).float().sum()
+    return torch.autograd.grad(loss, moving)
+
+
+def final_state(backbone, target, method: Method, x: torch.Tensor, a: torch.Tensor, amp: str | None) -> AttackState:
+    """Render the adversary and judge it.
+
+    It is judged as it will be saved (8-bit PNG) and by the target in full precision, as
+    the clean reference label was, so the report never claims a success that writing the
+    file or deploying the model undoes.
+    """
+    with torch.inference_mode():
+        with amp_context(x.device, amp):
+            rendered = render(backbone, method, x, a)
+        adversary = quantize(rendered.float())
         output = target(adversary)
     return AttackState(x=x, a=a, adversary=adversary.clone(), output=output.clone())
 
@@ -169,7 +221,10 @@ def ablation_effects(backbone, target, x: torch.Tensor, a: torch.Tensor, a0: tor
     index = torch.arange(k, device=a.device)
     reset[:, index, index] = a0
     images = (x * 2 - 1).unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
-    ablated = target(backbone(images, reset.flatten(0, 1)))
+    # In pieces of the attack's own batch size: B * K images at once could exhaust the memory
+    # that --batch-size auto sized for B.
+    pieces = zip(images.split(batch), reset.flatten(0, 1).split(batch))
+    ablated = torch.cat([target(backbone(piece, attrs)) for piece, attrs in pieces])
     effect = target.distance(base.repeat_interleave(k, dim=0), ablated).view(batch, k)
     # Resetting an attribute that never moved changes nothing; without the mask, kernels that
     # vary with batch composition would report ~1e-7 for it.

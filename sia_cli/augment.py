@@ -33,10 +33,11 @@ from sia_cli import __version__
 from sia_cli.attack import METHODS, attribute_radius, run_loop
 from sia_cli.data import ImageError, load_image
 from sia_cli.distributed import World, agree, all_gather, join
-from sia_cli.errors import SiaError
+from sia_cli.errors import INTERRUPTED, SiaError
 from sia_cli.journal import locked
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.reports import save_png_atomic, to_uint8, write_bytes_atomic, write_json_atomic
+from sia_cli.speed import AUTO, tune
 from sia_cli.runs import Inputs, RunConfig, batches, clean_pass, describe_inputs, load_inputs, prepare_out
 from sia_cli.target import file_sha256
 
@@ -102,6 +103,7 @@ def augment(config: AugmentConfig, progress: ProgressFn = silent) -> dict:
 def _augment(config: AugmentConfig, out: Path, previous: dict | None, world: World, progress: ProgressFn) -> dict:
     torch.manual_seed(config.seed)
     inputs, reason, settings = agree(lambda: _load(config), world)
+    tune(config, inputs, world)
     resuming = previous is not None and not config.force
     if resuming:
         refuse_changed(out, previous["settings"], settings)
@@ -125,12 +127,31 @@ def _augment(config: AugmentConfig, out: Path, previous: dict | None, world: Wor
         write_manifest(out, context, rows, complete=False)
     rows = all_gather(rows, world)[0]
     already = len(rows)
-    run_jobs(inputs, config, jobs, rows, out, world, progress)
+    try:
+        run_jobs(inputs, config, jobs, rows, out, world, progress)
+    except KeyboardInterrupt:
+        raise _interrupted(out, len(jobs), list(inputs.backbone.attributes), world) from None
     for part in all_gather(rows, world):
         rows.update(part)
-    summary = write_manifest(out, context, rows, complete=True) if world.main else None
+    summary = None
+    if world.main:
+        rows = dict(sorted(rows.items()))
+        merge_journals(out, rows)
+        write_tables(out, rows, list(inputs.backbone.attributes))
+        summary = write_manifest(out, context, rows, complete=True)
     summary = all_gather(summary, world)[0]
     return {**summary, "already_complete": False, "written": len(rows) - already}
+
+
+def _interrupted(out: Path, n: int, attributes: list[str], world: World) -> SiaError:
+    """After Ctrl-C: rank 0 brings the tables up to every rank's finished images (the other
+    ranks' rows reach it only at the end otherwise); augment.json still says complete: false."""
+    if not world.main:
+        return SiaError("interrupted", INTERRUPTED)
+    rows = finished_rows(out, n)
+    write_tables(out, rows, attributes)
+    return SiaError(f"interrupted with {len(rows)} of {n} images written to {out} (augment.json: complete false); "
+                    "rerun the same command to resume", INTERRUPTED)
 
 
 def _load(config: AugmentConfig) -> tuple[Inputs, str, dict]:
@@ -144,7 +165,7 @@ def _load(config: AugmentConfig) -> tuple[Inputs, str, dict]:
 def check_config(config: AugmentConfig) -> None:
     if config.n is not None and config.n < 1:
         raise SiaError(f"--n must be at least 1 (got {config.n})")
-    if config.batch_size < 1:
+    if config.batch_size != AUTO and config.batch_size < 1:
         raise SiaError(f"--batch-size must be at least 1 (got {config.batch_size})")
     if config.seed < 0:
         raise SiaError(f"--seed must be non-negative (got {config.seed})")
@@ -341,8 +362,6 @@ def run_jobs(inputs: Inputs, config: AugmentConfig, jobs: list[Job], rows: dict,
             if world.main:  # only rank 0 writes the tables; they hold its rows until the end
                 write_tables(out, rows, attributes)
             progress("augment", min(len(rows) * world.size, len(jobs)), len(jobs))
-    if world.main:
-        write_tables(out, rows, attributes)
 
 
 def journal_row(job: Job, a_end: torch.Tensor, fooled: bool) -> dict:
@@ -400,12 +419,18 @@ def resume_rows(out: Path, jobs: list[Job]) -> dict[int, dict]:
         if row["file"] == jobs[index].name and row.get("source") == jobs[index].source.file.name
         and row.get("round") == jobs[index].round
     }
-    write_bytes_atomic(out / JOURNAL, "".join(json.dumps(row) + "\n" for row in rows.values()).encode("utf-8"))
-    for other in journal_paths(out)[1:]:  # merged into the one above
-        other.unlink()
+    merge_journals(out, rows)
     for partial in (out / IMAGES).glob(".*.tmp"):  # left by a run killed mid-write; ours, never listed
         partial.unlink(missing_ok=True)
     return rows
+
+
+def merge_journals(out: Path, rows: dict[int, dict]) -> None:
+    """Rewrite rank 0's journal to exactly `rows` and drop the other ranks' journals; this also
+    removes a torn last line before anything is appended after it."""
+    write_bytes_atomic(out / JOURNAL, "".join(json.dumps(row) + "\n" for row in rows.values()).encode("utf-8"))
+    for other in journal_paths(out)[1:]:
+        other.unlink()
 
 
 def write_tables(out: Path, rows: dict[int, dict], attributes: list[str]) -> None:

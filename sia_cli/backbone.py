@@ -6,6 +6,7 @@ Module and parameter names follow the public PyTorch AttGAN checkpoints so their
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -275,11 +276,31 @@ def read_checkpoint(path) -> dict:
     except FileNotFoundError:
         raise SiaError(f"backbone checkpoint not found: {path}") from None
     except Exception as exc:  # torch raises many types for damaged zip/pickle data
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SiaError(f"cannot read backbone checkpoint {path} (corrupted or not a checkpoint): {first}") from None
+        raise SiaError(
+            f"cannot read backbone checkpoint {path} (corrupted or not a checkpoint): {_load_failure(exc)}"
+        ) from None
     if not isinstance(state, dict) or "G" not in state:
         raise SiaError(f"{path} is not an AttGAN checkpoint: expected a dict with key 'G'")
     return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """The informative sentence of a torch.load error. Its weights-only notice advises reloading
+    with weights_only=False (running code from the file), which never repairs a damaged file."""
+    text = str(exc).split("WeightsUnpickler error:", 1)[-1]
+    paragraph = next((p for p in text.split("\n\n") if p.strip()), "")
+    return " ".join(paragraph.split()).split(". ")[0] or type(exc).__name__
+
+
+def _trained_attribute_count(generator: dict) -> int | None:
+    """How many attributes the checkpoint's generator takes: its first decoder layer reads the
+    encoder's last features plus the tiled attributes. None when the keys are not AttGAN's."""
+    encoders = [k for k in generator if re.fullmatch(r"enc_layers\.\d+\.layers\.0\.weight", k)]
+    first_decoder = generator.get("dec_layers.0.layers.0.weight")
+    if not encoders or not isinstance(first_decoder, torch.Tensor):
+        return None
+    last_encoder = generator[max(encoders, key=lambda k: int(k.split(".")[1]))]
+    return int(first_decoder.shape[0] - last_encoder.shape[0])
 
 
 def build_backbone(state: dict, setting: dict, name: str = "", path: str = "", sha256: str = "") -> AttGAN:
@@ -287,6 +308,13 @@ def build_backbone(state: dict, setting: dict, name: str = "", path: str = "", s
     attributes = list(setting.get("attrs", []))
     if not attributes:
         raise SiaError(f"backbone setting for {name or path} lists no attributes ('attrs')")
+    trained = _trained_attribute_count(state["G"]) if isinstance(state["G"], dict) else None
+    if trained is not None and trained != len(attributes):
+        # Said plainly before the strict load, whose size-mismatch list runs over many lines.
+        raise SiaError(
+            f"backbone {name or path}: its settings list {len(attributes)} attributes "
+            f"but checkpoint {path} was trained with {trained}: settings and weights do not match"
+        )
     try:
         generator = Generator(GeneratorConfig.from_setting(setting))
         discriminator = Discriminator(DiscriminatorConfig.from_setting(setting)) if "D" in state else None

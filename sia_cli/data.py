@@ -45,16 +45,23 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """Any readable image -> (3, size, size) float tensor in [0, 1], centre-cropped to a square."""
+def _decode(path: Path) -> Image.Image:
+    """The one place that decodes image files: upright (EXIF orientation applied) RGB, or ImageError."""
     try:
+        if path.stat().st_size == 0:
+            # Pillow's "cannot identify image file" would hide the plain cause (an interrupted copy).
+            raise ImageError("unreadable image: empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as opened:
-                image = ImageOps.exif_transpose(opened)
-                image = _to_rgb(image)
+                return _to_rgb(ImageOps.exif_transpose(opened))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageError(f"unreadable image: {exc}") from None
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """Any readable image -> (3, size, size) float tensor in [0, 1], centre-cropped to a square."""
+    image = _decode(Path(path))
     side = min(image.size)
     if side < 1:
         raise ImageError("empty image")
@@ -77,8 +84,11 @@ class AttributeTable:
     def select(self, wanted: list[str]) -> "AttributeTable":
         missing = [name for name in wanted if name not in self.names]
         if missing:
+            # The file's names that nobody asked for are usually the misspelt or renamed ones.
+            unknown = [name for name in self.names if name not in wanted]
+            instead = f"; it names {', '.join(unknown)} instead" if unknown else ""
             raise SiaError(
-                f"attribute(s) {', '.join(missing)} not in {self.path} (it has: {', '.join(self.names)})"
+                f"attribute(s) {', '.join(missing)} not in {self.path}{instead} (it has: {', '.join(self.names)})"
             )
         index = [self.names.index(name) for name in wanted]
         return AttributeTable(list(wanted), {f: v[index] for f, v in self.rows.items()}, self.path)
@@ -92,6 +102,8 @@ def read_attributes(path: Path) -> AttributeTable:
     path = Path(path)
     try:
         lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise SiaError(f"attribute file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SiaError(f"cannot read attribute file {path}: {exc}") from None
     if len(lines) < 2 or len(lines[0]) != 1 or not lines[0][0].isdigit():
@@ -102,23 +114,26 @@ def read_attributes(path: Path) -> AttributeTable:
         raise SiaError(f"{path}: attribute name(s) listed twice: {', '.join(duplicated)}")
     rows = {}
     for number, fields in enumerate(lines[2:], start=3):
-        rows[fields[0]] = _parse_row(fields, len(names), path, number)
+        if fields[0] in rows:
+            # Two rows for one image would silently keep the last: refuse rather than guess.
+            raise SiaError(f"{path} line {number}: {fields[0]} is listed twice")
+        rows[fields[0]] = _parse_row(fields, names, path, number)
     declared = int(lines[0][0])
     if declared != len(rows):
         raise SiaError(f"{path}: line 1 declares {declared} images but {len(rows)} rows follow")
     return AttributeTable(names, rows, path)
 
 
-def _parse_row(fields: list[str], count: int, path: Path, number: int) -> np.ndarray:
-    if len(fields) != count + 1:
-        raise SiaError(f"{path} line {number}: expected a file name and {count} values, found {len(fields)} fields")
-    try:
-        values = np.array([int(v) for v in fields[1:]])
-    except ValueError:
-        raise SiaError(f"{path} line {number}: values must be -1, 0 or 1") from None
-    if not np.isin(values, (-1, 0, 1)).all():
-        raise SiaError(f"{path} line {number}: values must be -1, 0 or 1, found {sorted(set(values.tolist()))}")
-    return (values > 0).astype(np.float32)
+def _parse_row(fields: list[str], names: list[str], path: Path, number: int) -> np.ndarray:
+    if len(fields) != len(names) + 1:
+        raise SiaError(
+            f"{path} line {number}: expected a file name and {len(names)} values, found {len(fields)} fields"
+        )
+    for name, value in zip(names, fields[1:]):
+        if value not in ("-1", "0", "1"):
+            # Name the image and the attribute: in a 40-column file a line number alone is hard to act on.
+            raise SiaError(f"{path} line {number}: {fields[0]} has {name} = {value!r}; values must be -1, 0 or 1")
+    return (np.array([int(v) for v in fields[1:]]) > 0).astype(np.float32)
 
 
 class LabelledImages(torch.utils.data.Dataset):

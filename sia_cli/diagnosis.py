@@ -24,7 +24,8 @@ from sia_cli.journal import close_run
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.reports import grid_png, report_html, sensitivity_png, to_uint8, write_json_atomic
 from sia_cli.runs import (
-    REPORT, Inputs, MethodRun, RunConfig, base_report, clean_pass, collect, interrupted, start_run, sweep,
+    REPORT, Inputs, MethodRun, RunConfig, base_report, clean_pass, collect, interrupted, require_usable, start_run,
+    sweep,
 )
 
 # report key of each measure; the headline is the one that recovered planted confounders best
@@ -123,14 +124,11 @@ def diagnose(config: DiagnoseConfig, progress: ProgressFn = silent) -> dict:
             return report
 
         try:
-            records, skipped = sweep(config, inputs, world, journal, work, progress, "diagnose")
+            entries = sweep(config, inputs, world, journal, work, progress, "diagnose")
         except KeyboardInterrupt:
             raise interrupted(config, world, lambda entries: write(entries, complete=False) is not None) from None
-        if not any("error" not in r for r in records.get(run.method.name, [])):
-            reason = next((r["error"] for r in records.get(run.method.name, [])), None) or \
-                (skipped[0]["reason"] if skipped else "none found")
-            raise SiaError(f"no usable image in {config.images}: {reason}")
-        report = write(journal.gather(), complete=True) if world.main else None
+        require_usable(*collect(entries, inputs.files), config.images)
+        report = write(entries, complete=True) if world.main else None
         barrier(world)
         if world.main:
             close_run(config.out)

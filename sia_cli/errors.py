@@ -1,5 +1,7 @@
 """Errors the CLI turns into one line on stderr and a non-zero exit code."""
 
+INTERRUPTED = 130  # the shell's exit code for Ctrl-C
+
 
 class SiaError(Exception):
     """Bad input or environment: the message is shown to the user as is."""

@@ -23,18 +23,18 @@ from sia_cli import __version__
 from sia_cli.attack import METHODS, AttackSettings, Method, attribute_radius, get_method, run_loop
 from sia_cli.data import ImageError, list_images, load_image, read_attributes
 from sia_cli.distributed import World, agree, barrier, current, join
-from sia_cli.errors import SiaError
+from sia_cli.errors import INTERRUPTED, SiaError
 from sia_cli.journal import Journal, close_run, locked, open_journal, read_entries
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.registry import load_backbone
 from sia_cli.reports import image_quality, to_uint8, write_json_atomic
+from sia_cli.speed import AUTO, tune
 from sia_cli.target import load_target, read_labels
 
 SCHEMA_VERSION = 1
 REPORT = "report.json"
 COMPARISON = "comparison.json"
 LOCK = ".sia.lock"
-INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
 @dataclass
@@ -47,7 +47,8 @@ class RunConfig:
     methods: tuple[str, ...] = ("sia",)
     settings: AttackSettings = field(default_factory=AttackSettings)
     protect: tuple[str, ...] = ()
-    batch_size: int = 16
+    batch_size: int | str = 16  # or "auto", which sia_cli.speed.tune settles
+    compile: bool = False
     device: str = "cpu"
     seed: int = 0
     task: str | None = None
@@ -111,7 +112,7 @@ def prepare_out(out: Path, force: bool) -> None:
 
 
 def load_inputs(config: RunConfig, progress: ProgressFn = silent) -> Inputs:
-    if config.batch_size < 1:
+    if config.batch_size != AUTO and config.batch_size < 1:
         raise SiaError(f"--batch-size must be at least 1 (got {config.batch_size})")
     backbone = load_backbone(config.gan, config.device, progress)
     target = load_target(
@@ -141,20 +142,21 @@ class Batch:
     index: int = 0  # position among the run's fixed blocks of files: seeds and shards follow it
 
 
-def batches(inputs: Inputs, batch_size: int, device: str, skipped: list, files: list[Path] | None = None,
-            world: World = World()):
-    """Yield loaded batches of this rank's blocks of `files` (default: all the inputs' files).
+def batches(inputs: Inputs, batch_size: int, device: str, skipped: list, done=frozenset(), world: World = World()):
+    """Yield loaded batches of this rank's blocks of the inputs' files, less those in `done`.
 
-    Blocks are fixed before loading, so a batch holds the same images whatever the number of
-    processes, and results do not depend on it. Unusable files go to `skipped` with the reason.
+    Blocks are fixed over all the files before anything is loaded or left out, so a batch holds
+    the same images, with the same index, whatever the number of processes and whether the
+    run was resumed. Unusable files go to `skipped` with the reason.
     """
-    files = inputs.files if files is None else files
     size = inputs.backbone.img_size
-    for index, start in enumerate(range(0, len(files), batch_size)):
+    for index, start in enumerate(range(0, len(inputs.files), batch_size)):
         if not world.owns(index):
             continue
         pending: list[tuple[Path, torch.Tensor, np.ndarray | None]] = []
-        for file in files[start:start + batch_size]:
+        for file in inputs.files[start:start + batch_size]:
+            if file.name in done:
+                continue
             try:
                 image = load_image(file, size)
             except ImageError as exc:
@@ -340,7 +342,7 @@ def settings_fingerprint(config: RunConfig) -> dict:
     """What decides a run's results: a resumed run must match it. Where and how fast it runs
     (device, batch size, progress) may change between attempts."""
     data = json.loads(json.dumps(config.describe(), default=str))
-    for key in ("out", "force", "command", "device", "batch_size"):
+    for key in ("out", "force", "command", "device", "batch_size", "compile"):
         data.pop(key, None)
     return data
 
@@ -365,6 +367,7 @@ def start_run(config: RunConfig, progress: ProgressFn = silent, check=None):
             return inputs
 
         inputs = agree(load, world)
+        tune(config, inputs, world)
         if config.force and world.main:
             remove_run(config.out)
         barrier(world)
@@ -372,16 +375,15 @@ def start_run(config: RunConfig, progress: ProgressFn = silent, check=None):
 
 
 def sweep(config: RunConfig, inputs: Inputs, world: World, journal: Journal, work, progress: ProgressFn,
-          task: str) -> tuple[dict[str, list[dict]], list[dict]]:
+          task: str) -> dict[str, dict]:
     """Run `work(batch) -> {method: records}` over this rank's share of the unfinished images.
 
-    Returns every rank's records per method and the skipped files, both in file order, as
-    one process would have produced them.
+    Returns the journal entries of every rank, now and before, the same on every rank (a
+    collective: every rank must call it); `collect` turns them into records in file order.
     """
-    todo = [file for file in inputs.files if file.name not in journal.done]
     skipped: list[dict] = []
     finished = len(journal.done)
-    for batch in batches(inputs, config.batch_size, config.device, skipped, todo, world):
+    for batch in batches(inputs, config.batch_size, config.device, skipped, journal.done, world):
         results = work(batch)
         entries = [{"file": item["file"], "skipped": item["reason"]} for item in skipped]
         entries += [{"file": file.name, "records": {m: rows[i] for m, rows in results.items()}}
@@ -391,7 +393,7 @@ def sweep(config: RunConfig, inputs: Inputs, world: World, journal: Journal, wor
         skipped.clear()
         progress(task, min(finished, len(inputs.files)), len(inputs.files))
     journal.append([{"file": item["file"], "skipped": item["reason"]} for item in skipped])
-    return collect(journal.gather(), inputs.files)
+    return journal.gather()
 
 
 def collect(entries: dict[str, dict], files: list[Path]) -> tuple[dict[str, list[dict]], list[dict]]:
@@ -407,6 +409,15 @@ def collect(entries: dict[str, dict], files: list[Path]) -> tuple[dict[str, list
         for method, record in entry.get("records", {}).items():
             records.setdefault(method, []).append(record)
     return records, skipped
+
+
+def require_usable(records: dict[str, list[dict]], skipped: list[dict], images: Path) -> None:
+    """Fail when no image came through: failed records (NaN or inf) count as unusable too, or
+    a report of failures only would claim a run."""
+    rows = [record for method in records.values() for record in method]
+    if all("error" in record for record in rows):
+        reason = rows[0]["error"] if rows else skipped[0]["reason"] if skipped else "none found"
+        raise SiaError(f"no usable image in {images}: {reason}")
 
 
 def interrupted(config: RunConfig, world: World, write_partial) -> SiaError:
@@ -445,12 +456,12 @@ def attack(config: RunConfig, progress: ProgressFn = silent) -> dict:
             return _write_attack_reports(config, inputs, runs, skipped, time.perf_counter() - began, complete)
 
         try:
-            records, skipped = sweep(config, inputs, world, journal, work, progress, "attack")
+            entries = sweep(config, inputs, world, journal, work, progress, "attack")
         except KeyboardInterrupt:
             raise interrupted(config, world, lambda entries: bool(write(entries, complete=False))) from None
-        if not any(records.values()):
-            raise SiaError(f"no usable image in {config.images}: {skipped[0]['reason'] if skipped else 'none found'}")
-        reports = write(journal.gather(), complete=True) if world.main else {}
+        records, skipped = collect(entries, inputs.files)
+        require_usable(records, skipped, config.images)
+        reports = write(entries, complete=True) if world.main else {}
         barrier(world)
         if world.main:
             close_run(config.out)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import math
 import re
 import warnings
@@ -123,8 +124,21 @@ def _load_torchscript(path: Path, device: str) -> tuple[torch.nn.Module, str]:
             model = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad file
         raise SiaError(f"{path}: TorchScript file could not be loaded: {_first_line(exc)}") from None
+    _refuse_weights_without_data(model, path, device)
     model.eval()
     return model, _decode_yaml_text(extra["sia.yaml"])
+
+
+def _refuse_weights_without_data(model: torch.nn.Module, path: Path, device: str) -> None:
+    """Loading moves stored weights to `device`; weights on the meta device hold no data, so
+    nothing can move them (the model was saved before real weights were loaded into it)."""
+    stray = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if stray:
+        more = f" and {len(stray) - 1} more" if len(stray) > 1 else ""
+        raise SiaError(
+            f"{path}: the model's weights ({stray[0]}{more}) are on the meta device, not {device}: "
+            "they hold no data; save the model again after loading its real weights"
+        )
 
 
 @dataclass
@@ -144,6 +158,7 @@ def _load_export(path: Path, device: str) -> tuple[torch.nn.Module, str, _Export
         raise SiaError(f"{path}: torch.export archive could not be loaded: {_first_line(exc)}") from None
     _refuse_training_graph(path, program)
     facts = _export_input_facts(path, program)
+    _refuse_weights_without_data(module, path, device)
     return module.to(device), _decode_yaml_text(extra["sia.yaml"]), facts
 
 
@@ -650,15 +665,30 @@ def _probe(target: Target, probe_size: int, task: str | None, output_key: Any) -
         try:
             raw = target.model(chunks[0][0])
         except Exception as exc:  # noqa: BLE001 - whatever the model raises is the user's to fix
-            raise SiaError(
-                f"model cannot take {_probe_input_text(target, probe_size)}: {_first_line(exc)}; "
-                "set --input-size/--mean/--std (or sia.yaml in the model file) to what it expects"
-            ) from None
+            raise _probe_failure(target, probe_size, _first_line(exc)) from None
         target.output_key = _resolve_output_key(raw, output_key, task)
         out = target._select(raw)[: chunks[0][1]] if len(chunks) == 1 else target._run_model(inputs)
         _set_kind(target, tuple(out.shape), task)
         _check_probe_output(target, out)
         _check_input_gradient(target, out, images)
+
+
+# How PyTorch words a tensor on the wrong device (or a CUDA device this machine lacks).
+_DEVICE_PROBLEM = re.compile(r"device|cuda|nvidia", re.IGNORECASE)
+
+
+def _probe_failure(target: Target, probe_size: int, why: str) -> SiaError:
+    device = str(target._mean.device)
+    if _DEVICE_PROBLEM.search(why):
+        # A device written into the model's code: other input settings would not help.
+        return SiaError(
+            f"model fails on {device}: {why}; it uses tensors on another device (one fixed in its code?): "
+            f"run it with --device set to that device, or save it for {device}"
+        )
+    return SiaError(
+        f"model cannot take {_probe_input_text(target, probe_size)}: {why}; "
+        "set --input-size/--mean/--std (or sia.yaml in the model file) to what it expects"
+    )
 
 
 def _probe_input_text(target: Target, probe_size: int) -> str:

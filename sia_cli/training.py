@@ -6,6 +6,8 @@ import json
 import os
 import itertools
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from sia_cli.backbone import (
 )
 from sia_cli.data import LabelledImages, read_attributes
 from sia_cli.distributed import World, agree, all_gather, barrier, join
-from sia_cli.errors import SiaError
+from sia_cli.errors import INTERRUPTED, SiaError
 from sia_cli.progress import ProgressFn, silent
 
 
@@ -316,25 +318,31 @@ def train_gan(config: TrainConfig, progress: ProgressFn = silent) -> dict:
     fixed = (fixed_images.to(trainer.device) * 2 - 1, fixed_attrs.to(trainer.device))
     losses: dict = {}
     began = time.perf_counter()
-    last = config.max_steps
-    for step in range(start + 1, config.max_steps + 1):
-        if _out_of_time(config, began, world):
-            last = step - 1
-            break
-        for _ in range(config.n_d):
-            losses.update(trainer.critic_step(*_draw(batches, trainer.device)))
-        losses.update(trainer.generator_step(*_draw(batches, trainer.device)))
-        if step % 50 == 0 or step == config.max_steps:
-            progress("train-gan", step, config.max_steps, {k: float(v) for k, v in losses.items()})
-        if world.main and (step % config.sample_every == 0 or step == config.max_steps):
-            _sample(trainer, *fixed, out / "sample_training" / f"step_{step:07d}.png")
-        if world.main and (step % config.save_every == 0 or step == config.max_steps):
-            _save(trainer, out, step, setting, config.keep)
+    last = start
+    with _InterruptFlag() as interrupt:
+        for step in range(start + 1, config.max_steps + 1):
+            if _should_stop(config, began, world, interrupt.raised):
+                break
+            for _ in range(config.n_d):
+                losses.update(trainer.critic_step(*_draw(batches, trainer.device)))
+            losses.update(trainer.generator_step(*_draw(batches, trainer.device)))
+            last = step
+            if step % 50 == 0 or step == config.max_steps:
+                progress("train-gan", step, config.max_steps, {k: float(v) for k, v in losses.items()})
+            if world.main and (step % config.sample_every == 0 or step == config.max_steps):
+                _sample(trainer, *fixed, out / "sample_training" / f"step_{step:07d}.png")
+            if world.main and (step % config.save_every == 0 or step == config.max_steps):
+                _save(trainer, out, step, setting, config.keep)
     if world.main and last != config.max_steps and last > start:
         _sample(trainer, *fixed, out / "sample_training" / f"step_{last:07d}.png")
         _save(trainer, out, last, setting, config.keep)
     barrier(world)  # the last checkpoint is on disk before any rank reports it
     final = latest_checkpoint(out)
+    if interrupt.raised:
+        error = SiaError(f"interrupted after step {last}: {final or 'no checkpoint yet'} holds it; "
+                         "rerun with --resume to continue", INTERRUPTED)
+        error.shared = world.size > 1  # every rank stops alike: rank 0 alone need say it
+        raise error
     return {
         "steps": last,
         "resumed_from": start,
@@ -346,12 +354,34 @@ def train_gan(config: TrainConfig, progress: ProgressFn = silent) -> dict:
     }
 
 
-def _out_of_time(config: TrainConfig, began: float, world: World) -> bool:
-    """Whether --time-limit has passed; ranks decide together, or one would wait on the others forever."""
-    if config.time_limit is None:
-        return False
-    late = time.perf_counter() - began > config.time_limit
-    return any(all_gather(late, world)) if world.size > 1 else late
+def _should_stop(config: TrainConfig, began: float, world: World, interrupted: bool) -> bool:
+    """Whether --time-limit has passed or Ctrl-C came; ranks decide together, or one would wait
+    on the others forever."""
+    stop = interrupted or (config.time_limit is not None and time.perf_counter() - began > config.time_limit)
+    return any(all_gather(stop, world)) if world.size > 1 else stop
+
+
+class _InterruptFlag:
+    """Ctrl-C during training raises a flag instead of an exception, so the step in flight
+    finishes and the last step is saved whole: an exception inside an optimiser step could
+    leave weights and moments half updated. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.raised, self.previous = False, None
+
+    def __enter__(self) -> "_InterruptFlag":
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = signal.signal(signal.SIGINT, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def _resume(trainer: Trainer, checkpoint: Path, setting: dict) -> int:

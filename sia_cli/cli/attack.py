@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from sia_cli.cli import options as o
@@ -21,6 +22,7 @@ def attack(
     method: str = typer.Option("sia", "--method", help="sia, attr, image, pgd, fgsm, spt; several comma-separated give a comparison."),
     protect: list[str] = o.PROTECT, protect_eps: float = o.PROTECT_EPS, steps: int = o.STEPS, eps: str = o.EPS,
     step_size: str = o.STEP_SIZE, eps_attr: str = o.EPS_ATTR, seed: int = o.SEED, batch_size: int = o.BATCH_SIZE,
+    compile: bool = o.COMPILE,
     device: str = o.DEVICE, amp: str = o.AMP, task: str = o.TASK, input_size: int = o.INPUT_SIZE,
     mean: str = o.MEAN, std: str = o.STD, labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
     nme_threshold: float = o.NME, force: bool = o.FORCE, no_progress: bool = o.NO_PROGRESS,
@@ -30,7 +32,8 @@ def attack(
     config = RunConfig(
         model=model, images=images, out=out, gan=gan, attrs_file=attrs_file, methods=o.names([method]),
         settings=o.attack_settings(steps, eps, step_size, eps_attr, protect_eps, amp, nme_threshold),
-        protect=o.names(protect), batch_size=batch_size, device=pick_device(device), seed=seed, task=task,
+        protect=o.names(protect), batch_size=batch_size, compile=compile, device=pick_device(device), seed=seed,
+        task=task,
         input_size=input_size, mean=o.triple(mean, "--mean"), std=o.triple(std, "--std"), labels=labels,
         output_key=output_key, force=force, command=" ".join(["sia"] + sys.argv[1:]),
     )
@@ -39,8 +42,13 @@ def attack(
     if not main_process():
         return
     console.print(summary_table(result["reports"]))
+    # File names and reasons are user text: escaped, `[red]` in a name is shown, not read as markup.
     for item in result["skipped"]:
-        console.print(f"[yellow]skipped[/] {item['file']}: {item['reason']}", highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(item['file'])}: {escape(item['reason'])}", highlight=False)
+    for name, report in result["reports"].items():
+        for record in (r for r in report["images"] if "error" in r):
+            console.print(f"[yellow]failed[/] {escape(record['file'])} ({name}): {escape(record['error'])}",
+                          highlight=False)
     console.print(f"wrote {out}")
 
 
@@ -51,6 +59,11 @@ def summary_table(reports: dict) -> Table:
     for name, report in reports.items():
         table.add_row(
             name, str(len(report["images"])), f"{100 * report['attack_success_rate']:.1f} %",
-            f"{report['psnr']:.2f}", f"{report['ssim']:.3f}",
+            _number(report["psnr"], ".2f"), _number(report["ssim"], ".3f"),
         )
     return table
+
+
+def _number(value: float | None, spec: str) -> str:
+    """A method whose every image failed (NaN) has no PSNR or SSIM: shown as a dash."""
+    return "-" if value is None else format(value, spec)

@@ -19,8 +19,9 @@ from sia_cli.errors import SiaError
 def augment(
     model: Path = o.MODEL, images: Path = o.IMAGES,
     out: Path = typer.Option(..., "--out", help="Output folder: images/, list_attr.txt, labels.csv, augment.json."),
-    n: int = typer.Option(None, "--n", help="Images to write (default: one per source); beyond the sources, "
-                          "further rounds with seed + round."),
+    n: int = typer.Option(None, "--n", "--count", help="Images to write (default: one per source); beyond the "
+                          "sources, further rounds with seed + round. Under torchrun write --count: torchrun takes "
+                          "--n for an abbreviation of its own options."),
     only_class: str = typer.Option(None, "--class", help="Augment only sources whose reference label is this "
                                    "class (index, or a class name from the model's sia.yaml)."),
     jitter: float = typer.Option(0.2, "--jitter", help="Rounds after the first start from a0 plus uniform noise "
@@ -30,6 +31,7 @@ def augment(
                                     "model file name (e.g. Eyeglasses for eyeglasses_confounded.pt)."),
     protect_eps: float = o.PROTECT_EPS, steps: int = o.STEPS, eps: str = o.EPS, step_size: str = o.STEP_SIZE,
     eps_attr: str = o.EPS_ATTR, seed: int = o.SEED, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE,
+    compile: bool = o.COMPILE,
     amp: str = o.AMP, task: str = o.TASK, input_size: int = o.INPUT_SIZE, mean: str = o.MEAN, std: str = o.STD,
     labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
     force: bool = typer.Option(False, "--force", help="Start over in an --out that holds another augmentation."),
@@ -43,7 +45,8 @@ def augment(
     config = AugmentConfig(
         model=model, images=images, out=out, gan=gan, attrs_file=attrs_file,
         settings=o.attack_settings(steps, eps, step_size, eps_attr, protect_eps, amp, 0.1),
-        protect=o.names(protect), batch_size=batch_size, device=pick_device(device), seed=seed, task=task,
+        protect=o.names(protect), batch_size=batch_size, compile=compile, device=pick_device(device), seed=seed,
+        task=task,
         input_size=input_size, mean=o.triple(mean, "--mean"), std=o.triple(std, "--std"), labels=labels,
         output_key=output_key, force=force, command=" ".join(["sia"] + sys.argv[1:]),
         n=n, only_class=only_class, auto_protect=not no_protect, jitter=jitter,

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sia_cli.distributed import launched_rank
-from sia_cli.errors import SiaError
+from sia_cli.errors import INTERRUPTED, SiaError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -44,7 +44,7 @@ def handle_errors(command: Callable) -> Callable:
         except SiaError as exc:
             raise fail(str(exc), exc.exit_code, exc.shared) from None
         except KeyboardInterrupt:
-            raise fail("interrupted", 130) from None
+            raise fail("interrupted", INTERRUPTED) from None
         except FileNotFoundError as exc:
             raise fail(f"file not found: {exc.filename}") from None
         except PermissionError as exc:

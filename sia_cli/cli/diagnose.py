@@ -24,6 +24,7 @@ def diagnose(
     bootstrap: int = typer.Option(200, "--bootstrap", help="Bootstrap resamples for confidence intervals (0: none)."),
     steps: int = o.STEPS, eps: str = o.EPS, step_size: str = o.STEP_SIZE, eps_attr: str = o.EPS_ATTR,
     seed: int = o.SEED, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE, amp: str = o.AMP,
+    compile: bool = o.COMPILE,
     task: str = o.TASK, input_size: int = o.INPUT_SIZE, mean: str = o.MEAN, std: str = o.STD,
     labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY, nme_threshold: float = o.NME,
     force: bool = o.FORCE, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
@@ -32,7 +33,8 @@ def diagnose(
     config = DiagnoseConfig(
         model=model, images=images, out=out, gan=gan, attrs_file=attrs_file,
         settings=o.attack_settings(steps, eps, step_size, eps_attr, protect_eps, amp, nme_threshold),
-        protect=o.names(protect), batch_size=batch_size, device=pick_device(device), seed=seed, task=task,
+        protect=o.names(protect), batch_size=batch_size, compile=compile, device=pick_device(device), seed=seed,
+        task=task,
         input_size=input_size, mean=o.triple(mean, "--mean"), std=o.triple(std, "--std"), labels=labels,
         output_key=output_key, force=force, command=" ".join(["sia"] + sys.argv[1:]),
         mode=mode, top_k=top_k, group_by=o.names(group_by), bootstrap=bootstrap,

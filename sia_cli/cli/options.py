@@ -79,9 +79,29 @@ EPS = typer.Option("1.5/255", "--eps", help="Pixel L-inf bound (number or fracti
 STEP_SIZE = typer.Option("0.25/255", "--step-size", help="Step size eta for pixels and attributes.")
 EPS_ATTR = typer.Option("1.0", "--eps-attr", help="Attribute L-inf bound (attributes also stay in [0, 1]).")
 SEED = typer.Option(0, "--seed", help="Random seed.")
-BATCH_SIZE = typer.Option(16, "--batch-size", help="Images per batch.")
+def batch_size(value) -> int | str:
+    """`--batch-size`: a whole number (the run checks that it is positive) or `auto`."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is neither a whole number nor auto") from None
+
+
+BATCH_SIZE = typer.Option(
+    16, "--batch-size", parser=batch_size, metavar="N|auto",
+    help="Images per batch; auto: the largest batch that fits in GPU memory, less 10% headroom (64 on CPU).",
+)
+COMPILE = typer.Option(
+    False, "--compile",
+    help="torch.compile the generator (and a torch.export target) before the attack; pays off on long GPU runs.",
+)
 DEVICE = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda when available).")
-AMP = typer.Option(None, "--amp", help="Mixed precision: bf16.")
+AMP = typer.Option(
+    None, "--amp", help="Mixed precision: bf16 (autocast; faster on GPUs with bf16 tensor cores, slower on most CPUs).",
+)
 TASK = typer.Option(None, "--task", help="binary, multiclass or keypoints (inferred from the output shape when unambiguous).")
 INPUT_SIZE = typer.Option(None, "--input-size", help="Target input size (default: sia.yaml in the model, else the backbone's size).")
 MEAN = typer.Option(None, "--mean", help="Target normalisation mean, 1 or 3 comma-separated numbers.")

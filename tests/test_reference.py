@@ -1,0 +1,122 @@
+"""Speed never changes results: the engine's batched loop against Algorithm 1 as written.
+
+`sia_cli.reference.reference_loop` runs the paper's Algorithm 1 one image at a time, in fp32,
+without tricks. On the shipped example backbone and eyeglasses classifier, on CPU, with the
+same seed:
+
+* run on one image at a time, the engine gives bit for bit the reference's adversaries: the
+  two loops do the same arithmetic;
+* run on a batch, it may differ where batching alone changes the floats. Convolution kernels
+  sum in a different order for a batch than for one image, so a gradient entry that is zero
+  or at rounding level (about 1e-9) for one image can take the other sign in the batch. The
+  signed update then moves that pixel by eta where the reference does not, and later steps
+  can carry the difference on. Measured here (4 faces, T = 20): no 8-bit value differs for
+  sia, 0.1% differ by 1 level for pgd, 1% by 1 level for image. Tolerance asserted: at most
+  2% of the 8-bit adversary values differ, none by more than 3 levels (of 255), and every
+  attribute ends within 4 attribute steps of the reference. A wrong step, projection or
+  image-to-row mix-up in the batched loop changes most values and fails it.
+
+Timing is the benchmark's business (bench/attack_bench.py), never asserted here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sia_cli.attack import METHODS, AttackSettings, attribute_radius, get_method, run_loop
+from sia_cli.data import load_image, read_attributes
+from sia_cli.faces import make_dataset
+from sia_cli.reference import difference, reference_loop
+from sia_cli.registry import load_backbone
+from sia_cli.target import load_target
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = REPO / "examples" / "targets" / "eyeglasses_confounded.pt"
+N_IMAGES = 4
+SETTINGS = AttackSettings(steps=20)  # the paper's eta and eps
+SEED = 7
+MAX_SHARE_DIFFERENT = 0.02
+MAX_LEVELS = 3
+MAX_ATTRIBUTE_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone(None)
+
+
+@pytest.fixture(scope="module")
+def target(backbone):
+    return load_target(TARGET, probe_size=backbone.img_size)
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory, backbone, target):
+    """(x0, a0, reference label, attribute radius with Eyeglasses protected) for a few faces."""
+    root = tmp_path_factory.mktemp("faces")
+    make_dataset(root, N_IMAGES, seed=3)
+    table = read_attributes(root / "list_attr.txt").select(backbone.attributes)
+    files = sorted((root / "images").glob("*.png"))
+    x0 = torch.stack([load_image(f, backbone.img_size) for f in files])
+    a0 = torch.from_numpy(np.stack([table.vector(f) for f in files])).float()
+    with torch.no_grad():
+        reference = target.reference(target(x0 * 2 - 1))
+    fixed = torch.tensor([name == "Eyeglasses" for name in backbone.attributes]).expand_as(a0)
+    return x0, a0, reference, attribute_radius(a0, SETTINGS, fixed)
+
+
+def both(loop, backbone, target, method: str, case, rows=slice(None)):
+    x0, a0, reference, radius = (t[rows] for t in case)
+    return loop(backbone, target, get_method(method), x0, a0, reference, SETTINGS, radius,
+                torch.Generator().manual_seed(SEED))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_one_image_at_a_time_the_engine_does_algorithm_1_exactly(backbone, target, case, method):
+    for i in range(N_IMAGES):
+        engine = both(run_loop, backbone, target, method, case, slice(i, i + 1))
+        paper = both(reference_loop, backbone, target, method, case, slice(i, i + 1))
+        if METHODS[method].rule == "rmsprop":
+            # Fused addcmul/addcdiv against the formula written out: rounding of the last bit only.
+            assert torch.allclose(engine.a, paper.a, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(engine.a, paper.a)
+            assert torch.equal(engine.x, paper.x)
+            assert torch.equal(engine.adversary, paper.adversary)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_batched_engine_gives_the_references_adversaries_within_float_noise(backbone, target, case, method):
+    engine = both(run_loop, backbone, target, method, case)
+    paper = both(reference_loop, backbone, target, method, case)
+    assert within_float_noise(difference(engine, paper))
+
+
+def within_float_noise(found: dict) -> bool:
+    eta_a = SETTINGS.attr_step_size or SETTINGS.step_size
+    return (found["share_different"] <= MAX_SHARE_DIFFERENT and found["max_levels"] <= MAX_LEVELS
+            and found["max_attribute"] <= MAX_ATTRIBUTE_STEPS * eta_a + 1e-6)
+
+
+def test_the_comparison_can_fail(backbone, target, case):
+    """The tolerance is tight enough to see a real change: twice the step size breaks it."""
+    engine = both(run_loop, backbone, target, "sia", case)
+    x0, a0, reference, radius = case
+    doubled = AttackSettings(steps=SETTINGS.steps, step_size=2 * SETTINGS.step_size)
+    other = reference_loop(backbone, target, get_method("sia"), x0, a0, reference, doubled, radius)
+    assert not within_float_noise(difference(engine, other))
+
+
+def test_reference_moves_one_image_at_a_time(backbone, target, case, monkeypatch):
+    """The reference is what it claims: every generator call sees a batch of one image."""
+    sizes = []
+    real = backbone.forward
+    monkeypatch.setattr(backbone, "forward", lambda x, a: sizes.append(len(x)) or real(x, a))
+    both(reference_loop, backbone, target, "sia", case)
+    assert sizes and set(sizes) == {1}
