@@ -53,7 +53,7 @@ def prepare(backbone, target, device: torch.device, settings: AttackSettings, ba
 
 def to_channels_last(*modules: torch.nn.Module) -> None:
     """NHWC weights. cuDNN's fastest convolution kernels (bf16 tensor cores included) want
-    them, and oneDNN on this project's CPU ran the example attack 10-15% faster with them
+    them, and oneDNN on this project's CPU ran the example attack about 15% faster with them
     (bench/RESULTS.md). Convolutions follow the weights' layout, so inputs need no change."""
     for module in modules:
         module.to(memory_format=torch.channels_last)

@@ -54,8 +54,8 @@ def attack(backbone, target, batch, settings=AttackSettings(steps=STEPS), method
 
 
 def same_adversaries(one, other) -> bool:
-    """Equal up to the float noise that a change of kernels may bring: the bound of
-    tests/test_reference.py, where its reason is given."""
+    """Equal up to the float noise that a change of kernels may bring (sia, signed steps):
+    the bound of tests/test_reference.py, where its reason is given."""
     found = difference(one, other)
     return found["share_different"] <= 0.02 and found["max_levels"] <= 3 and found["max_attribute"] <= 4 * 0.25 / 255
 

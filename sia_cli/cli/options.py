@@ -79,6 +79,8 @@ EPS = typer.Option("1.5/255", "--eps", help="Pixel L-inf bound (number or fracti
 STEP_SIZE = typer.Option("0.25/255", "--step-size", help="Step size eta for pixels and attributes.")
 EPS_ATTR = typer.Option("1.0", "--eps-attr", help="Attribute L-inf bound (attributes also stay in [0, 1]).")
 SEED = typer.Option(0, "--seed", help="Random seed.")
+
+
 def batch_size(value) -> int | str:
     """`--batch-size`: a whole number (the run checks that it is positive) or `auto`."""
     text = str(value).strip().lower()
