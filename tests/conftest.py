@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from sia_cli.backbone import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
+from sia_cli.data import load_image, read_attributes
+from sia_cli.faces import make_dataset
 
 TINY_ATTRS = ["Bangs", "Eyeglasses", "Male", "Smiling", "Young"]
 
@@ -54,3 +57,12 @@ def make_experiment():
         return folder
 
     return make
+
+
+def synth_batch(root: Path, backbone, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0 in [0, 1], a0 in [0, 1]) of `count` synth faces drawn into `root`, at the backbone's size."""
+    make_dataset(root, count, seed=seed)
+    table = read_attributes(root / "list_attr.txt").select(backbone.attributes)
+    files = sorted((root / "images").glob("*.png"))
+    x0 = torch.stack([load_image(f, backbone.img_size) for f in files])
+    return x0, torch.from_numpy(np.stack([table.vector(f) for f in files])).float()

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,11 +18,11 @@ from sia_cli import attack as engine
 from sia_cli.attack import (
     METHODS, AttackSettings, ablation_effects, attribute_radius, get_method, quantize, render, run_loop,
 )
-from sia_cli.data import load_image, read_attributes
 from sia_cli.errors import SiaError
-from sia_cli.faces import make_dataset
 from sia_cli.registry import load_backbone
 from sia_cli.target import load_target
+
+from conftest import synth_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
 
@@ -51,13 +50,7 @@ def target(backbone):
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory, backbone):
     """(x0 in [0, 1], a0 in [0, 1]) for a few synthetic faces at the backbone's size."""
-    root = tmp_path_factory.mktemp("faces")
-    make_dataset(root, N_IMAGES, seed=3)
-    table = read_attributes(root / "list_attr.txt").select(backbone.attributes)
-    files = sorted((root / "images").glob("*.png"))
-    x0 = torch.stack([load_image(f, backbone.img_size) for f in files])
-    a0 = torch.from_numpy(np.stack([table.vector(f) for f in files])).float()
-    return x0, a0
+    return synth_batch(tmp_path_factory.mktemp("faces"), backbone, N_IMAGES, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -25,17 +25,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from sia_cli.attack import METHODS, AttackSettings, attribute_radius, get_method, run_loop
-from sia_cli.data import load_image, read_attributes
-from sia_cli.faces import make_dataset
 from sia_cli.reference import difference, reference_loop
 from sia_cli.registry import load_backbone
 from sia_cli.speed import prepare
 from sia_cli.target import load_target
+
+from conftest import synth_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
 
@@ -72,12 +71,7 @@ def prepared():
 @pytest.fixture(scope="module")
 def case(tmp_path_factory, backbone, target):
     """(x0, a0, reference label, attribute radius with Eyeglasses protected) for a few faces."""
-    root = tmp_path_factory.mktemp("faces")
-    make_dataset(root, N_IMAGES, seed=3)
-    table = read_attributes(root / "list_attr.txt").select(backbone.attributes)
-    files = sorted((root / "images").glob("*.png"))
-    x0 = torch.stack([load_image(f, backbone.img_size) for f in files])
-    a0 = torch.from_numpy(np.stack([table.vector(f) for f in files])).float()
+    x0, a0 = synth_batch(tmp_path_factory.mktemp("faces"), backbone, N_IMAGES, seed=3)
     with torch.no_grad():
         reference = target.reference(target(x0 * 2 - 1))
     fixed = torch.tensor([name == "Eyeglasses" for name in backbone.attributes]).expand_as(a0)
