@@ -13,13 +13,11 @@ exists and recomputes the rest; list_attr.txt and labels.csv are rebuilt from th
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
 import json
 import math
-import os
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -34,7 +32,7 @@ from sia_cli.attack import METHODS, attribute_radius, run_loop
 from sia_cli.data import ImageError, load_image
 from sia_cli.distributed import World, agree, all_gather, join
 from sia_cli.errors import INTERRUPTED, SiaError
-from sia_cli.journal import locked
+from sia_cli.journal import append_lines, locked, read_lines
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.reports import save_png_atomic, to_uint8, write_bytes_atomic, write_json_atomic
 from sia_cli.speed import AUTO, tune
@@ -349,19 +347,19 @@ def run_jobs(inputs: Inputs, config: AugmentConfig, jobs: list[Job], rows: dict,
     resumes with the very batches it would have run, whatever the number of ranks) and record
     each image once it is in place."""
     attributes = list(inputs.backbone.attributes)
-    with open(journal_path(out, world.rank), "a", encoding="utf-8") as journal:
-        for block, start in enumerate(range(0, len(jobs), config.batch_size)):
-            todo = [job for job in jobs[start:start + config.batch_size] if job.index not in rows]
-            if not todo or not world.owns(block):
-                continue
-            state, fooled = attack_jobs(inputs, todo, config)
-            for i, job in enumerate(todo):
-                save_png_atomic(out / IMAGES / job.name, Image.fromarray(to_uint8((state.adversary[i] + 1) / 2)))
-                rows[job.index] = journal_row(job, state.a[i], bool(fooled[i]))
-                append_line(journal, rows[job.index])
-            if world.main:  # only rank 0 writes the tables; they hold its rows until the end
-                write_tables(out, rows, attributes)
-            progress("augment", min(len(rows) * world.size, len(jobs)), len(jobs))
+    journal = journal_path(out, world.rank)
+    for block, start in enumerate(range(0, len(jobs), config.batch_size)):
+        todo = [job for job in jobs[start:start + config.batch_size] if job.index not in rows]
+        if not todo or not world.owns(block):
+            continue
+        state, fooled = attack_jobs(inputs, todo, config)
+        for i, job in enumerate(todo):
+            save_png_atomic(out / IMAGES / job.name, Image.fromarray(to_uint8((state.adversary[i] + 1) / 2)))
+            rows[job.index] = journal_row(job, state.a[i], bool(fooled[i]))
+            append_lines(journal, [rows[job.index]])  # per image: Ctrl-C keeps every saved one
+        if world.main:  # only rank 0 writes the tables; they hold its rows until the end
+            write_tables(out, rows, attributes)
+        progress("augment", min(len(rows) * world.size, len(jobs)), len(jobs))
 
 
 def journal_row(job: Job, a_end: torch.Tensor, fooled: bool) -> dict:
@@ -371,12 +369,6 @@ def journal_row(job: Job, a_end: torch.Tensor, fooled: bool) -> dict:
 
 
 # ---------------------------------------------------------------- journal and tables
-
-def append_line(journal, row: dict) -> None:
-    journal.write(json.dumps(row) + "\n")
-    journal.flush()
-    os.fsync(journal.fileno())
-
 
 def journal_path(out: Path, rank: int) -> Path:
     """Rank 0 keeps the journal; other torchrun ranks append to their own, merged on resume."""
@@ -396,13 +388,7 @@ def read_journal(out: Path) -> list[dict]:
 
 
 def _journal_rows(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError):
-            row = json.loads(line)
-            if isinstance(row, dict) and isinstance(row.get("index"), int) and isinstance(row.get("file"), str):
-                rows.append(row)
-    return rows
+    return [row for row in read_lines(path) if isinstance(row.get("index"), int)]
 
 
 def finished_rows(out: Path, n: int) -> dict[int, dict]:

@@ -62,16 +62,29 @@ def journal_files(out: Path) -> list[Path]:
     return sorted(Path(out).glob(f"{JOURNAL_PREFIX}.*.jsonl"))
 
 
+def append_lines(path: Path, rows: list[dict]) -> None:
+    """Append `rows` as JSON lines, on disk (fsync) before returning."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(row) + "\n" for row in rows))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_lines(path: Path) -> list[dict]:
+    """The JSON objects of a journal that names a file; a torn last line (the run died writing
+    it) is dropped."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError):
+            row = json.loads(line)
+            if isinstance(row, dict) and isinstance(row.get("file"), str):
+                rows.append(row)
+    return rows
+
+
 def read_entries(out: Path) -> dict[str, dict]:
-    """Every journal's entries by file name; a torn last line (the run died writing it) is dropped."""
-    entries: dict[str, dict] = {}
-    for path in journal_files(out):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if isinstance(entry, dict) and isinstance(entry.get("file"), str):
-                    entries[entry["file"]] = entry
-    return entries
+    """Every journal's entries by file name."""
+    return {entry["file"]: entry for path in journal_files(out) for entry in read_lines(path)}
 
 
 class Journal:
@@ -87,10 +100,7 @@ class Journal:
         """Record finished images: one write and one fsync per batch, not per image."""
         if not entries:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(entry) + "\n" for entry in entries))
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_lines(self.path, entries)
         self.new.update((entry["file"], entry) for entry in entries)
 
     def gather(self) -> dict[str, dict]:
