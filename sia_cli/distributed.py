@@ -6,6 +6,7 @@ world of one and every function here is then a no-op, so the engine has one code
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -52,7 +53,15 @@ def join(device: str) -> tuple[World, str]:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         # A rank stuck on a dead peer should give up well before a user gives up on it.
         dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("SIA_DIST_TIMEOUT_MIN", "30"))))
+        # Left to interpreter shutdown, gloo's threads can abort the process after its work is
+        # done ("terminate called without an active exception"), failing a finished run.
+        atexit.register(_leave)
     return world, device
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def current() -> World:
