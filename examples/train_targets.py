@@ -144,7 +144,7 @@ def _attribute_judge(args, began: float) -> None:
     targets = torch.stack([labels[n] for n in names], dim=1)
     model = fit(Classifier(width=32, outputs=len(names)), images, targets,
                 F.binary_cross_entropy_with_logits, args.epochs * 2, 41)
-    yaml_text = f"input_size: {SIZE}\nmean: [0.5, 0.5, 0.5]\nstd: [0.5, 0.5, 0.5]\nattributes: {names}\n"
+    yaml_text = f"input_size: {SIZE}\nmean: [0.5, 0.5, 0.5]\nstd: [0.5, 0.5, 0.5]\nclass_names: {names}\n"
     save(model, args.out / "attribute_judge.pt", yaml_text)
     print(f"attribute_judge.pt trained ({time.time() - began:.0f} s)", flush=True)
 

@@ -36,7 +36,9 @@ from sia_cli.journal import append_lines, locked, read_lines
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.reports import save_png_atomic, to_uint8, write_bytes_atomic, write_json_atomic
 from sia_cli.speed import AUTO, tune
-from sia_cli.runs import Inputs, RunConfig, batches, clean_pass, describe_inputs, load_inputs, prepare_out
+from sia_cli.runs import (
+    Inputs, RunConfig, batches, clean_pass, describe_inputs, load_inputs, prepare_out, protected_names,
+)
 from sia_cli.target import file_sha256
 
 IMAGES = "images"
@@ -154,8 +156,8 @@ def _interrupted(out: Path, n: int, attributes: list[str], world: World) -> SiaE
 
 def _load(config: AugmentConfig) -> tuple[Inputs, str, dict]:
     inputs = load_inputs(config)
-    if inputs.target.kind == "keypoints":
-        raise SiaError("sia augment writes class labels; this model is a keypoint detector")
+    if not inputs.target.task.writes_class_labels:
+        raise SiaError(f"sia augment writes class labels; this model is {inputs.target.kind}, which has no classes")
     reason = apply_protection(config, inputs)
     return inputs, reason, fingerprint(config, inputs)
 
@@ -201,10 +203,6 @@ def apply_protection(config: AugmentConfig, inputs: Inputs) -> str:
     return "named in the model file name; --no-protect turns this off"
 
 
-def protected_names(inputs: Inputs) -> list[str]:
-    return [name for name, kept in zip(inputs.backbone.attributes, inputs.protected.tolist()) if kept]
-
-
 def fingerprint(config: AugmentConfig, inputs: Inputs) -> dict:
     """Every setting that changes what an image or a label holds (device and batch size do not)."""
     target, backbone = inputs.target, inputs.backbone
@@ -216,6 +214,7 @@ def fingerprint(config: AugmentConfig, inputs: Inputs) -> dict:
         **asdict(config.settings), "protect": protected_names(inputs), "seed": config.seed, "n": config.n,
         "class": config.only_class, "jitter": config.jitter, "task": target.kind, "input_size": target.input_size,
         "mean": target.mean, "std": target.std, "output_key": target.output_key,
+        "label": target.describe()["label"],  # multilabel: the label under attack (None otherwise)
     }
     return json.loads(json.dumps(values))  # tuples become lists, as they come back from augment.json
 
@@ -253,8 +252,8 @@ def scan_sources(inputs: Inputs, config: AugmentConfig, world: World,
 
 
 def class_index(text: str, target) -> int:
-    names = list(target.class_names or [])
-    count = 2 if target.kind == "binary" else target.num_outputs
+    names = list(target.task.class_labels or [])
+    count = target.task.class_count
     if text in names:
         return names.index(text)
     if text.isdigit() and int(text) < count:
@@ -332,8 +331,7 @@ def attack_jobs(inputs: Inputs, jobs: list[Job], config: AugmentConfig):
     device, settings, target = config.device, config.settings, inputs.target
     x0 = load_sources(jobs, inputs.backbone.img_size).to(device)
     a0 = torch.from_numpy(np.stack([job.source.a0 for job in jobs])).float().to(device)
-    dtype = torch.float32 if target.kind == "binary" else torch.long
-    reference = torch.tensor([job.source.label for job in jobs], dtype=dtype, device=device)
+    reference = target.reference_from_labels(torch.tensor([job.source.label for job in jobs]))
     fixed = inputs.protected.to(device).expand_as(a0)
     offset = start_offsets(jobs, config.jitter, a0.shape[1]).to(device) * ~fixed
     a_start, radius = shifted_start(a0, attribute_radius(a0, settings, fixed), offset)
@@ -474,7 +472,7 @@ def write_manifest(out: Path, context: dict, rows: dict, complete: bool) -> dict
     summary = {
         "out": str(out), "n": context["n"], "done": len(rows), "protected": protected_names(inputs),
         "protect_reason": context["reason"], "skipped": context["skipped"],
-        "class_names": inputs.target.class_names,
+        "class_names": inputs.target.task.class_labels,
         "source_counts": _counts(source.label for source in context["sources"]),
         "class_counts": _counts(row["label"] for row in rows.values()),
         "fooled": sum(bool(row.get("fooled")) for row in rows.values()),

@@ -204,6 +204,9 @@ class BackboneInfo:
     path: str = ""
     sha256: str = ""
     setting: dict = field(default_factory=dict)
+    # What was measured about these weights (`card.json` beside setting.txt, or the registry
+    # entry's `card:`): per-attribute edit success and the critic's domain calibration.
+    card: dict = field(default_factory=dict)
 
 
 class AttGAN(nn.Module):
@@ -237,6 +240,18 @@ class AttGAN(nn.Module):
         return self.forward(x, a01)
 
     @torch.no_grad()
+    def critic_margin(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor | None:
+        """Per image: the critic's score of the image minus that of its reconstruction.
+
+        The WGAN critic learned to score its training images above generated ones; on images
+        like its training data the gap is wide, on images it has never seen it collapses
+        (measured in the README, "When not to trust a diagnosis"). None without a discriminator.
+        """
+        if self.discriminator is None:
+            return None
+        return (self.discriminator(x)[0] - self.discriminator(reconstruction)[0]).reshape(len(x)).float()
+
+    @torch.no_grad()
     def predict_attributes(self, x: torch.Tensor) -> torch.Tensor:
         """Attribute probabilities from the discriminator's classification head."""
         if self.discriminator is None:
@@ -253,6 +268,7 @@ class AttGAN(nn.Module):
 # --- checkpoints -------------------------------------------------------------------------
 
 SETTING_FILE = "setting.txt"
+CARD_FILE = "card.json"
 
 
 def checkpoint_number(path) -> int:
@@ -303,7 +319,8 @@ def _trained_attribute_count(generator: dict) -> int | None:
     return int(first_decoder.shape[0] - last_encoder.shape[0])
 
 
-def build_backbone(state: dict, setting: dict, name: str = "", path: str = "", sha256: str = "") -> AttGAN:
+def build_backbone(state: dict, setting: dict, name: str = "", path: str = "", sha256: str = "",
+                   card: dict | None = None) -> AttGAN:
     """Build generator (and discriminator when the checkpoint has one) and load them strictly."""
     attributes = list(setting.get("attrs", []))
     if not attributes:
@@ -331,6 +348,7 @@ def build_backbone(state: dict, setting: dict, name: str = "", path: str = "", s
         path=path,
         sha256=sha256,
         setting=setting,
+        card=dict(card or {}),
     )
     return AttGAN(generator, info, discriminator).freeze()
 

@@ -24,8 +24,8 @@ from sia_cli.journal import close_run
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.reports import grid_png, report_html, sensitivity_png, to_uint8, write_json_atomic
 from sia_cli.runs import (
-    REPORT, Inputs, MethodRun, RunConfig, base_report, clean_pass, collect, interrupted, require_usable, start_run,
-    sweep,
+    REPORT, Inputs, MethodRun, RunConfig, base_report, clean_pass, collect, findings_trust, interrupted,
+    require_usable, start_run, sweep,
 )
 
 # report key of each measure; the headline is the one that recovered planted confounders best
@@ -110,7 +110,7 @@ def diagnose(config: DiagnoseConfig, progress: ProgressFn = silent) -> dict:
         def work(batch) -> dict[str, list[dict]]:
             clean = clean_pass(inputs, batch)
             state, extras = step(inputs, batch, clean, config)
-            records = run.add(batch, inputs, clean, state, config.settings)
+            records = run.add(batch, inputs, clean, state, config.settings, config.keep_lost)
             _attach(records, extras)
             return {run.method.name: records}
 
@@ -151,13 +151,22 @@ def _report(config: DiagnoseConfig, inputs: Inputs, run: MethodRun, skipped: lis
     base = base_report(config, inputs)
     attributes, protected = base["attributes"], base["protected"]
     headline = config.chosen_headline()
-    found = measures(run.records, attributes, protected, config.mode)
+    # The measures rest on the counted images (not lost in reconstruction, not already wrong);
+    # when none is left they fall back to all, and a warning says so.
+    counted = [r for r in run.records if "error" not in r and r.get("counted", True)]
+    measured = counted or run.records
+    found = measures(measured, attributes, protected, config.mode)
     report = {**base, **found, **run.summary()}
     report["settings"]["headline"] = headline
     report["settings"]["eq2_reference"] = "a0 (the starting attributes; the paper writes a_1)"
+    report["settings"]["intervals"] = f"BCa bootstrap over images, {config.bootstrap} resamples, 95%"
+    report["measured_images"] = sum("error" not in r for r in measured)
     report["ranking"] = sens.ranking(found[MEASURES[headline]])
-    report["intervals"] = _intervals(run.records, attributes, protected, config)
-    report["groups"] = _groups(run.records, attributes, protected, config)
+    report["intervals"] = _intervals(measured, attributes, protected, config)
+    report["stands_out"] = sens.stands_out(found[MEASURES[headline]], report["intervals"].get(MEASURES[headline]))
+    report["groups"] = _groups(measured, attributes, protected, config)
+    report.update(findings_trust(inputs, run.records, grouped=bool(config.group_by),
+                                 measures_include_lost=not counted))
     report.update(images=run.records, skipped=skipped, timing={"total_s": round(seconds, 3)}, complete=complete)
     return report
 
@@ -227,7 +236,8 @@ def write_outputs(config: DiagnoseConfig, report: dict, telling: list[dict]) -> 
     intervals = report.get("intervals", {}).get(headline_key)
     sensitivity_png(out / "sensitivity.png", report[f"{headline_key}_normalized"],
                     _normalised_intervals(intervals, report[headline_key]),
-                    title=f"{headline_key} (share of total)")
+                    title=f"{headline_key} (share of total)",
+                    edit_success=report["backbone"].get("edit_success"), blind_spots=report.get("blind_spots") or ())
     grid_png(out / "grid.png", telling)
     write_json_atomic(out / REPORT, report)
     report_html(out / "report.html", report, out / "sensitivity.png", out / "grid.png", top_k=config.top_k)

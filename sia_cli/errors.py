@@ -1,6 +1,7 @@
 """Errors the CLI turns into one line on stderr and a non-zero exit code."""
 
 INTERRUPTED = 130  # the shell's exit code for Ctrl-C
+UNFIT = 4  # `sia sdar`: the report's backbone does not fit its images, so the gate cannot pass
 
 
 class SiaError(Exception):

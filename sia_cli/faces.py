@@ -481,6 +481,23 @@ def render_face(attrs: dict[str, bool], rng: np.random.Generator, size: int) -> 
     return img, points
 
 
+# ----------------------------------------------------------------------------- indexed faces
+
+
+def face_labels(seed: int, index: int, correlations=()) -> dict[str, bool]:
+    """The labels of face `index` of a dataset drawn with `seed` (what `make_dataset` writes)."""
+    return sample_attributes(np.random.default_rng([seed, index, 0]), correlations)
+
+
+def render_index(attrs: dict[str, bool], seed: int, index: int, size: int) -> tuple[Image.Image, np.ndarray]:
+    """Face `index` of a dataset drawn with `seed`, rendered with `attrs`.
+
+    Labels and nuisance come from separate streams, so any `attrs` keep the nuisance of
+    face `index`: with one attribute changed this is the same face with only that feature changed.
+    """
+    return render_face(attrs, np.random.default_rng([seed, index, 1]), size)
+
+
 # ----------------------------------------------------------------------------- dataset
 
 
@@ -550,8 +567,8 @@ def make_dataset(out: Path, n: int, seed: int, size: int = 64, correlations=(), 
     step = max(1, n // 200)
     for i, name in enumerate(names):
         # Separate streams: adding a correlation changes labels, never the nuisance of a face.
-        attrs = sample_attributes(np.random.default_rng([seed, i, 0]), correlations)
-        img, pts = render_face(attrs, np.random.default_rng([seed, i, 1]), size)
+        attrs = face_labels(seed, i, correlations)
+        img, pts = render_index(attrs, seed, i, size)
         img.save(images / name, format="PNG")
         labels[i] = [1 if attrs[a] else -1 for a in ATTRIBUTES]
         points[i] = np.rint(pts).astype(np.int64).ravel()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from sia_cli.backbone import SETTING_FILE, AttGAN, build_backbone, latest_checkpoint, read_checkpoint
+from sia_cli.backbone import CARD_FILE, SETTING_FILE, AttGAN, build_backbone, latest_checkpoint, read_checkpoint
 from sia_cli.errors import SiaError
 from sia_cli.progress import ProgressFn, silent
 
@@ -39,6 +39,7 @@ class RegistryEntry:
     sha256: str | None = None
     manual: str | None = None
     description: str = ""
+    card: dict = field(default_factory=dict)
     base: Path = field(default=REPO_ROOT)
 
     def setting(self) -> dict:
@@ -81,6 +82,7 @@ def load_registry(path: Path | None = None) -> dict[str, RegistryEntry]:
                 sha256=source.get("sha256"),
                 manual=source.get("manual"),
                 description=item.get("description", ""),
+                card=dict(item.get("card") or {}),
                 base=path.parent,
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
@@ -131,24 +133,27 @@ class BackboneSource:
     name: str
     checkpoint: Path
     setting: dict
+    card: dict = field(default_factory=dict)
 
 
 def entry_source(entry: RegistryEntry, progress: ProgressFn = silent) -> BackboneSource:
     if entry.path:
         target = (entry.base / entry.path).resolve()
         source = path_source(target)
-        return BackboneSource(entry.name, source.checkpoint, {**entry.setting(), **source.setting})
+        return BackboneSource(entry.name, source.checkpoint, {**entry.setting(), **source.setting},
+                              {**source.card, **entry.card})
     if entry.url:
         if not entry.sha256:
             raise SiaError(f"registry entry {entry.name!r} has a url but no sha256 to verify it")
         dest = cache_dir() / entry.name / Path(entry.url.split("?")[0]).name
-        return BackboneSource(entry.name, download(entry.url, entry.sha256, dest, progress), entry.setting())
+        return BackboneSource(entry.name, download(entry.url, entry.sha256, dest, progress), entry.setting(),
+                              entry.card)
     if entry.manual:
         folder = cache_dir() / entry.name
         found = latest_checkpoint(folder)
         if found is None:
             raise SiaError(f"backbone {entry.name!r} is not downloaded: {entry.manual.strip()} Put it in {folder}/")
-        return BackboneSource(entry.name, found, entry.setting())
+        return BackboneSource(entry.name, found, entry.setting(), {**read_card(found.parent), **entry.card})
     raise SiaError(f"registry entry {entry.name!r} names no source (path, url or manual)")
 
 
@@ -166,8 +171,22 @@ def path_source(path: Path) -> BackboneSource:
         raise SiaError(f"backbone path not found: {path}")
     for folder in setting_dirs:
         if (folder / SETTING_FILE).is_file():
-            return BackboneSource(str(path), checkpoint, read_setting(folder / SETTING_FILE))
+            return BackboneSource(str(path), checkpoint, read_setting(folder / SETTING_FILE), read_card(folder))
     raise SiaError(f"no {SETTING_FILE} found next to {checkpoint} (looked in {', '.join(map(str, setting_dirs))})")
+
+
+def read_card(folder: Path) -> dict:
+    """The backbone's `card.json` (what was measured about it), or {} when it has none."""
+    path = Path(folder) / CARD_FILE
+    if not path.is_file():
+        return {}
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SiaError(f"cannot read {path} as JSON: {exc}") from None
+    if not isinstance(card, dict):
+        raise SiaError(f"{path} must hold a JSON object")
+    return card
 
 
 def read_setting(path: Path) -> dict:
@@ -197,6 +216,7 @@ def load_backbone(name_or_path: str | None = None, device: str = "cpu", progress
     source = resolve(name_or_path, progress)
     state = read_checkpoint(source.checkpoint)
     backbone = build_backbone(
-        state, source.setting, name=source.name, path=str(source.checkpoint), sha256=file_sha256(source.checkpoint)
+        state, source.setting, name=source.name, path=str(source.checkpoint), sha256=file_sha256(source.checkpoint),
+        card=source.card,
     )
     return backbone.to(device)

@@ -166,8 +166,13 @@ def _error_extents(names: list[str], values: dict[str, float], intervals: dict[s
 
 
 def sensitivity_png(path: str | os.PathLike, values: dict[str, float],
-                    intervals: dict[str, dict] | None = None, title: str = "") -> None:
-    """Horizontal bar chart, most sensitive on top, value printed beside each bar."""
+                    intervals: dict[str, dict] | None = None, title: str = "",
+                    edit_success: dict[str, float] | None = None, blind_spots: Sequence[str] = ()) -> None:
+    """Horizontal bar chart, most sensitive on top, value printed beside each bar.
+
+    With `edit_success` each label carries the backbone's edit success for that attribute, and
+    blind spots are drawn hatched and pale: their short bars mean "cannot tell".
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
 
@@ -182,15 +187,22 @@ def sensitivity_png(path: str | os.PathLike, values: dict[str, float],
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     colours = ["#c0392b" if i == 0 else "#2e6da4" for i in range(len(names))]
+    colours = ["#b8c4d0" if name in blind_spots else colour for name, colour in zip(names, colours)]
     rows = np.arange(len(names))
-    axes.barh(rows, heights, xerr=extents, color=colours, ecolor="#444444", capsize=3, height=0.7)
+    bars = axes.barh(rows, heights, xerr=extents, color=colours, ecolor="#444444", capsize=3, height=0.7)
+    for bar, name in zip(bars, names):
+        if name in blind_spots:
+            bar.set_hatch("//")
     span = float(bar_ends.max()) if bar_ends.max() > 0 else 1.0
     for row, (value, end) in enumerate(zip(heights, bar_ends)):
         axes.text(end + 0.01 * span, row, _bar_label(value), va="center", fontsize=9)
-    axes.set_yticks(rows, names)
+    edit_success = edit_success or {}
+    labels = [f"{name} (edit {edit_success[name]:.2f})" if name in edit_success else name for name in names]
+    axes.set_yticks(rows, labels)
     axes.invert_yaxis()
     axes.set_xlim(0, span * 1.15)
-    axes.set_xlabel("sensitivity" + (" (bars: 95% bootstrap interval)" if intervals else ""))
+    axes.set_xlabel("sensitivity" + (" (bars: 95% bootstrap interval)" if intervals else "")
+                    + ("; hatched: blind spot of the backbone" if blind_spots else ""))
     axes.grid(axis="x", alpha=0.3)
     axes.set_axisbelow(True)
     for side in ("top", "right"):
@@ -371,19 +383,54 @@ def _descriptor(label: str, item: dict | None) -> str:
     return f"<div><b>{_e(label)}:</b> <code>{_e(name)}</code>{kind} <span class='muted'>sha256 {_e(sha)}</span></div>"
 
 
+def headline_sentence(report: dict, top_k: int = 3) -> str:
+    """The one-sentence finding, in plain text: it names an attribute only when that attribute's
+    interval clears the runner-up's (`stands_out`), and says when the backbone does not fit."""
+    name, key = _headline(report)
+    shares = report.get(key + "_normalized") or {}
+    order = ranking(shares)
+    if not order:
+        return "No attribute sensitivities were measured."
+    winner = report.get("stands_out")
+    if winner in shares:
+        text = f"The model is most sensitive to {winner}: {shares[winner]:.2f} of total ({name}; its interval clears the runner-up's)."
+    else:
+        leaders = ", ".join(f"{a} {shares[a]:.2f}" for a in order[:top_k])
+        text = f"No single attribute stands out (the leaders' intervals overlap); leaders by {name}: {leaders}."
+    fit = (report.get("backbone_fit") or {}).get("ok")
+    if fit is False:
+        text += " The backbone does not fit these images well enough to trust this (see the warnings)."
+    elif fit is None:
+        text += " Whether the backbone fits these images is unknown (see the warnings)."
+    return text
+
+
 def _top_attributes(report: dict, top_k: int) -> str:
     name, key = _headline(report)
     shares = report.get(key + "_normalized") or {}
     order = ranking(shares)[:top_k]
     if not order:
         return "<p>No attribute sensitivities were measured.</p>"
-    first = order[0]
-    lines = [f"<p class='lead'>The model is most sensitive to {_e(first)}: {shares[first]:.2f} of total "
-             f"<span class='muted'>(headline measure: {_e(name)})</span></p>"]
-    if len(order) > 1:
-        items = "".join(f"<li>{_e(a)}: {shares[a]:.2f} of total</li>" for a in order[1:])
-        lines.append(f"<p>Next:</p><ol start='2'>{items}</ol>")
-    return "\n".join(lines)
+    edit = (report.get("backbone") or {}).get("edit_success") or {}
+    blind = set(report.get("blind_spots") or [])
+
+    def item(attribute: str) -> str:
+        note = f" <span class='muted'>(blind spot: backbone edit success {edit[attribute]:.2f})</span>" \
+            if attribute in blind and attribute in edit else ""
+        return f"<li>{_e(attribute)}: {shares[attribute]:.2f} of total{note}</li>"
+
+    lead = f"<p class='lead'>{_e(headline_sentence(report))}</p>"
+    return f"{lead}<p class='muted'>headline measure: {_e(name)}</p><ol>{''.join(item(a) for a in order)}</ol>"
+
+
+def _warnings_banner(report: dict) -> str:
+    warnings = report.get("warnings") or []
+    if not warnings:
+        return ""
+    fit = report.get("backbone_fit") or {}
+    title = "Do not trust this diagnosis as it stands" if fit.get("ok") is not True else "Read these findings with care"
+    items = "".join(f"<li>{_e(w)}</li>" for w in warnings)
+    return f"<div class='warning'><p>{_e(title)}:</p><ul>{items}</ul></div>"
 
 
 def _measure_columns(report: dict) -> list[tuple[str, str]]:
@@ -410,7 +457,10 @@ def _measures_table(report: dict) -> str:
     for title, key in columns:
         mark = " class='headline'" if key == headline_key else ""
         header += f"<th{mark}>{_e(title)} raw</th><th{mark}>95% interval</th><th{mark}>share</th>"
-    header += "<th>flip rate</th></tr>" if flips else "</tr>"
+    header += "<th>flip rate</th>" if flips else ""
+    edit = (report.get("backbone") or {}).get("edit_success") or {}
+    blind = set(report.get("blind_spots") or [])
+    header += "<th>backbone edit success</th></tr>"
     body = []
     for attribute in _table_order(report, headline_key, columns):
         cells = [f"<td>{_e(attribute)}</td>"]
@@ -421,6 +471,7 @@ def _measures_table(report: dict) -> str:
                          f"<td>{_number(shares.get(attribute), 2)}</td>")
         if flips:
             cells.append(f"<td>{_number(flips.get(attribute), 2)}</td>")
+        cells.append(f"<td>{_number(edit.get(attribute), 2)}{' (blind spot)' if attribute in blind else ''}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table>{header}{''.join(body)}</table>"
 
@@ -428,11 +479,21 @@ def _measures_table(report: dict) -> str:
 def _summary_table(report: dict) -> str:
     intervals = report.get("intervals") or {}
     asr = report.get("attack_success_rate")
+    fit = report.get("backbone_fit") or {}
+    percent = lambda v: f"{v * 100:.1f} %" if isinstance(v, (int, float)) else "—"  # noqa: E731
     rows = [
-        ("attack success rate", f"{asr * 100:.1f} %" if isinstance(asr, (int, float)) else "—"),
+        ("attack success rate (lost and already-wrong images left out)", percent(asr)),
+        ("success against the reference label, all images", percent(report.get("attack_success_rate_vs_label"))),
+        ("success against the reconstruction's prediction",
+         percent(report.get("attack_success_rate_vs_reconstruction"))),
+        ("lost in reconstruction", percent(fit.get("lost_in_reconstruction"))),
+        ("images like the backbone's training data", percent(fit.get("in_domain"))),
+        ("backbone fit", {True: "ok", False: "NOT ok", None: "unknown"}.get(fit.get("ok"), "—")),
         ("SDAR", f"{_number(report.get('sdar'), 4)} {_interval_text(intervals.get('sdar'), 4)}".strip()),
         ("mean PSNR (adversary vs reconstruction)", _with_unit(_number(_mean(report.get("psnr")), 2), "dB")),
-        ("mean SSIM", _number(_mean(report.get("ssim")), 3)),
+        ("mean PSNR (adversary vs clean image)", _with_unit(_number(_mean(report.get("psnr_vs_clean")), 2), "dB")),
+        ("mean SSIM (vs reconstruction / vs clean)",
+         f"{_number(_mean(report.get('ssim')), 3)} / {_number(_mean(report.get('ssim_vs_clean')), 3)}"),
         ("images", _image_count(report.get("images"))),
         ("skipped files", str(len(report.get("skipped") or []))),
     ]
@@ -482,6 +543,7 @@ def report_html(path: str | os.PathLike, report: dict, sensitivity_png: Path, gr
 <body>
 <h1>Semantic Image Attack report</h1>
 {banner}
+{_warnings_banner(report)}
 {_descriptor("target", report.get("target"))}
 {_descriptor("backbone", report.get("backbone"))}
 <h2>Which attributes the model is sensitive to</h2>

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sia_cli import __version__
-from sia_cli.attack import METHODS, AttackSettings, Method, attribute_radius, get_method, run_loop
+from sia_cli import __version__, trust
+from sia_cli.attack import METHODS, AttackSettings, Method, attribute_radius, get_method, quantize, run_loop
 from sia_cli.data import ImageError, list_images, load_image, read_attributes
 from sia_cli.distributed import World, agree, barrier, current, join
 from sia_cli.errors import INTERRUPTED, SiaError
@@ -57,7 +57,13 @@ class RunConfig:
     std: tuple[float, float, float] | None = None
     labels: Path | None = None
     output_key: str | None = None
+    output: str | None = None  # logits or probability (binary, multiclass, multilabel heads)
+    label: str | None = None  # multilabel: the label under attack, name or index
+    channels: int | None = None  # 1 for grayscale models
+    margin: float | None = None  # regression: success past this change
+    eye_indices: tuple[int, int] | None = None  # keypoints/landmarks: NME over their distance
     force: bool = False
+    keep_lost: bool = False  # count images lost in reconstruction in the success rate and measures
     command: str = ""
 
     def describe(self) -> dict:
@@ -118,6 +124,8 @@ def load_inputs(config: RunConfig, progress: ProgressFn = silent) -> Inputs:
     target = load_target(
         config.model, device=config.device, task=config.task, input_size=config.input_size,
         mean=config.mean, std=config.std, output_key=config.output_key, probe_size=backbone.img_size,
+        output=config.output, label=config.label, channels=config.channels, margin=config.margin,
+        eye_indices=config.eye_indices,
     )
     files = list_images(config.images)
     table = read_attributes(config.attrs_file).select(backbone.attributes) if config.attrs_file else None
@@ -130,7 +138,7 @@ def load_inputs(config: RunConfig, progress: ProgressFn = silent) -> Inputs:
     if unknown:
         raise SiaError(f"--protect {', '.join(unknown)}: not a backbone attribute ({', '.join(backbone.attributes)})")
     protected = torch.tensor([name in config.protect for name in backbone.attributes])
-    labels = read_labels(config.labels, target.kind) if config.labels else None
+    labels = read_labels(config.labels, target.task, target.task.class_labels) if config.labels else None
     return Inputs(backbone, target, files, table, labels, protected, adversary_names(files))
 
 
@@ -140,6 +148,7 @@ class Batch:
     x0: torch.Tensor  # (B, 3, S, S) in [0, 1]
     a0: torch.Tensor  # (B, K) in [0, 1]
     index: int = 0  # position among the run's fixed blocks of files: seeds and shards follow it
+    a0_source: str = "attrs_file"  # or "discriminator": estimated, not known
 
 
 def batches(inputs: Inputs, batch_size: int, device: str, skipped: list, done=frozenset(), world: World = World()):
@@ -174,10 +183,10 @@ def batches(inputs: Inputs, batch_size: int, device: str, skipped: list, done=fr
 def _stack(pending, inputs: Inputs, device: str, index: int) -> Batch:
     x0 = torch.stack([image for _, image, _ in pending]).to(device)
     if inputs.attributes is not None:
-        a0 = torch.from_numpy(np.stack([vector for _, _, vector in pending])).to(device)
+        a0, source = torch.from_numpy(np.stack([vector for _, _, vector in pending])).to(device), "attrs_file"
     else:
-        a0 = inputs.backbone.predict_attributes(x0 * 2 - 1)
-    return Batch([file for file, _, _ in pending], x0, a0.float(), index)
+        a0, source = inputs.backbone.predict_attributes(x0 * 2 - 1), "discriminator"
+    return Batch([file for file, _, _ in pending], x0, a0.float(), index, source)
 
 
 @torch.no_grad()  # not inference_mode: the reference label takes part in the attack's graph
@@ -189,7 +198,12 @@ def clean_pass(inputs: Inputs, batch: Batch) -> dict:
     if inputs.labels is not None:
         reference = _labelled_reference(inputs, batch, clean)
     reconstruction = backbone(batch.x0 * 2 - 1, batch.a0)
-    return {"clean": clean, "reference": reference, "reconstruction": reconstruction}
+    # Judged like an adversary (8-bit, full precision), so that "lost in reconstruction" and
+    # "success" compare like with like.
+    reconstruction_out = target(quantize(reconstruction))
+    return {"clean": clean, "reference": reference, "reconstruction": reconstruction,
+            "reconstruction_out": reconstruction_out,
+            "critic_margin": backbone.critic_margin(batch.x0 * 2 - 1, reconstruction)}
 
 
 def _labelled_reference(inputs: Inputs, batch: Batch, clean: torch.Tensor) -> torch.Tensor:
@@ -197,9 +211,8 @@ def _labelled_reference(inputs: Inputs, batch: Batch, clean: torch.Tensor) -> to
     if missing:
         raise SiaError(f"--labels has no row for {missing[0]} ({len(missing)} image(s) missing)")
     values = torch.stack([torch.as_tensor(inputs.labels[f.name]) for f in batch.files]).to(clean.device)
-    if inputs.target.kind == "keypoints":
-        return inputs.target.reference_from_labels(values, clean.shape[-2:])
-    return values.to(inputs.target.reference(clean).dtype)
+    # Keypoint coordinates become heatmaps of the model's own heatmap size (clean.shape[-2:]).
+    return inputs.target.reference_from_labels(values)
 
 
 def _plain(value: torch.Tensor):
@@ -230,17 +243,45 @@ def failures(clean: dict, state) -> list[str | None]:
     ]
 
 
-def records_for(batch: Batch, inputs: Inputs, clean: dict, state, settings: AttackSettings) -> list[dict]:
-    target = inputs.target
-    success = target.success(state.output, clean["reference"], settings.nme_threshold)
-    label = clean["reference"] if target.kind != "keypoints" else target.predict(clean["reference"])
+def records_for(batch: Batch, inputs: Inputs, clean: dict, state, settings: AttackSettings, method: Method,
+                keep_lost: bool = False) -> list[dict]:
+    """One record per image: where it started, what f said on the clean image, on the
+    reconstruction G(x0, a0) and on the adversary, and whether the attack, not the backbone,
+    made it fail (see sia_cli.trust)."""
+    target, threshold = inputs.target, settings.nme_threshold
+    success_vs_label = target.success(state.output, clean["reference"], threshold)
+    lost = target.success(clean["reconstruction_out"], clean["reference"], threshold)
+    already_wrong = target.success(clean["clean"], clean["reference"], threshold)
+    success_vs_reconstruction = target.success(state.output, target.reference(clean["reconstruction_out"]), threshold)
+    # An image the reconstruction alone moved says nothing about the attack (pixel methods
+    # never pass through the generator); one already wrong on the clean image neither.
+    counted = ~already_wrong
+    if method.through_generator and not keep_lost:
+        counted &= ~lost
+    label = target.record_label(clean["reference"])
     pred_clean, pred_adv = target.predict(clean["clean"]), target.predict(state.output)
+    pred_reconstruction = target.predict(clean["reconstruction_out"])
+    mae = ((clean["reconstruction"] - (batch.x0 * 2 - 1)).abs().flatten(1).mean(dim=1) / 2).cpu()
+    margins = clean.get("critic_margin")
+    card = inputs.backbone.info.card
     records = []
     for i, (file, problem) in enumerate(zip(batch.files, failures(clean, state))):
-        record = {"file": file.name, "attrs_start": _plain(batch.a0[i])}
+        record = {"file": file.name, "attrs_start": _plain(batch.a0[i]), "attrs_source": batch.a0_source}
+        if batch.a0_source == "discriminator":
+            record["attrs_confidence"] = round(float((batch.a0[i] - 0.5).abs().mean() * 2), 4)
         if problem is None:
-            record.update(attrs_end=_plain(state.a[i]), label=_plain(label[i]), pred_clean=_plain(pred_clean[i]),
-                          pred_adv=_plain(pred_adv[i]), success=bool(success[i]))
+            margin = float(margins[i]) if margins is not None else None
+            record.update(
+                attrs_end=_plain(state.a[i]), label=_plain(label[i]), pred_clean=_plain(pred_clean[i]),
+                pred_reconstruction=_plain(pred_reconstruction[i]), pred_adv=_plain(pred_adv[i]),
+                lost_in_reconstruction=bool(lost[i]), already_wrong=bool(already_wrong[i]),
+                counted=bool(counted[i]), success=bool(success_vs_label[i] & counted[i]),
+                success_vs_label=bool(success_vs_label[i]),
+                success_vs_reconstruction=bool(success_vs_reconstruction[i]),
+                reconstruction_mae=round(float(mae[i]), 6),
+                critic_margin=round(margin, 4) if margin is not None else None,
+                in_domain=trust.in_domain(margin, card),
+            )
         else:
             record.update(success=False, error=problem)
         records.append(record)
@@ -271,29 +312,63 @@ class MethodRun:
         self.method, self.folder = method, folder
         self.records: list[dict] = []  # the whole run's, in file order, once gathered
 
-    def add(self, batch: Batch, inputs: Inputs, clean: dict, state, settings: AttackSettings) -> list[dict]:
-        """Records of the batch, each with its PSNR/SSIM; adversaries written for the images that did not fail."""
-        records = records_for(batch, inputs, clean, state, settings)
+    def add(self, batch: Batch, inputs: Inputs, clean: dict, state, settings: AttackSettings,
+            keep_lost: bool = False) -> list[dict]:
+        """Records of the batch with image quality; adversaries written for the images that did not fail."""
+        records = records_for(batch, inputs, clean, state, settings, self.method, keep_lost)
         ok = [i for i, record in enumerate(records) if "error" not in record]
         if ok:
-            # Generator methods are judged against the reconstruction they start from; pixel
-            # baselines never pass through the generator, so against the clean image.
-            reference = clean["reconstruction"] if self.method.through_generator else batch.x0 * 2 - 1
-            psnr, ssim = image_quality((state.adversary[ok] + 1) / 2, (reference[ok] + 1) / 2)
-            for i, p, q in zip(ok, psnr, ssim):
-                records[i].update(psnr=float(p), ssim=float(q))
+            adversary, x0 = (state.adversary[ok] + 1) / 2, batch.x0[ok]
+            reconstruction = (clean["reconstruction"][ok] + 1) / 2
+            # `psnr`/`ssim` compare with the image the method started from: the reconstruction
+            # for generator methods (paper Table 1), the clean image for pixel baselines. The
+            # clean-image figures say how far the user's image really moved.
+            start = reconstruction if self.method.through_generator else x0
+            figures = {"": image_quality(adversary, start), "_vs_clean": image_quality(adversary, x0)}
+            _, recon_ssim = image_quality(reconstruction, x0)
+            for j, i in enumerate(ok):
+                for suffix, (psnr, ssim) in figures.items():
+                    records[i].update({f"psnr{suffix}": float(psnr[j]), f"ssim{suffix}": float(ssim[j])})
+                records[i]["reconstruction_ssim"] = round(float(recon_ssim[j]), 6)
             save_images(self.folder / "adversaries", [batch.files[i] for i in ok], state.adversary[ok],
                         inputs.adversary_names)
         return records
 
     def summary(self) -> dict:
-        usable = [r for r in self.records if "error" not in r]
-        return {
-            "attack_success_rate": float(np.mean([r["success"] for r in usable])) if usable else 0.0,
-            "psnr": float(np.mean([r["psnr"] for r in usable])) if usable else None,
-            "ssim": float(np.mean([r["ssim"] for r in usable])) if usable else None,
-            "failed": len(self.records) - len(usable),
-        }
+        return attack_summary(self.records)
+
+
+def _rate(records: list[dict], key: str) -> float | None:
+    return float(np.mean([bool(r.get(key)) for r in records])) if records else None
+
+
+def _average(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def attack_summary(records: list[dict]) -> dict:
+    """Success rates and image quality over the usable records.
+
+    `attack_success_rate` credits only what the attack did: it is taken over the `counted`
+    records, which leave out images lost in reconstruction (generator methods) and images
+    already wrong on the clean image; `attack_success_rate_vs_label` is the plain rate against
+    the reference label over every usable image, `..._vs_reconstruction` against the
+    reconstruction's own prediction.
+    """
+    usable = [r for r in records if "error" not in r]
+    counted = [r for r in usable if r.get("counted", True)]
+    return {
+        "attack_success_rate": _rate(counted, "success") if counted else 0.0,
+        "counted": len(counted),
+        "attack_success_rate_vs_label": _rate(usable, "success_vs_label"),
+        "attack_success_rate_vs_reconstruction": _rate(usable, "success_vs_reconstruction"),
+        "lost_in_reconstruction": sum(bool(r.get("lost_in_reconstruction")) for r in usable),
+        "already_wrong": sum(bool(r.get("already_wrong")) for r in usable),
+        "psnr": _average(usable, "psnr"), "ssim": _average(usable, "ssim"),
+        "psnr_vs_clean": _average(usable, "psnr_vs_clean"), "ssim_vs_clean": _average(usable, "ssim_vs_clean"),
+        "failed": len(records) - len(usable),
+    }
 
 
 def attack_batch(inputs: Inputs, batch: Batch, method: Method, settings: AttackSettings, seed: int):
@@ -312,11 +387,29 @@ def describe_inputs(inputs: Inputs) -> dict:
         "backbone": {
             "name": backbone.info.name, "path": backbone.info.path, "sha256": backbone.info.sha256,
             "img_size": backbone.img_size, "thres_int": backbone.info.thres_int,
+            "edit_success": trust.edit_success(backbone.info.card, backbone.attributes),
+            "domain": backbone.info.card.get("domain"),
         },
-        "target": {"path": str(target.path), "sha256": target.sha256, "kind": target.kind, "format": target.format},
+        # Everything the run resolved about the target (preprocessing, output type, task), whatever its source.
+        "target": target.describe(),
         "attributes": list(backbone.attributes),
-        "protected": [n for n, p in zip(backbone.attributes, inputs.protected.tolist()) if p],
+        "protected": protected_names(inputs),
     }
+
+
+def protected_names(inputs: Inputs) -> list[str]:
+    return [name for name, kept in zip(inputs.backbone.attributes, inputs.protected.tolist()) if kept]
+
+
+def findings_trust(inputs: Inputs, records: list[dict], grouped: bool = False,
+                   measures_include_lost: bool = False) -> dict:
+    """backbone_fit, blind_spots and warnings of a run's records (see sia_cli.trust)."""
+    card = inputs.backbone.info.card
+    fit = trust.backbone_fit(records, card)
+    blind = trust.blind_spots(card, inputs.backbone.attributes, protected_names(inputs))
+    assumptions = list(getattr(inputs.target, "assumptions", []) or [])
+    warnings = trust.warnings_for(fit, blind, records, assumptions, grouped, measures_include_lost)
+    return {"backbone_fit": fit, "blind_spots": blind, "warnings": warnings}
 
 
 def base_report(config: RunConfig, inputs: Inputs) -> dict:
@@ -446,7 +539,8 @@ def attack(config: RunConfig, progress: ProgressFn = silent) -> dict:
             results = {}
             for method in methods:
                 clean, state = attack_batch(inputs, batch, method, config.settings, config.seed + batch.index)
-                results[method.name] = runs[method.name].add(batch, inputs, clean, state, config.settings)
+                results[method.name] = runs[method.name].add(batch, inputs, clean, state, config.settings,
+                                                             config.keep_lost)
             return results
 
         def write(entries: dict, complete: bool) -> dict:
@@ -488,6 +582,7 @@ def _method_report(config: RunConfig, inputs: Inputs, run: MethodRun, skipped: l
         "method": run.method.name,
         "method_summary": run.method.summary,
         **run.summary(),
+        **findings_trust(inputs, run.records),
         "images": run.records,
         "skipped": skipped,
         "timing": {"total_s": round(seconds, 3)},

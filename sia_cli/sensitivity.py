@@ -141,15 +141,67 @@ def _resample_indices(count: int, n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, count, size=(n, count))
 
 
-def _percentile_pair(samples: np.ndarray, level: float) -> dict[str, float]:
-    tail = (1.0 - level) / 2.0 * 100.0
-    low, high = np.percentile(samples, [tail, 100.0 - tail])
-    return {"low": float(low), "high": float(high)}
+def _normal_cdf(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.vectorize(math.erf)(np.asarray(z, dtype=float) / math.sqrt(2.0)))
+
+
+def _normal_ppf(p: float) -> float:
+    """Inverse of the standard normal CDF by bisection on erf (exact enough for interval ends)."""
+    low, high = -10.0, 10.0
+    for _ in range(80):
+        middle = (low + high) / 2
+        if 0.5 * (1.0 + math.erf(middle / math.sqrt(2.0))) < p:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+def bca_interval(estimate: float, samples: np.ndarray, jackknife: np.ndarray, level: float) -> dict[str, float]:
+    """Bias-corrected and accelerated (BCa) bootstrap interval of one statistic.
+
+    The bias correction z0 comes from the share of resamples below the estimate, the
+    acceleration from the jackknife (leave-one-image-out) values. A plain percentile interval
+    can exclude its own estimate when resampling biases the statistic (SDAR, a spread of
+    means, grows under resampling); BCa shifts the interval back. Where every resample falls
+    on one side the interval is widened to reach the estimate, so it always contains it.
+    """
+    samples = samples[np.isfinite(samples)]
+    if samples.size == 0 or not math.isfinite(estimate):
+        return {"low": float("nan"), "high": float("nan")}
+    share_below = (np.sum(samples < estimate) + 0.5 * np.sum(samples == estimate)) / samples.size
+    share_below = min(max(share_below, 0.5 / samples.size), 1 - 0.5 / samples.size)
+    z0 = _normal_ppf(share_below)
+    spread = jackknife.mean() - jackknife
+    denominator = 6.0 * float(np.sum(spread**2)) ** 1.5
+    acceleration = float(np.sum(spread**3)) / denominator if denominator > 0 else 0.0
+    tail = (1.0 - level) / 2.0
+    ends = []
+    for z in (_normal_ppf(tail), _normal_ppf(1 - tail)):
+        adjusted = z0 + (z0 + z) / (1 - acceleration * (z0 + z))
+        ends.append(float(_normal_cdf(adjusted)) * 100.0)
+    low, high = np.percentile(samples, ends)
+    return {"low": float(min(low, estimate)), "high": float(max(high, estimate))}
+
+
+# Leave-one-out over thousands of images costs images^2 work; beyond this many, leave out blocks.
+_JACKKNIFE_BLOCKS = 500
+
+
+def _jackknife(table: "_UsableTable", statistic: Statistic) -> list:
+    """The statistic with each image (or, for large sets, each block of images) left out."""
+    everyone = np.arange(len(table))
+    blocks = np.array_split(everyone, min(len(table), _JACKKNIFE_BLOCKS))
+    return [statistic(table.take(np.setdiff1d(everyone, block, assume_unique=True))) for block in blocks]
+
+
+def _values(result, key):
+    return result if key is None else result[key]
 
 
 def bootstrap(records: Sequence[Record], statistic: Statistic, n: int = 200, seed: int = 0,
               level: float = 0.95) -> dict:
-    """Percentile bootstrap interval of `statistic` over images resampled with replacement.
+    """BCa bootstrap interval (`bca_interval`) of `statistic` over images resampled with replacement.
 
     Returns {key: {"low", "high"}} when the statistic returns a dict, else one
     {"low", "high"} pair. Failed records are dropped before resampling so every
@@ -159,11 +211,58 @@ def bootstrap(records: Sequence[Record], statistic: Statistic, n: int = 200, see
     if n < 1 or not 0.0 < level < 1.0:
         raise SiaError(f"bootstrap needs n >= 1 and 0 < level < 1, got n={n}, level={level}")
     table = _UsableTable.of(list(usable_records(records)))
-    statistic(table)  # fills the table's column cache once, for every resample to gather from
+    estimate = statistic(table)  # also fills the table's column cache for every resample to gather from
     samples = [statistic(table.take(row)) for row in _resample_indices(len(table), n, seed)]
-    if isinstance(samples[0], dict):
-        return {key: _percentile_pair(np.array([s[key] for s in samples], dtype=float), level) for key in samples[0]}
-    return _percentile_pair(np.array(samples, dtype=float), level)
+    jackknife = _jackknife(table, statistic) if len(table) > 1 else [estimate]
+    keys = list(estimate) if isinstance(estimate, dict) else [None]
+    intervals = {
+        key: bca_interval(float(_values(estimate, key)), np.array([_values(s, key) for s in samples], dtype=float),
+                          np.array([_values(j, key) for j in jackknife], dtype=float), level)
+        for key in keys
+    }
+    return intervals if isinstance(estimate, dict) else intervals[None]
+
+
+def stands_out(values: dict[str, float], intervals: dict[str, dict] | None) -> str | None:
+    """The top attribute when its interval lies wholly above the runner-up's, else None.
+
+    Without intervals nothing can be said to stand out: a ranking of point values alone
+    names a winner even when the images cannot tell the leaders apart.
+    """
+    order = ranking(values)
+    if not order or not intervals:
+        return None
+    if len(order) == 1:
+        return order[0]
+    first, second = (intervals.get(name) or {} for name in order[:2])
+    low, high = first.get("low"), second.get("high")
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    return order[0] if low > high else None
+
+
+def paired_difference(before: Sequence[Record], after: Sequence[Record], statistic: Callable[[Sequence[Record]], float],
+                      n: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """statistic(after) - statistic(before) on the same images, with a paired percentile interval.
+
+    Both record lists are matched by file name; each resample draws the same images from
+    both, so what the images share cancels. `significant` says whether the interval excludes 0.
+    """
+    old = {r["file"]: r for r in usable_records(before)}
+    new = {r["file"]: r for r in usable_records(after)}
+    common = [name for name in new if name in old]
+    if len(common) < 2:
+        raise SiaError("the two reports share fewer than two usable images: a paired comparison needs the same images")
+    old_table = _UsableTable.of([old[name] for name in common])
+    new_table = _UsableTable.of([new[name] for name in common])
+    estimate = statistic(new_table) - statistic(old_table)
+    samples = np.array([statistic(new_table.take(row)) - statistic(old_table.take(row))
+                        for row in _resample_indices(len(common), n, seed)], dtype=float)
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(samples, [tail, 100.0 - tail])
+    low, high = float(min(low, estimate)), float(max(high, estimate))
+    return {"difference": float(estimate), "low": low, "high": high, "images": len(common),
+            "significant": bool(low > 0 or high < 0), "level": level}
 
 
 def group_split(records: Sequence[Record], attributes: Sequence[str], group_attribute: str,

@@ -19,13 +19,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.utils import make_grid, save_image
 
-from sia_cli import __version__
+from sia_cli import __version__, trust
 from sia_cli.backbone import (
+    CARD_FILE,
     SETTING_FILE,
     Discriminator,
     DiscriminatorConfig,
     Generator,
     GeneratorConfig,
+    build_backbone,
     checkpoint_number,
     latest_checkpoint,
     read_checkpoint,
@@ -71,6 +73,8 @@ class TrainConfig:
     workers: int = 0
     preload: bool = False  # decode every image once into memory on the training device
     time_limit: float | None = None  # seconds; stop early with a checkpoint
+    judge: Path | None = None  # attribute classifier (TorchScript, one logit per attribute) for the card
+    card_images: int = 256  # training images the card's measurements use
 
     def setting(self) -> dict:
         """The run's settings in the keys a public `setting.txt` uses."""
@@ -338,6 +342,9 @@ def train_gan(config: TrainConfig, progress: ProgressFn = silent) -> dict:
         _save(trainer, out, last, setting, config.keep)
     barrier(world)  # the last checkpoint is on disk before any rank reports it
     final = latest_checkpoint(out)
+    card = None
+    if world.main and final is not None and not interrupt.raised and last == config.max_steps and last > start:
+        card = write_card(config, final, setting, dataset, trainer.device)
     if interrupt.raised:
         error = SiaError(f"interrupted after step {last}: {final or 'no checkpoint yet'} holds it; "
                          "rerun with --resume to continue", INTERRUPTED)
@@ -351,6 +358,7 @@ def train_gan(config: TrainConfig, progress: ProgressFn = silent) -> dict:
         "losses": {k: float(v) for k, v in losses.items()},
         "images": len(dataset),
         "processes": world.size,
+        "card": card,
     }
 
 
@@ -413,6 +421,47 @@ def config_dict(config: TrainConfig) -> dict:
 
 
 @torch.no_grad()
+def write_card(config: TrainConfig, checkpoint: Path, setting: dict, dataset: LabelledImages,
+               device: torch.device) -> dict:
+    """Measure the finished backbone and write `card.json` beside its setting.txt (sia_cli.trust):
+    the critic's domain calibration on training images, and per-attribute edit success when a
+    judge is given. Every report made with the backbone carries these figures."""
+    from sia_cli.target import load_target  # the judge is a target model; only needed here
+
+    backbone = build_backbone(read_checkpoint(checkpoint), setting, path=str(checkpoint)).to(device)
+    count = min(len(dataset), config.card_images)
+    images, attrs = next(iter(DataLoader(dataset, batch_size=count, shuffle=False)))
+    images, attrs = images.to(device), attrs.to(device).float()
+    card = {"domain": trust.calibrate_domain(backbone, images, attrs),
+            "measured": f"sia train-gan at step {checkpoint_number(checkpoint)}, on {count} training images"}
+    if config.judge is not None:
+        judge = load_target(config.judge, device=str(device), task="multiclass", probe_size=backbone.img_size)
+        with torch.no_grad():
+            found = edit_success(backbone, judge, images, attrs)
+        card["edit_success"] = {name: round(rate, 3) for name, rate in found["edit_success"].items()}
+        card["reconstruction_l1"] = round(found["reconstruction_l1"], 4)
+        card["measured"] += f", judge {Path(config.judge).name}"
+    partial = Path(config.out) / f".{CARD_FILE}.tmp"
+    partial.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(partial, Path(config.out) / CARD_FILE)
+    return card
+
+
+def judge_columns(judge, attributes: list[str]) -> list[int]:
+    """The judge's output column of each backbone attribute: by name where its sia.yaml lists
+    `class_names`, else in order (then it must judge exactly these attributes)."""
+    names = list(judge.class_names or [])
+    if names:
+        missing = [name for name in attributes if name not in names]
+        if missing:
+            raise SiaError(f"judge {judge.path} does not judge {', '.join(missing)} (its class_names: {', '.join(names)})")
+        return [names.index(name) for name in attributes]
+    if judge.num_outputs != len(attributes):
+        raise SiaError(f"judge {judge.path} has {judge.num_outputs} outputs for {len(attributes)} attributes; "
+                       "list its attribute names as class_names in its sia.yaml")
+    return list(range(len(attributes)))
+
+
 def edit_success(backbone, judge, images: torch.Tensor, attrs: torch.Tensor, batch_size: int = 64) -> dict:
     """How well each attribute input controls the image, as judged by an attribute classifier.
 
@@ -422,6 +471,7 @@ def edit_success(backbone, judge, images: torch.Tensor, attrs: torch.Tensor, bat
     broken generator whose outputs the judge labels the same way whatever the input.)
     """
     names = backbone.attributes
+    columns = judge_columns(judge, names)
     hits = torch.zeros(len(names))
     recon_error = []
     for start in range(0, len(images), batch_size):
@@ -429,11 +479,11 @@ def edit_success(backbone, judge, images: torch.Tensor, attrs: torch.Tensor, bat
         a = attrs[start : start + batch_size]
         reconstruction = backbone(x, a)
         recon_error.append((reconstruction - x).abs().mean(dim=(1, 2, 3)) / 2)
-        kept = (judge(reconstruction) > 0) == (a > 0.5)
+        kept = (judge(reconstruction)[:, columns] > 0) == (a > 0.5)
         for k in range(len(names)):
             flipped = a.clone()
             flipped[:, k] = 1 - flipped[:, k]
-            shows = (judge(backbone(x, flipped))[:, k] > 0) == (flipped[:, k] > 0.5)
+            shows = (judge(backbone(x, flipped))[:, columns[k]] > 0) == (flipped[:, k] > 0.5)
             hits[k] += (kept[:, k] & shows).sum()
     return {
         "edit_success": {name: float(hits[k] / len(images)) for k, name in enumerate(names)},

@@ -8,6 +8,7 @@ larger SDAR.
 """
 
 import json
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sia_cli.cli import app
+from sia_cli.errors import UNFIT
 from sia_cli.faces import make_dataset
+from sia_cli.reports import headline_sentence
 
 TARGETS = Path(__file__).parents[1] / "examples" / "targets"
 # The label is subtler than its confounder in both pairs, so the confounded models really
@@ -110,7 +113,17 @@ def test_report_schema_and_files(reports):
     with Image.open(folder / "grid.png") as png:
         assert png.size[1] > 64
     html = (folder / "report.html").read_text()
-    assert "data:image/png;base64," in html and "most sensitive to" in html
+    assert "data:image/png;base64," in html and escape(headline_sentence(report)) in html
+    assert report["settings"]["intervals"].startswith("BCa bootstrap")
+    assert report["stands_out"] in (None, *report["ranking"][:1])
+    assert report["backbone_fit"]["ok"] is True and report["backbone_fit"]["in_domain"] == 1.0
+    assert report["blind_spots"] is not None and "Smiling" not in report["blind_spots"]  # protected
+    assert set(report["backbone"]["edit_success"]) == set(report["attributes"])
+    assert {"lost_in_reconstruction", "pred_reconstruction", "success_vs_label", "success_vs_reconstruction",
+            "counted", "critic_margin", "in_domain", "attrs_source", "psnr_vs_clean"} <= set(record)
+    assert report["measured_images"] == sum(r["counted"] for r in report["images"])
+    target = report["target"]  # the preprocessing actually used, whatever its source
+    assert target["input_size"] == [64, 64] and target["mean"] == [0.5] * 3 and target["output"] == "logits"
     assert len(list((folder / "adversaries").glob("*.png"))) == len(report["images"])
 
 
@@ -140,6 +153,33 @@ def test_sdar_gate_exit_codes(reports, tmp_path):
     control = Path(reports["smiling", "control"]["_folder"]) / "report.json"
     result = runner.invoke(app, ["sdar", str(path), "--baseline", str(control)])
     assert result.exit_code == 0 and "Blond_Hair" in result.output
+    shared = sum(a["counted"] and b["counted"] for a, b in
+                 zip(reports["smiling", "confounded"]["images"], reports["smiling", "control"]["images"]))
+    assert f"paired SDAR difference (this - baseline) on {shared} shared images" in " ".join(result.output.split())
+    same = runner.invoke(app, ["sdar", str(path), "--baseline", str(path)])
+    assert "+0.00000" in same.output and "not significant" in same.output
+
+
+def test_sdar_gate_fails_closed(reports, tmp_path):
+    report = {k: v for k, v in reports["smiling", "confounded"].items() if k != "_folder"}
+    runner = CliRunner()
+
+    def gate(changed: dict, *args: str) -> int:
+        path = tmp_path / "r.json"
+        path.write_text(json.dumps({**report, **changed}))
+        return runner.invoke(app, ["sdar", str(path), *args]).exit_code
+
+    assert gate({}, "--max", "1") == 0
+    assert gate({}, "--max", "nan") == 2 and gate({}, "--max", "-1") == 2
+    assert gate({"sdar": None}, "--max", "1") == 2
+    unfit = {"backbone_fit": {**report["backbone_fit"], "ok": False, "reasons": ["0% in domain"]}}
+    assert gate(unfit, "--max", "1") == UNFIT
+    assert gate(unfit, "--max", "1", "--allow-unfit") == 0
+    assert gate({"backbone_fit": {**report["backbone_fit"], "ok": None}}, "--max", "1") == UNFIT
+    old = {k: v for k, v in report.items() if k != "backbone_fit"}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    result = runner.invoke(app, ["sdar", str(tmp_path / "old.json"), "--max", "1"])
+    assert result.exit_code == UNFIT and "no backbone_fit" in result.output
 
 
 def test_unlabeled_images_with_a_backbone_without_discriminator_is_a_clear_error(faces, tmp_path):

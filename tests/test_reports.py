@@ -1,4 +1,5 @@
 import base64
+import html
 import json
 import math
 import os
@@ -193,6 +194,8 @@ def sample_report(**changes):
         "skipped": [{"file": "<script>.png", "reason": "cannot identify image file"}],
         "timing": {"attack": 12.3},
         "intervals": {"sensitivity": {"Bangs": {"low": 0.1, "high": 0.3}}, "sdar": {"low": 0.04, "high": 0.06}},
+        "stands_out": "Smiling", "backbone_fit": {"ok": True, "reasons": [], "lost_in_reconstruction": 0.0},
+        "blind_spots": [], "warnings": [],
     }
     report.update(changes)
     return report
@@ -257,6 +260,31 @@ def test_report_html_falls_back_to_attribute_shift_without_ablation(tmp_path):
     page = (tmp_path / "r.html").read_text()
     assert "most sensitive to Smiling: 0.60 of total" in page
     assert "headline measure: attribute_shift" in page
+
+
+def test_report_html_names_no_winner_when_the_intervals_overlap(tmp_path):
+    page = render(tmp_path, sample_report(stands_out=None))
+    assert "most sensitive to" not in page
+    assert "No single attribute stands out" in page and "Smiling 0.69, Bangs 0.31" in page
+
+
+def test_report_html_warns_where_the_finding_is_read(tmp_path):
+    warning = "backbone does not fit these images: 0% of the images look like the backbone's training data"
+    report = sample_report(
+        backbone_fit={"ok": False, "reasons": ["x"], "lost_in_reconstruction": 0.75, "in_domain": 0.0},
+        warnings=[warning, "blind spots: the backbone edits Bangs in fewer than 50% of faces"],
+        blind_spots=["Bangs"],
+        backbone={"name": "attgan-128", "sha256": "a" * 64, "edit_success": {"Bangs": 0.2, "Smiling": 0.9}},
+    )
+    page = render(tmp_path, report)
+    banner = page.index("Do not trust this diagnosis")
+    assert banner < page.index("Which attributes the model is sensitive to")  # above the finding
+    assert html.escape(warning, quote=True) in page
+    assert "does not fit these images well enough" in page  # in the headline sentence too
+    assert "75.0 %" in page and "NOT ok" in page  # lost in reconstruction, fit, in the summary
+    assert "0.20 (blind spot)" in page and "0.90<" in page  # edit success beside each attribute
+    quiet = render(tmp_path, sample_report())
+    assert "Do not trust" not in quiet and "Read these findings with care" not in quiet
 
 
 def test_report_html_counts_failed_records(tmp_path):

@@ -174,7 +174,8 @@ def test_bootstrap_resamples_only_usable_records():
     records = make_records(10) + [{"file": "bad.png", "error": "NaN loss"}]
     sizes = []
     S.bootstrap(records, lambda r: sizes.append(len(r)) or 0.0, n=5)
-    assert len(sizes) >= 5 and set(sizes) == {10}
+    # the estimate and 5 resamples on the 10 usable records, then 10 leave-one-out (BCa's jackknife)
+    assert sizes == [10] * 6 + [9] * 10
     with pytest.raises(SiaError):
         S.bootstrap([{"error": "x"}], shift_of_bangs)
 
@@ -204,3 +205,63 @@ def test_compare():
     assert rows[0] == pytest.approx(("a", 0.5, 0.6, 0.1))
     assert rows[1] == pytest.approx(("b", 0.5, 0.2, -0.3))
     assert math.isnan(rows[2][1]) and rows[2][2] == 0.2 and math.isnan(rows[2][3])
+
+
+def test_bca_interval_contains_the_estimate_where_percentiles_do_not():
+    """SDAR is a spread of means: resampling inflates it, so the percentile interval of a
+    small population can miss the estimate (the README's old 0.0055 [0.0065, 0.0146])."""
+    rng = np.random.default_rng(3)
+    names = [f"a{k}" for k in range(40)]  # no real differences: the spread is all sampling noise
+    records = [{"file": str(i), "attrs_start": [0.0] * 40, "attrs_end": list(rng.random(40) * 0.05)}
+               for i in range(12)]
+
+    def statistic(r):
+        return S.sdar(S.attribute_shift(r, names))
+
+    estimate = statistic(records)
+    samples = np.array([statistic([records[j] for j in row]) for row in S._resample_indices(12, 400, 0)])
+    percentile_low = np.percentile(samples, 2.5)
+    assert percentile_low > estimate  # the plain percentile interval misses it here ...
+    interval = S.bootstrap(records, statistic, n=400)
+    assert interval["low"] <= estimate <= interval["high"]  # ... BCa does not
+    assert interval["low"] < percentile_low
+
+
+def test_bca_interval_matches_the_normal_theory_interval_of_a_mean():
+    rng = np.random.default_rng(0)
+    values = rng.normal(1.0, 1.0, 400)
+    records = [{"file": str(i), "attrs_start": [0.0], "attrs_end": [v]} for i, v in enumerate(values)]
+    interval = S.bootstrap(records, lambda r: S.attribute_shift(r, ["x"])["x"], n=2000)
+    shifts = np.abs(values)
+    half_width = 1.96 * shifts.std() / np.sqrt(len(shifts))
+    assert interval["low"] == pytest.approx(shifts.mean() - half_width, abs=0.3 * half_width)
+    assert interval["high"] == pytest.approx(shifts.mean() + half_width, abs=0.3 * half_width)
+
+
+def test_stands_out_needs_the_top_interval_to_clear_the_runner_up():
+    values = {"a": 0.5, "b": 0.3, "c": 0.1}
+    assert S.stands_out(values, {"a": {"low": 0.4, "high": 0.6}, "b": {"low": 0.2, "high": 0.39}}) == "a"
+    assert S.stands_out(values, {"a": {"low": 0.25, "high": 0.6}, "b": {"low": 0.2, "high": 0.39}}) is None
+    assert S.stands_out(values, None) is None  # no intervals: nothing can be said to stand out
+    assert S.stands_out(values, {"a": {"low": float("nan"), "high": 0.6}, "b": {"low": 0.2, "high": 0.3}}) is None
+
+
+def test_paired_difference_finds_a_real_change_and_not_noise():
+    rng = np.random.default_rng(1)
+    names = ["a", "b", "c"]
+
+    def records(scale):
+        return [{"file": f"{i}.png", "attrs_start": [0.0] * 3, "attrs_end": list(rng.random(3) * scale)}
+                for i in range(40)]
+
+    def statistic(r):
+        return S.sdar(S.attribute_shift(r, names))
+
+    base = records([0.1, 0.1, 0.1])
+    biased = [{**r, "attrs_end": [r["attrs_end"][0] * 8, *r["attrs_end"][1:]]} for r in base]
+    change = S.paired_difference(base, biased, statistic, n=500)
+    assert change["significant"] and change["low"] > 0 and change["images"] == 40
+    same = S.paired_difference(base, [dict(r) for r in base], statistic, n=500)
+    assert same["difference"] == 0 and not same["significant"]
+    with pytest.raises(SiaError, match="same images"):
+        S.paired_difference(base, [{**r, "file": "other" + r["file"]} for r in base], statistic)

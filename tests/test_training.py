@@ -90,6 +90,26 @@ def test_trained_folder_loads_as_a_backbone(trained):
     assert y.shape == (2, 3, 32, 32) and p.shape == (1, 3)
 
 
+def test_finished_run_writes_a_card_with_domain_calibration(trained):
+    card = json.loads((trained / "card.json").read_text())
+    assert card["domain"]["images"] == 40 and card["domain"]["critic_margin_median"] is not None
+    assert "edit_success" not in card  # no --judge: never measured, so no attribute is cleared
+    assert registry.load_backbone(str(trained)).info.card == card
+
+
+def test_judge_measures_edit_success_by_attribute_name(data, tmp_path):
+    judge = Path(__file__).parents[1] / "examples" / "targets" / "attribute_judge.pt"
+    out = tmp_path / "g"
+    args = train_args(data, out, "--judge", str(judge), attributes="Eyeglasses,Bangs", max_steps=1)
+    args[args.index("--img-size") + 1] = "64"
+    result = run(args)
+    assert result.exit_code == 0, result.output
+    card = json.loads((out / "card.json").read_text())
+    assert set(card["edit_success"]) == {"Eyeglasses", "Bangs"}
+    assert all(0.0 <= v <= 1.0 for v in card["edit_success"].values())
+    assert "judge attribute_judge.pt" in card["measured"]
+
+
 def test_output_folder_with_brackets_is_printed_verbatim(data, tmp_path):
     # Rich would read `[/x]` as a closing tag and crash after a finished run.
     out = tmp_path / "run[/x]"

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sia_cli.cli import options as o
-from sia_cli.cli.common import console, handle_errors, main_process, progress_enabled, rich_progress
+from sia_cli.cli.common import console, handle_errors, main_process, print_warnings, progress_enabled, rich_progress
 from sia_cli.devices import pick_device
 from sia_cli.runs import RunConfig, attack as run_attack
 
@@ -25,7 +25,9 @@ def attack(
     compile: bool = o.COMPILE,
     device: str = o.DEVICE, amp: str = o.AMP, task: str = o.TASK, input_size: int = o.INPUT_SIZE,
     mean: str = o.MEAN, std: str = o.STD, labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
-    nme_threshold: float = o.NME, force: bool = o.FORCE, no_progress: bool = o.NO_PROGRESS,
+    output: str = o.OUTPUT_TYPE, label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN,
+    eye_indices: str = o.EYE_INDICES,
+    nme_threshold: float = o.NME, force: bool = o.FORCE, keep_lost: bool = o.KEEP_LOST, no_progress: bool = o.NO_PROGRESS,
     config_file: Path = o.CONFIG,
 ):
     """Attack MODEL on every image in --images; write adversaries/, report.json and a summary table."""
@@ -35,13 +37,16 @@ def attack(
         protect=o.names(protect), batch_size=batch_size, compile=compile, device=pick_device(device), seed=seed,
         task=task,
         input_size=input_size, mean=o.triple(mean, "--mean"), std=o.triple(std, "--std"), labels=labels,
-        output_key=output_key, force=force, command=" ".join(["sia"] + sys.argv[1:]),
+        output_key=output_key, **o.target_settings(output, label, channels, margin, eye_indices),
+        force=force, keep_lost=keep_lost, command=" ".join(["sia"] + sys.argv[1:]),
     )
     with rich_progress(progress_enabled(no_progress)) as progress:
         result = run_attack(config, progress)
     if not main_process():
         return
     console.print(summary_table(result["reports"]))
+    if result["reports"]:
+        print_warnings(next(iter(result["reports"].values())))
     # File names and reasons are user text: escaped, `[red]` in a name is shown, not read as markup.
     for item in result["skipped"]:
         console.print(f"[yellow]skipped[/] {escape(item['file'])}: {escape(item['reason'])}", highlight=False)
@@ -53,13 +58,16 @@ def attack(
 
 
 def summary_table(reports: dict) -> Table:
-    table = Table(title="attack success rate and image quality (adversary vs its reference image)")
-    for column in ("method", "images", "ASR", "PSNR (dB)", "SSIM"):
+    table = Table(title="attack success rate (images lost in reconstruction left out for generator methods) "
+                        "and image quality (adversary vs its starting image / vs the clean image)")
+    for column in ("method", "images", "counted", "ASR", "lost in recon.", "PSNR (dB)", "SSIM", "PSNR vs clean"):
         table.add_column(column, justify="right" if column != "method" else "left")
     for name, report in reports.items():
         table.add_row(
-            name, str(len(report["images"])), f"{100 * report['attack_success_rate']:.1f} %",
+            name, str(len(report["images"])), str(report.get("counted", "-")),
+            f"{100 * report['attack_success_rate']:.1f} %", str(report.get("lost_in_reconstruction", "-")),
             _number(report["psnr"], ".2f"), _number(report["ssim"], ".3f"),
+            _number(report.get("psnr_vs_clean"), ".2f"),
         )
     return table
 

@@ -34,6 +34,8 @@ def augment(
     compile: bool = o.COMPILE,
     amp: str = o.AMP, task: str = o.TASK, input_size: int = o.INPUT_SIZE, mean: str = o.MEAN, std: str = o.STD,
     labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
+    output: str = o.OUTPUT_TYPE, label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN,
+    eye_indices: str = o.EYE_INDICES,
     force: bool = typer.Option(False, "--force", help="Start over in an --out that holds another augmentation."),
     no_progress: bool = o.NO_PROGRESS,
     config_file: Path = o.CONFIG,
@@ -48,7 +50,8 @@ def augment(
         protect=o.names(protect), batch_size=batch_size, compile=compile, device=pick_device(device), seed=seed,
         task=task,
         input_size=input_size, mean=o.triple(mean, "--mean"), std=o.triple(std, "--std"), labels=labels,
-        output_key=output_key, force=force, command=" ".join(["sia"] + sys.argv[1:]),
+        output_key=output_key, **o.target_settings(output, label, channels, margin, eye_indices),
+        force=force, command=" ".join(["sia"] + sys.argv[1:]),
         n=n, only_class=only_class, auto_protect=not no_protect, jitter=jitter,
     )
     with rich_progress(progress_enabled(no_progress)) as progress:

@@ -61,6 +61,13 @@ def handle_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def print_warnings(report: dict) -> None:
+    """A report's warnings, one line each, on stderr where a CI log shows them beside errors."""
+    for line in report.get("warnings") or []:
+        err_console.print("warning: " + line, style="yellow", markup=False, emoji=False, highlight=False,
+                          soft_wrap=True)
+
+
 def progress_enabled(no_progress: bool) -> bool:
     return not no_progress and sys.stderr.isatty() and main_process()
 

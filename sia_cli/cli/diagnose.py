@@ -9,9 +9,12 @@ import typer
 from rich.table import Table
 
 from sia_cli.cli import options as o
-from sia_cli.cli.common import console, handle_errors, main_process, progress_enabled, rich_progress
+from sia_cli.cli.common import (
+    console, handle_errors, main_process, print_warnings, progress_enabled, rich_progress,
+)
 from sia_cli.devices import pick_device
 from sia_cli.diagnosis import MEASURES, DiagnoseConfig, diagnose as run_diagnosis
+from sia_cli.reports import headline_sentence
 
 
 @handle_errors
@@ -26,8 +29,10 @@ def diagnose(
     seed: int = o.SEED, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE, amp: str = o.AMP,
     compile: bool = o.COMPILE,
     task: str = o.TASK, input_size: int = o.INPUT_SIZE, mean: str = o.MEAN, std: str = o.STD,
-    labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY, nme_threshold: float = o.NME,
-    force: bool = o.FORCE, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
+    labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
+    output: str = o.OUTPUT_TYPE, label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN,
+    eye_indices: str = o.EYE_INDICES, nme_threshold: float = o.NME,
+    force: bool = o.FORCE, keep_lost: bool = o.KEEP_LOST, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
 ):
     """Find which attributes MODEL is sensitive to: report.json, sensitivity.png, grid.png, report.html."""
     config = DiagnoseConfig(
@@ -36,7 +41,8 @@ def diagnose(
         protect=o.names(protect), batch_size=batch_size, compile=compile, device=pick_device(device), seed=seed,
         task=task,
         input_size=input_size, mean=o.triple(mean, "--mean"), std=o.triple(std, "--std"), labels=labels,
-        output_key=output_key, force=force, command=" ".join(["sia"] + sys.argv[1:]),
+        output_key=output_key, **o.target_settings(output, label, channels, margin, eye_indices),
+        force=force, keep_lost=keep_lost, command=" ".join(["sia"] + sys.argv[1:]),
         mode=mode, top_k=top_k, group_by=o.names(group_by), bootstrap=bootstrap,
     )
     with rich_progress(progress_enabled(no_progress)) as progress:
@@ -44,19 +50,33 @@ def diagnose(
     if not main_process():
         return
     console.print(summary_table(report, top_k))
-    console.print(f"wrote {out / 'report.html'}", highlight=False)
+    console.print(headline_sentence(report), highlight=False, markup=False)
+    print_warnings(report)
+    console.print("wrote", str(out / "report.html"), highlight=False, markup=False, soft_wrap=True)
 
 
 def summary_table(report: dict, top_k: int) -> Table:
     key = MEASURES[report["settings"]["headline"]]
     shares, intervals = report[f"{key}_normalized"], report.get("intervals", {})
     sdar_ci = intervals.get("sdar")
+    lost = (report.get("backbone_fit") or {}).get("lost_in_reconstruction")
     title = (f"ASR {100 * report['attack_success_rate']:.1f} %   SDAR {report['sdar']:.4f}"
              + (f" [{sdar_ci['low']:.4f}, {sdar_ci['high']:.4f}]" if sdar_ci else "")
-             + f"   ({len(report['images'])} images)")
+             + f"   ({report.get('measured_images', len(report['images']))} of {len(report['images'])} images measured"
+             + (f"; {lost:.0%} lost in reconstruction" if lost else "") + ")")
     table = Table(title=title)
-    for column in ("rank", "attribute", f"{key} share", "Eq. 2 share"):
-        table.add_column(column)
+    edit = report.get("backbone", {}).get("edit_success") or {}
+    blind = set(report.get("blind_spots") or [])
+    headline_ci = intervals.get(key, {})
+    total = sum(report[key].values()) or 1.0
+    table.caption = (f"share: {key} (headline) as share of total, with its 95% BCa interval; "
+                     "edit: the backbone's edit success (* blind spot: a low value there means cannot tell)")
+    for column in ("#", "attribute", "share", "interval", "Eq. 2", "edit"):
+        table.add_column(column, no_wrap=column != "attribute")
     for rank, name in enumerate(report["ranking"][:top_k], start=1):
-        table.add_row(str(rank), name, f"{shares[name]:.3f}", f"{report['sensitivity_normalized'][name]:.3f}")
+        ci = headline_ci.get(name)
+        table.add_row(str(rank), name, f"{shares[name]:.3f}",
+                      f"{ci['low'] / total:.2f}-{ci['high'] / total:.2f}" if ci else "",
+                      f"{report['sensitivity_normalized'][name]:.3f}",
+                      (f"{edit[name]:.2f}" if name in edit else "?") + ("*" if name in blind else ""))
     return table

@@ -62,6 +62,16 @@ def triple(text: str | None, name: str) -> tuple[float, float, float] | None:
     return tuple(values)
 
 
+def indices(text: str | None, name: str) -> tuple[int, int] | None:
+    """`0,1` -> (0, 1); the target checks that they name two of the model's points."""
+    if not text:
+        return None
+    parts = [part.strip() for part in str(text).split(",")]
+    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+        raise SiaError(f"{name} takes two comma-separated point indices such as 0,1, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def names(values: list[str] | None) -> tuple[str, ...]:
     """Repeatable or comma-separated names."""
     return tuple(n.strip() for v in values or [] for n in v.split(",") if n.strip())
@@ -104,7 +114,36 @@ DEVICE = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda 
 AMP = typer.Option(
     None, "--amp", help="Mixed precision: bf16 (autocast; faster on GPUs with bf16 tensor cores, slower on most CPUs).",
 )
-TASK = typer.Option(None, "--task", help="binary, multiclass or keypoints (inferred from the output shape when unambiguous).")
+TASK = typer.Option(
+    None, "--task",
+    help="binary, multiclass, multilabel, keypoints, landmarks or regression. Inferred from the output shape "
+         "when unambiguous: (B,) or (B, 1) binary, (B, C) multiclass, (B, K, H, W) keypoint heatmaps, (B, K, 2) "
+         "landmarks; multilabel (B, C), landmarks (B, 2K) and regression need --task.",
+)
+OUTPUT_TYPE = typer.Option(
+    None, "--output", metavar="logits|probability",
+    help="What a binary, multiclass or multilabel head emits (default: sia.yaml's output; a sigmoid head whose "
+         "outputs all lie in [0, 1] is refused until told).",
+)
+LABEL = typer.Option(
+    None, "--label", metavar="NAME_OR_INDEX",
+    help="Multilabel models: the label under attack (a name from sia.yaml's class_names, or an index).",
+)
+CHANNELS = typer.Option(
+    None, "--channels", metavar="1|3",
+    help="Image channels the model takes: 3 (RGB, default) or 1 (grayscale, the ITU-R 601 luma of the image; "
+         "--mean/--std then take one value).",
+)
+MARGIN = typer.Option(
+    None, "--margin",
+    help="Regression: success when the prediction moves more than this from the reference (default 1.0, in the "
+         "output's units).",
+)
+EYE_INDICES = typer.Option(
+    None, "--eye-indices", metavar="I,J",
+    help="Keypoints/landmarks: two point indices whose distance normalises the NME (default: sia.yaml's "
+         "eye_indices, else the diagonal of the heatmap or of the model's input).",
+)
 INPUT_SIZE = typer.Option(None, "--input-size", help="Target input size (default: sia.yaml in the model, else the backbone's size).")
 MEAN = typer.Option(None, "--mean", help="Target normalisation mean, 1 or 3 comma-separated numbers.")
 STD = typer.Option(None, "--std", help="Target normalisation std, 1 or 3 comma-separated numbers.")
@@ -112,7 +151,18 @@ LABELS = typer.Option(None, "--labels", help="CSV of reference labels (file,labe
 OUTPUT_KEY = typer.Option(None, "--output-key", help="Which output to use when the model returns a tuple or dict.")
 NME = typer.Option(0.1, "--nme-threshold", help="Keypoint attack success: normalised mean error above this.")
 FORCE = typer.Option(False, "--force", help="Overwrite a finished run in --out.")
+KEEP_LOST = typer.Option(
+    False, "--keep-lost",
+    help="Count images lost in reconstruction (the backbone's reconstruction alone changes the prediction) "
+         "in the success rate and the measures; by default they are listed and left out.",
+)
 NO_PROGRESS = typer.Option(False, "--no-progress", help="Hide progress bars (also hidden when stderr is not a terminal).")
+
+
+def target_settings(output, label, channels, margin, eye_indices) -> dict:
+    """RunConfig fields of the target options (--output, --label, --channels, --margin, --eye-indices)."""
+    return {"output": output, "label": label, "channels": channels, "margin": margin,
+            "eye_indices": indices(eye_indices, "--eye-indices")}
 
 
 def attack_settings(steps, eps, step_size, eps_attr, protect_eps, amp, nme_threshold):

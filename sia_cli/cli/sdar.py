@@ -1,8 +1,10 @@
-"""`sia sdar`: the bias score as a CI gate (exit 0 at or under --max, 1 above, 2 on errors)."""
+"""`sia sdar`: the bias score as a CI gate (exit 0 at or under --max, 1 above, 2 on errors,
+4 when the report's backbone does not fit its images and --allow-unfit is not given)."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -10,11 +12,12 @@ import typer
 from rich.table import Table
 
 from sia_cli.cli import options as o
-from sia_cli.cli.common import console, handle_errors, progress_enabled, rich_progress
+from sia_cli.cli.common import console, handle_errors, print_warnings, progress_enabled, rich_progress
 from sia_cli.devices import pick_device
 from sia_cli.diagnosis import MEASURES, DiagnoseConfig, diagnose
-from sia_cli.errors import SiaError
-from sia_cli.sensitivity import compare
+from sia_cli.errors import UNFIT, SiaError
+from sia_cli.sensitivity import attribute_shift, compare, paired_difference
+from sia_cli.sensitivity import sdar as sdar_of
 
 
 def read_report(path: Path) -> dict:
@@ -28,17 +31,43 @@ def read_report(path: Path) -> dict:
         raise SiaError(f"{path} has no 'sdar': not a report written by `sia diagnose`")
     if report.get("complete") is False:
         raise SiaError(f"{path} is an incomplete run; finish it before gating on it")
+    if not _finite(report.get("sdar")):
+        raise SiaError(f"{path} holds no finite SDAR ({report.get('sdar')!r}): nothing to gate on")
     return report
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def refuse_unfit(report: dict, path: Path | str) -> None:
+    """A gate fails closed: a report whose backbone does not fit its images (or never said) cannot pass."""
+    fit = report.get("backbone_fit")
+    if not isinstance(fit, dict):
+        raise SiaError(f"{path} has no backbone_fit (written by an older sia?): rerun `sia diagnose`, "
+                       "or pass --allow-unfit to gate on it anyway", UNFIT)
+    if fit.get("ok") is not True:
+        why = "; ".join(fit.get("reasons") or []) or "backbone fit not ok"
+        raise SiaError(f"the backbone does not fit the images of {path} ({why}): SDAR there describes the "
+                       "backbone as much as the model; pass --allow-unfit to gate on it anyway", UNFIT)
 
 
 @handle_errors
 def sdar(
     source: Path = typer.Argument(..., help="A report.json from `sia diagnose`, or a model to diagnose now."),
     max_sdar: float = typer.Option(None, "--max", help="Exit 1 when SDAR is above this."),
-    baseline: Path = typer.Option(None, "--baseline", help="Another report.json: print the per-attribute change."),
+    baseline: Path = typer.Option(
+        None, "--baseline",
+        help="Another report.json: print the per-attribute change and, on the same images, the paired SDAR "
+             "difference with its interval."),
+    allow_unfit: bool = typer.Option(
+        False, "--allow-unfit",
+        help=f"Gate even when the report's backbone_fit is not ok (otherwise exit {UNFIT})."),
     images: Path = typer.Option(None, "--images", help="With a model: images to diagnose."),
     out: Path = o.OUT, gan: str = o.GAN, attrs_file: Path = o.ATTRS_FILE, protect: list[str] = o.PROTECT,
     steps: int = o.STEPS, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE, seed: int = o.SEED,
+    task: str = o.TASK, output_key: str = o.OUTPUT_KEY, output: str = o.OUTPUT_TYPE, label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN,
+    eye_indices: str = o.EYE_INDICES,
     force: bool = o.FORCE, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
 ):
     """Print SDAR (standard deviation of attribute sensitivity, paper 4.4.1) and gate on --max."""
@@ -50,21 +79,50 @@ def sdar(
         config = DiagnoseConfig(
             model=source, images=images, out=out, gan=gan, attrs_file=attrs_file, protect=o.names(protect),
             settings=o.attack_settings(steps, "1.5/255", "0.25/255", "1.0", 0.0, None, 0.1),
-            batch_size=batch_size, device=pick_device(device), seed=seed, force=force,
+            batch_size=batch_size, device=pick_device(device), seed=seed, force=force, task=task,
+            output_key=output_key, **o.target_settings(output, label, channels, margin, eye_indices),
             command=" ".join(["sia"] + sys.argv[1:]),
         )
         with rich_progress(progress_enabled(no_progress)) as progress:
             report = diagnose(config, progress)
+    if max_sdar is not None and not (math.isfinite(max_sdar) and max_sdar >= 0):
+        raise SiaError(f"--max must be a finite non-negative number (got {max_sdar})")
     interval = report.get("intervals", {}).get("sdar")
     text = f"SDAR {report['sdar']:.5f}" + (f" (95% interval {interval['low']:.5f} to {interval['high']:.5f})" if interval else "")
     if baseline is not None:
-        console.print(change_table(read_report(baseline), report))
+        before = read_report(baseline)
+        console.print(change_table(before, report))
+        console.print(paired_text(before, report), highlight=False, markup=False)
+    print_warnings(report)
     if max_sdar is None:
         console.print(text)
         return
+    if not allow_unfit:
+        refuse_unfit(report, source)
     above = report["sdar"] > max_sdar
     console.print(f"{text} {'>' if above else '<='} max {max_sdar}: {'FAIL' if above else 'ok'}", highlight=False)
     raise typer.Exit(1 if above else 0)
+
+
+def paired_text(before: dict, after: dict) -> str:
+    """The SDAR change between two reports on the same images, with a paired bootstrap interval."""
+    attributes = after.get("attributes") or []
+    protected = after.get("protected") or []
+    if (before.get("attributes") or []) != attributes or (before.get("protected") or []) != protected:
+        return "paired SDAR difference: not computed (the reports differ in attributes or protected ones)"
+
+    def statistic(records):
+        return sdar_of(attribute_shift(records, attributes, protected))
+
+    try:
+        counted = [[r for r in report.get("images") or [] if r.get("counted", True)] for report in (before, after)]
+        result = paired_difference(*counted, statistic,
+                                   seed=int(after.get("settings", {}).get("seed", 0) or 0))
+    except SiaError as exc:
+        return f"paired SDAR difference: not computed ({exc})"
+    verdict = "significant" if result["significant"] else "not significant (the interval contains 0)"
+    return (f"paired SDAR difference (this - baseline) on {result['images']} shared images: "
+            f"{result['difference']:+.5f}, 95% interval [{result['low']:+.5f}, {result['high']:+.5f}]: {verdict}")
 
 
 def change_table(before: dict, after: dict) -> Table:

@@ -12,6 +12,7 @@ from sia_cli.errors import SiaError
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, progress_enabled, rich_progress
 from sia_cli.faces import make_dataset, parse_correlation
+from sia_cli.validity import write_counterfactuals
 
 
 @handle_errors
@@ -26,6 +27,11 @@ def synth(
         help="Spurious correlation: set attribute B equal to A with probability P, "
         "e.g. Eyeglasses:Bangs:0.99. Repeatable.",
     ),
+    counterfactuals: bool = typer.Option(
+        False, "--counterfactuals", show_default="off",
+        help="Also write counterfactuals/<Attribute>/<name>.png: each face with only that attribute flipped "
+        "(the truth a diagnosis can be checked against).",
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not draw a progress bar.", show_default="off"),
     config_file: Optional[Path] = o.CONFIG,
 ) -> None:
@@ -36,6 +42,8 @@ def synth(
     correlations = [parse_correlation(spec) for spec in correlate or []]
     with rich_progress(progress_enabled(no_progress)) as progress:
         stats = make_dataset(out, n=n, seed=seed, size=size, correlations=correlations, progress=progress)
+        if counterfactuals:
+            write_counterfactuals(out, n=n, seed=seed, size=size, correlations=correlations, progress=progress)
     table = Table(title=f"{stats['n']} faces written to {out}")
     table.add_column("attribute")
     table.add_column("positive share", justify="right")

@@ -36,6 +36,10 @@ def train_gan(
     workers: int = typer.Option(0, help="Data-loading worker processes."),
     preload: bool = typer.Option(False, "--preload", help="Decode all images once into memory (small data sets)."),
     time_limit: float = typer.Option(0, help="Stop after this many minutes with a checkpoint (0: no limit)."),
+    judge: Path = typer.Option(
+        None, "--judge",
+        help="Attribute classifier (TorchScript, one logit per attribute, in --attributes order): at the end, "
+             "measure per-attribute edit success into card.json, which names the backbone's blind spots."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     config_file: Path = o.CONFIG,
 ):
@@ -51,7 +55,7 @@ def train_gan(
         dis_dim=dis_dim, dis_layers=layers, dis_fc_dim=dis_fc_dim, shortcut_layers=shortcut_layers,
         inject_layers=inject_layers, lr=lr, sample_every=sample_every, save_every=save_every, resume=resume,
         device=pick_device(device), seed=seed, workers=workers, preload=preload,
-        time_limit=time_limit * 60 or None,
+        time_limit=time_limit * 60 or None, judge=judge,
     )
     with rich_progress(progress_enabled(no_progress)) as progress:
         summary = run_training(config, progress)
@@ -62,3 +66,6 @@ def train_gan(
     console.print(f"losses: {losses}")
     # A user's path may contain `[...]`: print it as text, never as Rich markup.
     console.print(f"checkpoint: {summary['checkpoint']}", markup=False, highlight=False)
+    if summary.get("card"):
+        console.print(f"card: {out / 'card.json'} (measured: {summary['card'].get('measured', '')})",
+                      markup=False, highlight=False)

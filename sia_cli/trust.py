@@ -1,0 +1,162 @@
+"""How far a run's findings can be trusted: backbone fit, blind spots and the warnings a user reads.
+
+Every adversary is a generator output, so a finding is only about the model where the
+backbone (a) reconstructs the image without already changing the model's prediction, (b)
+knows images like these, and (c) can edit the attribute in question. The per-image facts are
+recorded by the run (`runs.records_for`); the functions here turn them into `backbone_fit`,
+`blind_spots` and one-line `warnings`. All but `calibrate_domain` are pure functions of records
+and the backbone's card. The thresholds are documented, with the measurements behind them, in
+the README section "When not to trust a diagnosis".
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+# An image is in the backbone's domain when its critic margin (AttGAN.critic_margin) reaches
+# this fraction of the median margin on the backbone's own training distribution. Measured on
+# the shipped backbone: synth faces 0.63 or more of the median, LFW faces, LFW non-faces and
+# scikit-image photos 0.36 or less.
+DOMAIN_MARGIN_FRACTION = 0.5
+# backbone_fit.ok needs at least this share of images in the domain ...
+IN_DOMAIN_SHARE = 0.9
+# ... and at most this share lost in reconstruction (the findings must rest on most images).
+LOST_SHARE_LIMIT = 0.5
+# A warning (not a failure) from this share of lost images on.
+LOST_SHARE_WARNING = 0.2
+# Attributes the backbone edits in fewer faces than this are blind spots.
+EDIT_SUCCESS_FLOOR = 0.5
+
+
+@torch.no_grad()
+def calibrate_domain(backbone, images: torch.Tensor, attrs: torch.Tensor, batch_size: int = 64) -> dict:
+    """The critic margin on images of the backbone's training distribution (in [0, 1]), for its card."""
+    margins = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size] * 2 - 1
+        margin = backbone.critic_margin(x, backbone(x, attrs[start:start + batch_size]))
+        if margin is None:
+            return {}
+        margins.append(margin.cpu())
+    values = torch.cat(margins).numpy()
+    return {"critic_margin_median": round(float(np.median(values)), 4),
+            "critic_margin_p05": round(float(np.percentile(values, 5)), 4), "images": int(len(values))}
+
+
+def in_domain(margin: float | None, card: dict) -> bool | None:
+    """Whether one image's critic margin says the backbone knows images like it (None: cannot tell)."""
+    median = (card.get("domain") or {}).get("critic_margin_median")
+    if margin is None or median is None or not median > 0:
+        return None
+    return bool(margin >= DOMAIN_MARGIN_FRACTION * median)
+
+
+def _share(flags: Sequence[bool]) -> float | None:
+    return float(np.mean(flags)) if flags else None
+
+
+def backbone_fit(records: Sequence[dict], card: dict) -> dict:
+    """How well the backbone fits this run's images, from the usable image records.
+
+    `ok` is True when the domain can be judged, at least IN_DOMAIN_SHARE of the images are in
+    it and at most LOST_SHARE_LIMIT are lost in reconstruction; False when either fails; None
+    when the backbone carries no domain calibration (its card lacks `domain`), which a gate
+    treats as not ok.
+    """
+    usable = [r for r in records if not r.get("error")]
+    lost = [bool(r.get("lost_in_reconstruction")) for r in usable if "lost_in_reconstruction" in r]
+    domain = [r["in_domain"] for r in usable if r.get("in_domain") is not None]
+    mae = [r["reconstruction_mae"] for r in usable if r.get("reconstruction_mae") is not None]
+    ssim = [r["reconstruction_ssim"] for r in usable if r.get("reconstruction_ssim") is not None]
+    margins = [r["critic_margin"] for r in usable if r.get("critic_margin") is not None]
+    lost_share, domain_share = _share(lost), _share(domain) if len(domain) == len(usable) else None
+    reasons = []
+    if domain_share is None:
+        reasons.append("the backbone carries no domain calibration (card.json 'domain'): fit to these images unknown")
+    elif domain_share < IN_DOMAIN_SHARE:
+        reasons.append(f"{domain_share:.0%} of the images look like the backbone's training data "
+                       f"(needs {IN_DOMAIN_SHARE:.0%})")
+    if lost_share is not None and lost_share > LOST_SHARE_LIMIT:
+        reasons.append(f"{lost_share:.0%} of the images are lost in reconstruction (at most {LOST_SHARE_LIMIT:.0%})")
+    ok = None if domain_share is None and len(reasons) == 1 else not reasons
+    return {
+        "ok": ok,
+        "reasons": reasons,
+        "images": len(usable),
+        "lost_in_reconstruction": lost_share,
+        "lost_files": [r["file"] for r in usable if r.get("lost_in_reconstruction")],
+        "in_domain": domain_share,
+        "critic_margin_median": float(np.median(margins)) if margins else None,
+        "critic_margin_reference": (card.get("domain") or {}).get("critic_margin_median"),
+        "reconstruction_mae": float(np.mean(mae)) if mae else None,
+        "reconstruction_ssim": float(np.mean(ssim)) if ssim else None,
+        "rule": (f"ok when at least {IN_DOMAIN_SHARE:.0%} of images have a critic margin of at least "
+                 f"{DOMAIN_MARGIN_FRACTION} x the backbone's calibrated median and at most "
+                 f"{LOST_SHARE_LIMIT:.0%} are lost in reconstruction"),
+    }
+
+
+def edit_success(card: dict, attributes: Sequence[str]) -> dict[str, float] | None:
+    """The backbone's measured per-attribute edit success, None when it was never measured."""
+    measured = card.get("edit_success")
+    if not isinstance(measured, dict):
+        return None
+    return {name: float(measured[name]) for name in attributes if isinstance(measured.get(name), (int, float))}
+
+
+def blind_spots(card: dict, attributes: Sequence[str], protected: Sequence[str] = ()) -> list[str] | None:
+    """Unprotected attributes the backbone edits in fewer than EDIT_SUCCESS_FLOOR of faces.
+
+    None when edit success was never measured: then no attribute can be cleared either.
+    """
+    rates = edit_success(card, attributes)
+    if rates is None:
+        return None
+    return [name for name in attributes
+            if name not in protected and (name not in rates or rates[name] < EDIT_SUCCESS_FLOOR)]
+
+
+def attribute_source_note(records: Sequence[dict]) -> str | None:
+    """A warning when the discriminator, not a file, supplied the starting attributes."""
+    estimated = [r for r in records if r.get("attrs_source") == "discriminator"]
+    if not estimated:
+        return None
+    confidence = [r["attrs_confidence"] for r in estimated if r.get("attrs_confidence") is not None]
+    shown = f" (mean confidence {np.mean(confidence):.2f} on a 0-1 scale)" if confidence else ""
+    return (f"starting attributes of {len(estimated)} image(s) were estimated by the backbone's discriminator"
+            f"{shown}, not read from --attrs-file: outside its training data they are guesses, and so are "
+            "the --group-by groups built on them")
+
+
+def warnings_for(fit: dict, blind: list[str] | None, records: Sequence[dict], assumptions: Sequence[str] = (),
+                 grouped: bool = False, measures_include_lost: bool = False) -> list[str]:
+    """One-line warnings for the terminal, report.json and the HTML banner, most serious first."""
+    out = []
+    if fit.get("ok") is False:
+        out.append("backbone does not fit these images: " + "; ".join(fit["reasons"])
+                   + ". The findings may describe the backbone, not the model")
+    elif fit.get("ok") is None:
+        out.append("; ".join(fit["reasons"]))
+    lost = fit.get("lost_in_reconstruction")
+    if lost is not None and lost >= LOST_SHARE_WARNING and fit.get("ok") is not False:
+        out.append(f"{lost:.0%} of the images are lost in reconstruction (the backbone's reconstruction alone "
+                   "changes the prediction); they are left out of the success rate and the measures")
+    if measures_include_lost:
+        out.append("every usable image was lost in reconstruction: the measures include them and describe the "
+                   "backbone as much as the model")
+    if blind is None:
+        out.append("the backbone's per-attribute edit success was never measured: an attribute it cannot edit "
+                   "would look like one the model ignores")
+    elif blind:
+        named = ", ".join(blind) if len(blind) <= 5 else f"{len(blind)} attributes ({', '.join(blind[:3])}, ...)"
+        out.append(f"blind spots: the backbone edits {named} in fewer than {EDIT_SUCCESS_FLOOR:.0%} of faces; "
+                   "a low sensitivity to them means 'cannot tell', not 'not sensitive'")
+    note = attribute_source_note(records)
+    if note:
+        out.append(note + (" (--group-by used)" if grouped else ""))
+    out.extend(assumptions)
+    return out
+

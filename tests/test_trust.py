@@ -1,0 +1,158 @@
+"""Findings a user can trust: backbone fit, images lost in reconstruction, blind spots, warnings.
+
+The end-to-end cases use real photos that scikit-image ships (the astronaut, LFW faces and
+non-faces, the coffee cup) written as PNG and JPEG at CelebA's 178x218 and at odd sizes, and
+the shipped backbone, trained on synthetic faces only: on them `backbone_fit.ok` must be false
+and say so in the terminal, the HTML and the JSON, and `sia sdar` must refuse to pass.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+from typer.testing import CliRunner
+
+from sia_cli import trust
+from sia_cli.cli import app
+from sia_cli.errors import UNFIT
+from sia_cli.faces import make_dataset
+
+TARGETS = Path(__file__).parents[1] / "examples" / "targets"
+CARD = {"domain": {"critic_margin_median": 4.0}, "edit_success": {"A": 0.9, "B": 0.2, "C": 0.6}}
+
+
+def record(name="x.png", lost=False, margin=4.0, **extra):
+    return {"file": name, "lost_in_reconstruction": lost, "critic_margin": margin,
+            "in_domain": trust.in_domain(margin, CARD), "reconstruction_mae": 0.05, **extra}
+
+
+# ---------------------------------------------------------------- the rules
+
+
+def test_in_domain_follows_the_calibrated_margin():
+    assert trust.in_domain(2.0, CARD) is True  # half the calibrated median
+    assert trust.in_domain(1.9, CARD) is False
+    assert trust.in_domain(None, CARD) is None  # no discriminator: cannot tell
+    assert trust.in_domain(3.0, {}) is None  # no calibration: cannot tell
+
+
+def test_backbone_fit_ok_needs_the_domain_and_few_lost_images():
+    good = [record(f"{i}.png") for i in range(10)]
+    assert trust.backbone_fit(good, CARD)["ok"] is True
+    outside = [record(f"{i}.png", margin=0.5 if i < 2 else 4.0) for i in range(10)]
+    fit = trust.backbone_fit(outside, CARD)
+    assert fit["ok"] is False and fit["in_domain"] == 0.8 and "80%" in fit["reasons"][0]
+    lost = [record(f"{i}.png", lost=i < 6) for i in range(10)]
+    fit = trust.backbone_fit(lost, CARD)
+    assert fit["ok"] is False and fit["lost_in_reconstruction"] == 0.6 and fit["lost_files"][0] == "0.png"
+    assert trust.backbone_fit([record(f"{i}.png", lost=i < 5) for i in range(10)], CARD)["ok"] is True
+    unknown = trust.backbone_fit([{**r, "in_domain": None} for r in good], {})
+    assert unknown["ok"] is None and "no domain calibration" in unknown["reasons"][0]
+    # failed images are not part of the fit
+    assert trust.backbone_fit(good + [{"file": "bad.png", "error": "NaN"}], CARD)["images"] == 10
+
+
+def test_blind_spots_are_the_attributes_the_backbone_cannot_edit():
+    assert trust.blind_spots(CARD, ["A", "B", "C"]) == ["B"]
+    assert trust.blind_spots(CARD, ["A", "B", "C", "D"]) == ["B", "D"]  # never measured: not cleared
+    assert trust.blind_spots(CARD, ["A", "B"], protected=["B"]) == []
+    assert trust.blind_spots({}, ["A"]) is None
+
+
+def test_warnings_name_every_reason_not_to_trust():
+    fit = trust.backbone_fit([record(f"{i}.png", lost=i < 3, margin=0.1) for i in range(10)], CARD)
+    estimated = [{"file": "a.png", "attrs_source": "discriminator", "attrs_confidence": 0.7}]
+    lines = trust.warnings_for(fit, ["B"], estimated, ["output (B, 40) read as 40-class softmax"], grouped=True)
+    assert lines[0].startswith("backbone does not fit these images")
+    assert any(line.startswith("blind spots: the backbone edits B") for line in lines)
+    assert any("estimated by the backbone's discriminator" in line and "--group-by" in line for line in lines)
+    assert lines[-1].startswith("output (B, 40)")
+    fine = trust.backbone_fit([record(f"{i}.png") for i in range(10)], CARD)
+    assert trust.warnings_for(fine, [], [{"file": "a.png", "attrs_source": "attrs_file"}]) == []
+    assert any("never measured" in line for line in trust.warnings_for(fine, None, []))
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Real photos as a user has them: faces and non-faces, PNG and JPEG, CelebA size and odd sizes."""
+    folder = tmp_path_factory.mktemp("photos")
+    astronaut = skimage.data.astronaut()
+    Image.fromarray(astronaut).resize((178, 218)).save(folder / "astronaut.png")
+    Image.fromarray(astronaut[0:300, 100:400]).save(folder / "astronaut_face.jpg", quality=90)
+    Image.fromarray(skimage.data.coffee()).save(folder / "coffee.jpg", quality=90)
+    lfw = skimage.data.lfw_subset()  # 100 faces, then 100 non-faces, 25x25 grey
+    for i in range(5):
+        Image.fromarray((lfw[i] * 255).astype(np.uint8)).resize((178, 218)).save(folder / f"lfw_face_{i}.png")
+    Image.fromarray((lfw[150] * 255).astype(np.uint8)).resize((97, 131)).save(folder / "lfw_nonface.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("faces")
+    make_dataset(folder, 8, seed=21, size=64)
+    return folder
+
+
+def diagnose(model: str, images: Path, out: Path, *extra: str):
+    result = CliRunner().invoke(app, [
+        "diagnose", str(TARGETS / model), "--images", str(images), "--out", str(out), "--no-progress",
+        "--device", "cpu", "--bootstrap", "20", *extra,
+    ])
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split()), json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_real_photos_are_flagged_in_every_output_and_the_gate_refuses(photos, tmp_path):
+    result, report = diagnose("mustache_confounded.pt", photos, tmp_path / "run", "--steps", "1",
+                              "--protect", "Mustache")
+    fit = report["backbone_fit"]
+    assert fit["ok"] is False and fit["in_domain"] <= 0.2, fit
+    warning = report["warnings"][0]
+    assert warning.startswith("backbone does not fit these images")
+    assert "warning: backbone does not fit these images" in result  # the terminal
+    assert "does not fit these images well enough" in result
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Do not trust this diagnosis" in page and "NOT ok" in page  # the HTML
+    assert any("estimated by the backbone's discriminator" in w for w in report["warnings"])
+    assert all(r["attrs_source"] == "discriminator" and 0 <= r["attrs_confidence"] <= 1 for r in report["images"])
+    gate = CliRunner().invoke(app, ["sdar", str(tmp_path / "run" / "report.json"), "--max", "1"])
+    assert gate.exit_code == UNFIT and "--allow-unfit" in gate.output
+    passed = CliRunner().invoke(app, ["sdar", str(tmp_path / "run" / "report.json"), "--max", "1", "--allow-unfit"])
+    assert passed.exit_code == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["landmarks.pt", "mustache_confounded.pt"])
+def test_one_step_of_attack_is_credited_with_almost_nothing(photos, faces, tmp_path, model):
+    """With --steps 1 the attack has done nothing yet: whatever the backbone's reconstruction
+    already changes (most real photos under the landmark model) is lost, never a success."""
+    for name, images in (("photos", photos), ("faces", faces / "images")):
+        _, report = diagnose(model, images, tmp_path / name, "--steps", "1")
+        assert report["attack_success_rate"] <= 0.15, (name, report["attack_success_rate"])
+        for r in report["images"]:
+            if r["lost_in_reconstruction"]:
+                assert not r["success"] and not r["counted"]
+                assert r["success_vs_label"]  # the plain rate would have counted it
+    _, kept = diagnose(model, photos, tmp_path / "kept", "--steps", "1", "--keep-lost")
+    lost = [r for r in kept["images"] if r["lost_in_reconstruction"]]
+    if lost:  # --keep-lost counts them again
+        assert all(r["counted"] and r["success"] for r in lost)
+        assert kept["attack_success_rate"] > report["attack_success_rate"] or kept["measured_images"] > 0
+
+
+@pytest.mark.slow
+def test_in_domain_faces_fit(faces, tmp_path):
+    result, report = diagnose("mustache_confounded.pt", faces / "images", tmp_path / "run", "--steps", "5",
+                              "--attrs-file", str(faces / "list_attr.txt"), "--protect", "Mustache")
+    assert report["backbone_fit"]["ok"] is True, report["backbone_fit"]
+    assert not any(w.startswith("backbone does not fit") for w in report["warnings"])
+    assert "warning: backbone does not fit" not in result
+    assert all(r["attrs_source"] == "attrs_file" and "attrs_confidence" not in r for r in report["images"])
