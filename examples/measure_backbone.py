@@ -1,6 +1,6 @@
 """Measure how well a backbone's attribute inputs control its images (README table).
 
-    python examples/measure_backbone.py --gan synth-faces-64 --n 300 --write-card examples/backbone/card.json
+    python examples/measure_backbone.py --gan synth-faces-64 --n 300 --write-card sia_cli/backbones/synth-faces-64/card.json
 
 Fresh synthetic faces (a seed no training set used) are edited one attribute at a time;
 `examples/targets/attribute_judge.pt`, a classifier of every synth attribute, says whether

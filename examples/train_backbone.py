@@ -1,6 +1,6 @@
-"""Train the example AttGAN backbone shipped in examples/backbone/ (synthetic faces, 64x64).
+"""Train the example AttGAN backbone shipped in sia_cli/backbones/synth-faces-64/ (synthetic faces, 64x64).
 
-    python examples/train_backbone.py --device cuda --minutes 7 --export examples/backbone
+    python examples/train_backbone.py --device cuda --minutes 7 --export sia_cli/backbones/synth-faces-64
 
 It draws a synthetic data set with `sia synth`'s generator, trains with `sia train-gan`'s
 engine, and exports the generator and critic (no optimiser states, to keep the file small)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +27,57 @@ def list_images(folder: Path) -> list[Path]:
         raise SiaError(f"image folder not found: {folder}")
     if not folder.is_dir():
         raise SiaError(f"not a folder: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    # Symbolic links are kept even when dangling or looping: they are then skipped with the reason,
+    # not dropped without a word.
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+                   and (p.is_symlink() or p.is_file()))
     if not files:
-        raise SiaError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder}")
+        raise SiaError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder}{_one_folder_down(folder)}")
     return files
 
 
+def _count_images(folder: Path) -> int:
+    try:
+        return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    except OSError:
+        return 0
+
+
+def _one_folder_down(folder: Path) -> str:
+    """`, but faces/images/ holds 24: pass --images faces/images` when the images sit one folder down."""
+    try:
+        subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
+    except OSError:
+        return ""
+    counts = [(sub, _count_images(sub)) for sub in subfolders]
+    counts = [(sub, n) for sub, n in counts if n]
+    if not counts:
+        return ""
+    sub, n = max(counts, key=lambda item: item[1])
+    return f", but {sub}/ holds {n}: pass --images {sub}"
+
+
+def _float_to_8bit(image: Image.Image) -> Image.Image:
+    """32-bit float images (TIFF mode F): values in [0, 1] (the usual convention) or [0, 255] are
+    scaled to 8 bits; Pillow would clip [0, 1] to black. Any other range is refused: guessing
+    a scale (min-max, say) would change what the model sees without saying so."""
+    values = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ImageError("float image holding NaN or inf values")
+    low, high = float(values.min()), float(values.max())
+    if low >= 0 and high <= 1:
+        scale = 255.0
+    elif low >= 0 and high <= 255:
+        scale = 1.0
+    else:
+        raise ImageError(f"float image with values in [{low:g}, {high:g}]; expected [0, 1] or [0, 255]: "
+                         "save it as 8- or 16-bit, or rescale it")
+    return Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8))
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "F":
+        image = _float_to_8bit(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: scale to 8 bits instead of letting Pillow clip at 255.
         values = np.asarray(image, dtype=np.float64)
@@ -48,6 +94,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def _decode(path: Path) -> Image.Image:
     """The one place that decodes image files: upright (EXIF orientation applied) RGB, or ImageError."""
     try:
+        if path.is_symlink() and not path.exists():
+            raise ImageError(_broken_link(path))
         if path.stat().st_size == 0:
             # Pillow's "cannot identify image file" would hide the plain cause (an interrupted copy).
             raise ImageError("unreadable image: empty file (0 bytes)")
@@ -57,6 +105,27 @@ def _decode(path: Path) -> Image.Image:
                 return _to_rgb(ImageOps.exif_transpose(opened))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageError(f"unreadable image: {exc}") from None
+
+
+def _broken_link(path: Path) -> str:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop (the link points back to itself)"
+    try:
+        return f"broken symbolic link: {os.readlink(path)} does not exist"
+    except OSError:
+        return "broken symbolic link"
+
+
+def image_problem(path: Path) -> str | None:
+    """Why the image file cannot be used (decoded in full), or None."""
+    try:
+        _decode(Path(path))
+    except ImageError as exc:
+        return str(exc)
+    return None
 
 
 def load_image(path: Path, size: int) -> torch.Tensor:
@@ -96,12 +165,26 @@ class AttributeTable:
     def vector(self, file: str | Path) -> np.ndarray | None:
         return self.rows.get(Path(file).name)
 
+    def mismatch(self, files: list[Path]) -> str | None:
+        """`list_attr.txt names 000001.jpg but the folder has 000001.png` when the file names its
+        images with another extension than the folder holds, else None."""
+        present = {file.name for file in files}
+        by_stem = {Path(name).stem: name for name in self.rows if name not in present}
+        pairs = [(by_stem[file.stem], file.name) for file in files
+                 if file.name not in self.rows and file.stem in by_stem]
+        if not pairs:
+            return None
+        listed, found = pairs[0]
+        more = f" ({len(pairs)} images named with another extension)" if len(pairs) > 1 else ""
+        return f"{self.path.name} names {listed} but the folder has {found}{more}"
+
 
 def read_attributes(path: Path) -> AttributeTable:
     """Parse CelebA layout: count line, names line, then `file v1 v2 ...` with -1/1 (or 0/1)."""
     path = Path(path)
     try:
-        lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the count line.
+        lines = [line.split() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except FileNotFoundError:
         raise SiaError(f"attribute file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -144,8 +227,13 @@ class LabelledImages(torch.utils.data.Dataset):
         files = [images / name for name in table.rows]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
+            hint = ""
+            if images.is_dir():
+                present = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+                found = table.mismatch(present)
+                hint = f": {found}" if found else _one_folder_down(images)
             raise SiaError(
-                f"{len(missing)} file(s) listed in {table.path} are missing from {images}, e.g. {missing[0]}"
+                f"{len(missing)} file(s) listed in {table.path} are missing from {images}, e.g. {missing[0]}{hint}"
             )
         if not files:
             raise SiaError(f"{table.path} lists no images")
@@ -156,4 +244,8 @@ class LabelledImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         file = self.files[index]
-        return load_image(file, self.size), torch.from_numpy(self.table.rows[file.name])
+        try:
+            image = load_image(file, self.size)
+        except ImageError as exc:  # found by the loader mid-training: name the file
+            raise ImageError(f"{file.name}: {exc}") from None
+        return image, torch.from_numpy(self.table.rows[file.name])

@@ -96,12 +96,19 @@ def diagnose(config: DiagnoseConfig, progress: ProgressFn = silent) -> dict:
         raise SiaError(f"--mode must be multi or single, not {config.mode!r}")
     if config.chosen_headline() not in MEASURES or (config.chosen_headline() == "single") != (config.mode == "single"):
         raise SiaError(f"headline measure {config.chosen_headline()!r} does not fit --mode {config.mode}")
+    if config.top_k < 1:
+        raise SiaError(f"--top-k must be at least 1 (got {config.top_k})")
+    if config.bootstrap < 0:
+        raise SiaError(f"--bootstrap must be 0 (no intervals) or a positive number of resamples (got {config.bootstrap})")
     began = time.perf_counter()
 
     def check_groups(inputs: Inputs) -> None:
         unknown = [g for g in config.group_by if g not in inputs.backbone.attributes]
         if unknown:
             raise SiaError(f"--group-by {', '.join(unknown)}: not a backbone attribute")
+        if bool(inputs.protected.all()):  # before the attack, not after it: nothing would be left to measure
+            raise SiaError(f"--protect names every attribute of the backbone ({len(inputs.protected)}): "
+                           "nothing is left to measure; leave at least one unprotected")
 
     with start_run(config, progress, check_groups) as (inputs, world, journal):
         run = MethodRun(METHODS["sia"] if config.mode == "multi" else METHODS["attr"], config.out)
@@ -124,7 +131,7 @@ def diagnose(config: DiagnoseConfig, progress: ProgressFn = silent) -> dict:
             return report
 
         try:
-            entries = sweep(config, inputs, world, journal, work, progress, "diagnose")
+            entries = sweep(config, inputs, world, journal, work, progress, "diagnose", (run.method.name,))
         except KeyboardInterrupt:
             raise interrupted(config, world, lambda entries: write(entries, complete=False) is not None) from None
         require_usable(*collect(entries, inputs.files), config.images)
@@ -159,7 +166,8 @@ def _report(config: DiagnoseConfig, inputs: Inputs, run: MethodRun, skipped: lis
     report = {**base, **found, **run.summary()}
     report["settings"]["headline"] = headline
     report["settings"]["eq2_reference"] = "a0 (the starting attributes; the paper writes a_1)"
-    report["settings"]["intervals"] = f"BCa bootstrap over images, {config.bootstrap} resamples, 95%"
+    report["settings"]["intervals"] = (f"BCa bootstrap over images, {config.bootstrap} resamples, 95% "
+                                       "(bias-shifted percentile where the bias exceeds the interval)")
     report["measured_images"] = sum("error" not in r for r in measured)
     report["ranking"] = sens.ranking(found[MEASURES[headline]])
     report["intervals"] = _intervals(measured, attributes, protected, config)
@@ -220,7 +228,8 @@ def _telling(inputs: Inputs, out: Path, records: list[dict], count: int = 8) -> 
                 "reconstruction": to_uint8(reconstruction[i].cpu()),
                 "adversary": np.asarray(adversary.convert("RGB")),
                 "caption": f"{_short(record['pred_clean'])} -> {_short(record['pred_adv'])}"
-                           f"{' (success)' if record['success'] else ''}",
+                           f"{' (success)' if record['success'] else ''}"
+                           f"{' (lost in reconstruction)' if record.get('lost_in_reconstruction') else ''}",
             })
     return rows
 

@@ -1,7 +1,16 @@
 """Errors the CLI turns into one line on stderr and a non-zero exit code."""
 
 INTERRUPTED = 130  # the shell's exit code for Ctrl-C
+TERMINATED = 143  # 128 + SIGTERM: a run stopped by SIGTERM (CI cancellation, docker stop, Slurm)
 UNFIT = 4  # `sia sdar`: the report's backbone does not fit its images, so the gate cannot pass
+STOPPED_BY: dict = {"signal": None}  # set by the CLI's SIGTERM handler, which then raises KeyboardInterrupt
+
+
+def interrupted_code() -> int:
+    """130 after Ctrl-C, 143 after SIGTERM: both stop a run the same way, the code tells which."""
+    import signal
+
+    return TERMINATED if STOPPED_BY["signal"] == getattr(signal, "SIGTERM", None) else INTERRUPTED
 
 
 class SiaError(Exception):
@@ -14,3 +23,11 @@ class SiaError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+class ModelRaised(SiaError):
+    """The target model raised in its forward (models often check their input there). A run
+    retries the batch one image at a time and marks the images it raises on as failed."""
+
+    def __init__(self, detail: str):
+        super().__init__(f"the model raised an error: {detail}")

@@ -510,8 +510,12 @@ def _check_out_dir(out: Path) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no temp file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _attr_text(names: list[str], labels: np.ndarray) -> str:

@@ -1,9 +1,19 @@
 """The backbone registry (`weights.yaml`) and resolution of `--gan NAME_OR_PATH`.
 
 An entry describes a set of weights (attribute names, image size, `thres_int`,
-architecture) apart from where the file comes from: a path inside the repository,
-a URL with its sha256 (downloaded once into the cache), or a file the user must
+architecture) apart from where the file comes from: a path relative to the registry
+file, a URL with its sha256 (downloaded once into the cache), or a file the user must
 download by hand into the cache.
+
+The registry is read from several files, later ones replacing earlier entries of the
+same name (whole entries, not field by field):
+
+1. the built-ins, `sia_cli/weights.yaml`, shipped in the package with the default
+   backbone (`sia_cli/backbones/synth-faces-64/`), so an installed wheel works anywhere;
+2. the user registry: the file named by `$SIA_WEIGHTS` when it is set (it must exist);
+   otherwise `$XDG_CONFIG_HOME/sia/weights.yaml` (default `~/.config/sia/weights.yaml`)
+   and then, when the package runs from a source checkout, the checkout's top-level
+   `weights.yaml`, each only if it exists.
 """
 
 from __future__ import annotations
@@ -22,7 +32,9 @@ from sia_cli.backbone import CARD_FILE, SETTING_FILE, AttGAN, build_backbone, la
 from sia_cli.errors import SiaError
 from sia_cli.progress import ProgressFn, silent
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUILTIN_REGISTRY = PACKAGE_DIR / "weights.yaml"  # package data: the built-in entries
+REPO_ROOT = PACKAGE_DIR.parent  # the checkout, when the package is not installed from a wheel
 DEFAULT_BACKBONE = "synth-faces-64"
 CHUNK = 1 << 20
 
@@ -40,15 +52,39 @@ class RegistryEntry:
     manual: str | None = None
     description: str = ""
     card: dict = field(default_factory=dict)
-    base: Path = field(default=REPO_ROOT)
+    base: Path = field(default=PACKAGE_DIR)
 
     def setting(self) -> dict:
         """The entry in the shape of a public `setting.txt`."""
         return {**self.arch, "attrs": list(self.attributes), "img_size": self.img_size, "thres_int": self.thres_int}
 
 
-def registry_file() -> Path:
-    return Path(os.environ.get("SIA_WEIGHTS", REPO_ROOT / "weights.yaml"))
+def checkout_registry() -> Path | None:
+    """The top-level `weights.yaml` of the source checkout this package runs from, if any."""
+    if (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "weights.yaml").is_file():
+        return REPO_ROOT / "weights.yaml"
+    return None
+
+
+def config_registry() -> Path:
+    """The per-user registry file: `$XDG_CONFIG_HOME/sia/weights.yaml` (default `~/.config/...`)."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "sia" / "weights.yaml"
+
+
+def user_registry_files() -> list[Path]:
+    """The user's registry files, in the order they are read (later entries win)."""
+    if os.environ.get("SIA_WEIGHTS"):
+        path = Path(os.environ["SIA_WEIGHTS"]).expanduser()
+        if not path.is_file():
+            raise SiaError(f"SIA_WEIGHTS names {path}, which is not a file")
+        return [path]
+    checkout = checkout_registry()
+    return [path for path in (config_registry(), checkout) if path is not None and path.is_file()]
+
+
+def registry_files() -> list[Path]:
+    """Every registry file read, built-ins first."""
+    return [BUILTIN_REGISTRY, *user_registry_files()]
 
 
 def cache_dir() -> Path:
@@ -58,7 +94,13 @@ def cache_dir() -> Path:
 
 
 def load_registry(path: Path | None = None) -> dict[str, RegistryEntry]:
-    path = Path(path or registry_file())
+    """The entries of one registry file, or with no `path` the merged registry (see the module doc)."""
+    if path is None:
+        entries: dict[str, RegistryEntry] = {}
+        for file in registry_files():
+            entries.update(load_registry(file))
+        return entries
+    path = Path(path)
     if not path.is_file():
         return {}
     try:

@@ -165,6 +165,12 @@ def _error_extents(names: list[str], values: dict[str, float], intervals: dict[s
     return extents
 
 
+def edit_rate_text(rate: float) -> str:
+    """An edit success rate in two decimals, rounded down: 0.497 must not read 0.50 beside a
+    blind-spot mark whose floor is 0.5."""
+    return f"{math.floor(round(rate * 100, 6)) / 100:.2f}"
+
+
 def sensitivity_png(path: str | os.PathLike, values: dict[str, float],
                     intervals: dict[str, dict] | None = None, title: str = "",
                     edit_success: dict[str, float] | None = None, blind_spots: Sequence[str] = ()) -> None:
@@ -197,7 +203,8 @@ def sensitivity_png(path: str | os.PathLike, values: dict[str, float],
     for row, (value, end) in enumerate(zip(heights, bar_ends)):
         axes.text(end + 0.01 * span, row, _bar_label(value), va="center", fontsize=9)
     edit_success = edit_success or {}
-    labels = [f"{name} (edit {edit_success[name]:.2f})" if name in edit_success else name for name in names]
+    labels = [f"{name} (edit {edit_rate_text(edit_success[name])})" if name in edit_success else name
+              for name in names]
     axes.set_yticks(rows, labels)
     axes.invert_yaxis()
     axes.set_xlim(0, span * 1.15)
@@ -397,6 +404,11 @@ def headline_sentence(report: dict, top_k: int = 3) -> str:
     else:
         leaders = ", ".join(f"{a} {shares[a]:.2f}" for a in order[:top_k])
         text = f"No single attribute stands out (the leaders' intervals overlap); leaders by {name}: {leaders}."
+    blind = [name for name in report.get("blind_spots") or [] if name != winner]
+    if blind:
+        shown = ", ".join(blind[:5]) + (f" and {len(blind) - 5} more" if len(blind) > 5 else "")
+        text += (f" The backbone cannot edit {shown} in most faces (blind spots): the model may depend on "
+                 "them more than shown.")
     fit = (report.get("backbone_fit") or {}).get("ok")
     if fit is False:
         text += " The backbone does not fit these images well enough to trust this (see the warnings)."
@@ -415,7 +427,7 @@ def _top_attributes(report: dict, top_k: int) -> str:
     blind = set(report.get("blind_spots") or [])
 
     def item(attribute: str) -> str:
-        note = f" <span class='muted'>(blind spot: backbone edit success {edit[attribute]:.2f})</span>" \
+        note = f" <span class='muted'>(blind spot: backbone edit success {edit_rate_text(edit[attribute])})</span>" \
             if attribute in blind and attribute in edit else ""
         return f"<li>{_e(attribute)}: {shares[attribute]:.2f} of total{note}</li>"
 
@@ -471,7 +483,8 @@ def _measures_table(report: dict) -> str:
                          f"<td>{_number(shares.get(attribute), 2)}</td>")
         if flips:
             cells.append(f"<td>{_number(flips.get(attribute), 2)}</td>")
-        cells.append(f"<td>{_number(edit.get(attribute), 2)}{' (blind spot)' if attribute in blind else ''}</td>")
+        rate = edit_rate_text(edit[attribute]) if attribute in edit else "—"
+        cells.append(f"<td>{rate}{' (blind spot)' if attribute in blind else ''}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table>{header}{''.join(body)}</table>"
 

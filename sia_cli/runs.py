@@ -23,7 +23,7 @@ from sia_cli import __version__, trust
 from sia_cli.attack import METHODS, AttackSettings, Method, attribute_radius, get_method, quantize, run_loop
 from sia_cli.data import ImageError, list_images, load_image, read_attributes
 from sia_cli.distributed import World, agree, barrier, current, join
-from sia_cli.errors import INTERRUPTED, SiaError
+from sia_cli.errors import INTERRUPTED, ModelRaised, SiaError
 from sia_cli.journal import Journal, close_run, locked, open_journal, read_entries
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.registry import load_backbone
@@ -65,6 +65,7 @@ class RunConfig:
     force: bool = False
     keep_lost: bool = False  # count images lost in reconstruction in the success rate and measures
     command: str = ""
+    trust_pickle: bool = False  # load .pt2 archives holding pickles (they can run code)
 
     def describe(self) -> dict:
         data = asdict(self)
@@ -111,8 +112,10 @@ def prepare_out(out: Path, force: bool) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".sia-write-test.{os.getpid()}"  # per process: torchrun ranks probe at once
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        try:
+            probe.write_bytes(b"ok")
+        finally:
+            probe.unlink(missing_ok=True)  # also when the write failed (a full disk) after creating it
     except OSError as exc:
         raise SiaError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
 
@@ -125,10 +128,13 @@ def load_inputs(config: RunConfig, progress: ProgressFn = silent) -> Inputs:
         config.model, device=config.device, task=config.task, input_size=config.input_size,
         mean=config.mean, std=config.std, output_key=config.output_key, probe_size=backbone.img_size,
         output=config.output, label=config.label, channels=config.channels, margin=config.margin,
-        eye_indices=config.eye_indices,
+        eye_indices=config.eye_indices, trust_pickle=config.trust_pickle,
     )
     files = list_images(config.images)
     table = read_attributes(config.attrs_file).select(backbone.attributes) if config.attrs_file else None
+    mismatch = table.mismatch(files) if table is not None else None
+    if mismatch:
+        raise SiaError(f"{mismatch}: --attrs-file and --images must name the same files")
     if table is None and backbone.discriminator is None:
         raise SiaError(
             "no starting attributes: pass --attrs-file (CelebA list_attr layout); "
@@ -139,6 +145,11 @@ def load_inputs(config: RunConfig, progress: ProgressFn = silent) -> Inputs:
         raise SiaError(f"--protect {', '.join(unknown)}: not a backbone attribute ({', '.join(backbone.attributes)})")
     protected = torch.tensor([name in config.protect for name in backbone.attributes])
     labels = read_labels(config.labels, target.task, target.task.class_labels) if config.labels else None
+    if labels is not None:  # all of them before the first batch, not when a batch reaches the gap
+        missing = [file.name for file in files if file.name not in labels]
+        if missing:
+            raise SiaError(f"--labels {config.labels} has no row for {missing[0]} "
+                           f"({len(missing)} of {len(files)} image(s) missing)")
     return Inputs(backbone, target, files, table, labels, protected, adversary_names(files))
 
 
@@ -301,8 +312,14 @@ def save_images(folder: Path, files: list[Path], images: torch.Tensor, names: di
     names = names or adversary_names(files)
     for file, image in zip(files, ((images + 1) / 2).cpu()):
         partial = folder / f".{names[file.name]}.tmp"
-        Image.fromarray(to_uint8(image)).save(partial, format="PNG")
-        partial.replace(folder / names[file.name])
+        try:
+            Image.fromarray(to_uint8(image)).save(partial, format="PNG")
+            partial.replace(folder / names[file.name])
+        except BaseException as exc:  # a full disk, Ctrl-C: no half-written temp file left behind
+            partial.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and not exc.filename:  # say which file could not be written
+                raise OSError(exc.errno, exc.strerror or str(exc), str(folder / names[file.name])) from None
+            raise
 
 
 class MethodRun:
@@ -435,7 +452,7 @@ def settings_fingerprint(config: RunConfig) -> dict:
     """What decides a run's results: a resumed run must match it. Where and how fast it runs
     (device, batch size, progress) may change between attempts."""
     data = json.loads(json.dumps(config.describe(), default=str))
-    for key in ("out", "force", "command", "device", "batch_size", "compile"):
+    for key in ("out", "force", "command", "device", "batch_size", "compile", "trust_pickle"):
         data.pop(key, None)
     return data
 
@@ -448,6 +465,8 @@ def start_run(config: RunConfig, progress: ProgressFn = silent, check=None):
     clears an old run (with --force), so a rerun that fails validation keeps the previous
     results. Under torchrun, `config.device` becomes this rank's device.
     """
+    if config.batch_size != AUTO and config.batch_size < 1:  # before --out is made
+        raise SiaError(f"--batch-size must be at least 1 (got {config.batch_size})")
     world, config.device = join(config.device)
     agree(lambda: prepare_out(config.out, config.force), world)
     with locked(config.out, LOCK, "sia run", world):
@@ -468,8 +487,11 @@ def start_run(config: RunConfig, progress: ProgressFn = silent, check=None):
 
 
 def sweep(config: RunConfig, inputs: Inputs, world: World, journal: Journal, work, progress: ProgressFn,
-          task: str) -> dict[str, dict]:
+          task: str, methods: tuple[str, ...] = ()) -> dict[str, dict]:
     """Run `work(batch) -> {method: records}` over this rank's share of the unfinished images.
+
+    `methods` names the keys of `work`'s result: an image the model raises on gets a failed
+    record under each (see `_work_or_fail`).
 
     Returns the journal entries of every rank, now and before, the same on every rank (a
     collective: every rank must call it); `collect` turns them into records in file order.
@@ -477,7 +499,7 @@ def sweep(config: RunConfig, inputs: Inputs, world: World, journal: Journal, wor
     skipped: list[dict] = []
     finished = len(journal.done)
     for batch in batches(inputs, config.batch_size, config.device, skipped, journal.done, world):
-        results = work(batch)
+        results = _work_or_fail(work, batch, methods)
         entries = [{"file": item["file"], "skipped": item["reason"]} for item in skipped]
         entries += [{"file": file.name, "records": {m: rows[i] for m, rows in results.items()}}
                     for i, file in enumerate(batch.files)]
@@ -487,6 +509,25 @@ def sweep(config: RunConfig, inputs: Inputs, world: World, journal: Journal, wor
         progress(task, min(finished, len(inputs.files)), len(inputs.files))
     journal.append([{"file": item["file"], "skipped": item["reason"]} for item in skipped])
     return journal.gather()
+
+
+def _work_or_fail(work, batch: Batch, methods: tuple[str, ...]) -> dict[str, list[dict]]:
+    """`work(batch)`; when the model raises (it checks its input, say), the batch again one image
+    at a time, and an image it still raises on becomes a failed record with the model's message,
+    like an image it returns NaN for: the rest of the run goes on, and a rerun does not retry it."""
+    try:
+        return work(batch)
+    except ModelRaised as exc:
+        if len(batch.files) == 1:
+            record = {"file": batch.files[0].name, "attrs_start": _plain(batch.a0[0]),
+                      "attrs_source": batch.a0_source, "success": False, "error": str(exc)}
+            return {name: [dict(record)] for name in methods}
+    results: dict[str, list[dict]] = {name: [] for name in methods}
+    for i in range(len(batch.files)):
+        single = Batch(batch.files[i:i + 1], batch.x0[i:i + 1], batch.a0[i:i + 1], batch.index, batch.a0_source)
+        for name, rows in _work_or_fail(work, single, methods).items():
+            results.setdefault(name, []).extend(rows)
+    return results
 
 
 def collect(entries: dict[str, dict], files: list[Path]) -> tuple[dict[str, list[dict]], list[dict]]:
@@ -550,7 +591,7 @@ def attack(config: RunConfig, progress: ProgressFn = silent) -> dict:
             return _write_attack_reports(config, inputs, runs, skipped, time.perf_counter() - began, complete)
 
         try:
-            entries = sweep(config, inputs, world, journal, work, progress, "attack")
+            entries = sweep(config, inputs, world, journal, work, progress, "attack", tuple(runs))
         except KeyboardInterrupt:
             raise interrupted(config, world, lambda entries: bool(write(entries, complete=False))) from None
         records, skipped = collect(entries, inputs.files)

@@ -163,19 +163,28 @@ def bca_interval(estimate: float, samples: np.ndarray, jackknife: np.ndarray, le
     The bias correction z0 comes from the share of resamples below the estimate, the
     acceleration from the jackknife (leave-one-image-out) values. A plain percentile interval
     can exclude its own estimate when resampling biases the statistic (SDAR, a spread of
-    means, grows under resampling); BCa shifts the interval back. Where every resample falls
-    on one side the interval is widened to reach the estimate, so it always contains it.
+    means, grows under resampling); BCa shifts the interval back. Where the bias is so large
+    that the estimate lies outside the percentile interval, the percentile interval shifted by
+    the bootstrap bias (mean of resamples - estimate) is used instead. Either way the interval
+    is widened to reach the estimate if need be, so it always contains it.
     """
     samples = samples[np.isfinite(samples)]
     if samples.size == 0 or not math.isfinite(estimate):
         return {"low": float("nan"), "high": float("nan")}
+    tail = (1.0 - level) / 2.0
     share_below = (np.sum(samples < estimate) + 0.5 * np.sum(samples == estimate)) / samples.size
-    share_below = min(max(share_below, 0.5 / samples.size), 1 - 0.5 / samples.size)
+    if not tail <= share_below <= 1 - tail:
+        # Resampling moves the statistic by more than its own spread (SDAR of attributes that
+        # barely differ: every resample adds noise to the spread). BCa then degenerates to a
+        # sliver at the edge of the resamples; shift the percentile interval back by the
+        # bootstrap's estimate of that bias instead, keeping its width.
+        bias = float(samples.mean()) - estimate
+        low, high = np.percentile(samples, [tail * 100.0, 100.0 - tail * 100.0]) - bias
+        return {"low": float(min(low, estimate)), "high": float(max(high, estimate))}
     z0 = _normal_ppf(share_below)
     spread = jackknife.mean() - jackknife
     denominator = 6.0 * float(np.sum(spread**2)) ** 1.5
     acceleration = float(np.sum(spread**3)) / denominator if denominator > 0 else 0.0
-    tail = (1.0 - level) / 2.0
     ends = []
     for z in (_normal_ppf(tail), _normal_ppf(1 - tail)):
         adjusted = z0 + (z0 + z) / (1 - acceleration * (z0 + z))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import itertools
 import random
@@ -32,10 +34,13 @@ from sia_cli.backbone import (
     latest_checkpoint,
     read_checkpoint,
 )
-from sia_cli.data import LabelledImages, read_attributes
+from sia_cli.data import LabelledImages, image_problem, read_attributes
 from sia_cli.distributed import World, agree, all_gather, barrier, join
-from sia_cli.errors import INTERRUPTED, SiaError
+from sia_cli.errors import INTERRUPTED, STOPPED_BY, SiaError
+from sia_cli.journal import locked
 from sia_cli.progress import ProgressFn, silent
+
+LOCK = ".sia.lock"
 
 
 @dataclass
@@ -266,8 +271,9 @@ def _save(trainer: Trainer, out: Path, step: int, setting: dict, keep: int) -> P
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"weights.{step}.pth"
     partial = folder / f".weights.{step}.pth.tmp"
-    torch.save(trainer.state(step, setting), partial)
-    os.replace(partial, path)
+    buffer = io.BytesIO()  # torch.save's own file writer reports a full disk as a cryptic RuntimeError
+    torch.save(trainer.state(step, setting), buffer)
+    _replace_atomic(partial, path, lambda: partial.write_bytes(buffer.getbuffer()))
     old = sorted(folder.glob("weights.*.pth"), key=checkpoint_number)[:-keep]
     for stale in old:
         stale.unlink()
@@ -277,8 +283,20 @@ def _save(trainer: Trainer, out: Path, step: int, setting: dict, keep: int) -> P
 def _write_setting(out: Path, setting: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f".{SETTING_FILE}.tmp"
-    partial.write_text(json.dumps(setting, indent=4))
-    os.replace(partial, out / SETTING_FILE)
+    _replace_atomic(partial, out / SETTING_FILE, lambda: partial.write_text(json.dumps(setting, indent=4)))
+
+
+def _replace_atomic(partial: Path, path: Path, write) -> None:
+    """`write()` fills `partial`, which then replaces `path`; a failed write (a full disk)
+    leaves no temp file behind."""
+    try:
+        write()
+        os.replace(partial, path)
+    except BaseException as exc:
+        partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename in (None, str(partial)):  # name the file the user knows
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
 
 
 @torch.no_grad()
@@ -296,10 +314,66 @@ def _sample(trainer: Trainer, images: torch.Tensor, attrs: torch.Tensor, path: P
     save_image(make_grid(grid, nrow=len(columns), normalize=True, value_range=(-1, 1)), path)
 
 
+def check_config(config: TrainConfig) -> None:
+    """The options, before any work: a zero or negative one would fail deep inside training."""
+    at_least_one = {
+        "--batch-size": config.batch_size, "--max-steps": config.max_steps, "--n-d": config.n_d,
+        "--img-size": config.img_size, "--save-every": config.save_every, "--sample-every": config.sample_every,
+        "--enc-dim": config.enc_dim, "--dec-dim": config.dec_dim, "--dis-dim": config.dis_dim,
+        "--dis-fc-dim": config.dis_fc_dim, "--layers": min(config.enc_layers, config.dec_layers, config.dis_layers),
+    }
+    for flag, value in at_least_one.items():
+        if value < 1:
+            raise SiaError(f"{flag} must be at least 1 (got {value})")
+    for flag, value in {"--shortcut-layers": config.shortcut_layers, "--inject-layers": config.inject_layers,
+                        "--workers": config.workers, "--seed": config.seed}.items():
+        if value < 0:
+            raise SiaError(f"{flag} must be non-negative (got {value})")
+    if not math.isfinite(config.lr) or config.lr <= 0:
+        raise SiaError(f"--lr must be a finite positive number (got {config.lr:g})")
+    if config.time_limit is not None and (not math.isfinite(config.time_limit) or config.time_limit < 0):
+        raise SiaError(f"--time-limit must be a finite non-negative number of minutes (got {config.time_limit / 60:g})")
+
+
+def check_images(dataset: LabelledImages, world: World, progress: ProgressFn = silent) -> None:
+    """Decode every training image before the first step (each rank its share): a truncated
+    file found by the loader at step 40,000 would end the run without naming the file."""
+    files = dataset.files[world.rank::world.size]
+    bad = []
+    for done, file in enumerate(files, start=1):
+        reason = image_problem(file)
+        if reason is not None:
+            bad.append((file.name, reason))
+        if done % 200 == 0 or done == len(files):
+            progress("check images", done * world.size, len(dataset))
+    if bad:
+        name, reason = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise SiaError(f"cannot train on {name}: {reason}{more}; remove it from {dataset.files[0].parent} "
+                       f"and its row from {dataset.table.path}")
+
+
 def train_gan(config: TrainConfig, progress: ProgressFn = silent) -> dict:
-    """Train to `config.max_steps`; under torchrun with DDP, --batch-size per process, rank 0 writing."""
+    """Train to `config.max_steps`; under torchrun with DDP, --batch-size per process, rank 0 writing.
+
+    Holds a lock on --out throughout: a second run into the folder of a running one is refused."""
+    check_config(config)
     world, config.device = join(config.device)
     dataset, setting = agree(lambda: prepare(config, world), world)
+    agree(lambda: _make_out(Path(config.out)), world)
+    with locked(config.out, LOCK, "sia train-gan", world):
+        agree(lambda: check_images(dataset, world, progress if world.main else silent), world)
+        return _train(config, world, dataset, setting, progress)
+
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SiaError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+
+
+def _train(config: TrainConfig, world: World, dataset: LabelledImages, setting: dict, progress: ProgressFn) -> dict:
     out = Path(config.out)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -370,26 +444,32 @@ def _should_stop(config: TrainConfig, began: float, world: World, interrupted: b
 
 
 class _InterruptFlag:
-    """Ctrl-C during training raises a flag instead of an exception, so the step in flight
-    finishes and the last step is saved whole: an exception inside an optimiser step could
-    leave weights and moments half updated. A second Ctrl-C stops at once."""
+    """Ctrl-C (or SIGTERM: CI cancellation, docker stop, Slurm) during training raises a flag
+    instead of an exception, so the step in flight finishes and the last step is saved whole:
+    an exception inside an optimiser step could leave weights and moments half updated. A
+    second signal stops at once."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
 
     def __init__(self):
-        self.raised, self.previous = False, None
+        self.raised, self.previous = False, {}
 
     def __enter__(self) -> "_InterruptFlag":
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self.previous = signal.signal(signal.SIGINT, self._on_signal)
+            self.previous = {signum: signal.signal(signum, self._on_signal) for signum in self.SIGNALS}
         return self
 
     def _on_signal(self, signum, frame) -> None:
+        if signum != signal.SIGINT:
+            STOPPED_BY["signal"] = signum  # the exit code says SIGTERM (143)
         if self.raised:
             raise KeyboardInterrupt
         self.raised = True
 
     def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
 
 
 def _resume(trainer: Trainer, checkpoint: Path, setting: dict) -> int:
@@ -442,8 +522,7 @@ def write_card(config: TrainConfig, checkpoint: Path, setting: dict, dataset: La
         card["reconstruction_l1"] = round(found["reconstruction_l1"], 4)
         card["measured"] += f", judge {Path(config.judge).name}"
     partial = Path(config.out) / f".{CARD_FILE}.tmp"
-    partial.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(partial, Path(config.out) / CARD_FILE)
+    _replace_atomic(partial, Path(config.out) / CARD_FILE, lambda: partial.write_text(json.dumps(card, indent=2) + "\n"))
     return card
 
 

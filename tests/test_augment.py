@@ -30,7 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit de
 
 REPO = Path(__file__).resolve().parents[1]
 EYEGLASSES = REPO / "examples" / "targets" / "eyeglasses_confounded.pt"
-ATTRIBUTES = yaml.safe_load((REPO / "weights.yaml").read_text())["synth-faces-64"]["attributes"]
+ATTRIBUTES = yaml.safe_load((REPO / "sia_cli" / "weights.yaml").read_text())["synth-faces-64"]["attributes"]
 SIZE = 64
 FAST = ["--steps", "3", "--step-size", "0.2", "--batch-size", "3", "--no-progress"]
 

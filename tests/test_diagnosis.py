@@ -187,7 +187,7 @@ def test_unlabeled_images_with_a_backbone_without_discriminator_is_a_clear_error
 
     import torch
 
-    backbone = Path(__file__).parents[1] / "examples" / "backbone"
+    backbone = Path(__file__).parents[1] / "sia_cli" / "backbones" / "synth-faces-64"
     copy = tmp_path / "no-critic"
     shutil.copytree(backbone, copy)
     checkpoint = next((copy / "checkpoint").glob("weights.*.pth"))

@@ -1,4 +1,5 @@
-"""The weights.yaml registry: path, url+sha256 (real local HTTP server) and manual entries."""
+"""The weights.yaml registry: path, url+sha256 (real local HTTP server) and manual entries; the
+built-in registry shipped in the package, merged with the user's files."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = None
 
 from sia_cli import registry
 from sia_cli.errors import SiaError
@@ -63,8 +69,10 @@ def server(tmp_path, make_experiment):
 def env(tmp_path, monkeypatch):
     """Point the registry and the cache at tmp_path; returns (registry file, cache folder)."""
     weights, cache = tmp_path / "weights.yaml", tmp_path / "cache"
+    weights.write_text("{}\n")
     monkeypatch.setenv("SIA_WEIGHTS", str(weights))
     monkeypatch.setenv("SIA_CACHE", str(cache))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     return weights, cache
 
 
@@ -185,7 +193,8 @@ def test_unknown_name_lists_the_known_names(env, tiny_setting):
     write_registry(weights, {"alpha": entry(tiny_setting, {"path": "a"}), "beta": entry(tiny_setting, {"path": "b"})})
     with pytest.raises(SiaError) as exc:
         registry.resolve("gamma")
-    assert "gamma" in str(exc.value) and "alpha, beta" in str(exc.value)
+    # The user's entries and the built-ins, sorted.
+    assert "gamma" in str(exc.value) and "(known: alpha, attgan-celeba-128, beta, synth-faces-64)" in str(exc.value)
 
 
 @pytest.mark.parametrize("text", ["- just\n- a list\n", "broken:\n  attributes: [a, b]\n", "x: {source: , img_size: 3, attributes: [a]}\n"])
@@ -204,8 +213,9 @@ def test_cache_dir_honours_sia_cache(monkeypatch, tmp_path):
     assert registry.cache_dir() == tmp_path / "xdg" / "sia"
 
 
-def test_repository_registry_default_backbone_loads(monkeypatch):
+def test_repository_registry_default_backbone_loads(monkeypatch, tmp_path):
     monkeypatch.delenv("SIA_WEIGHTS", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     entries = registry.load_registry()
     assert registry.DEFAULT_BACKBONE in entries
     for item in entries.values():
@@ -215,3 +225,115 @@ def test_repository_registry_default_backbone_loads(monkeypatch):
     assert backbone.info.name == registry.DEFAULT_BACKBONE
     assert len(backbone.attributes) == 15 and backbone.img_size == 64
     assert backbone.discriminator is not None
+
+
+# ----------------------------------------------------------------------------- built-ins and user registries
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_backbone_is_built_in_and_ships_inside_the_package():
+    builtins = registry.load_registry(registry.BUILTIN_REGISTRY)
+    assert registry.BUILTIN_REGISTRY.parent == registry.PACKAGE_DIR
+    default = builtins[registry.DEFAULT_BACKBONE]
+    folder = (registry.BUILTIN_REGISTRY.parent / default.path).resolve()
+    assert folder.is_relative_to(registry.PACKAGE_DIR), folder  # so the wheel carries it
+    source = registry.entry_source(default)
+    assert source.checkpoint.is_file() and source.card and source.setting["attrs"] == default.attributes
+    for path in folder.rglob("*"):
+        assert path.stat().st_size < 5_000_000, path  # every file stays under 5 MB
+
+
+def test_package_data_patterns_cover_the_builtin_registry_and_backbones():
+    if tomllib is None:
+        pytest.skip("tomllib needs Python 3.11")
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["sia_cli"]
+    shipped = [p for p in registry.PACKAGE_DIR.rglob("*")
+               if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert shipped, "no package data found"
+    for path in shipped:
+        rel = path.relative_to(registry.PACKAGE_DIR)
+        assert any(rel.match(pattern) for pattern in patterns), f"{rel} is not in [tool.setuptools.package-data]"
+
+
+def test_repository_weights_yaml_adds_to_the_builtins_without_copying_them():
+    # The top-level file holds the user-editable extras; each built-in lives only in sia_cli/weights.yaml.
+    top = registry.load_registry(REPO / "weights.yaml")
+    builtins = registry.load_registry(registry.BUILTIN_REGISTRY)
+    assert not set(top) & set(builtins), "an entry is kept in both weights.yaml files"
+    assert "synth-faces-64" in builtins and "attgan-celeba-128" in builtins
+
+
+def test_checkout_registry_is_read_only_from_a_source_checkout(monkeypatch, tmp_path):
+    monkeypatch.delenv("SIA_WEIGHTS", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    assert registry.checkout_registry() == REPO / "weights.yaml"  # the tests run from the checkout
+    # Installed from a wheel, the package's parent is site-packages: no pyproject.toml there.
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "weights.yaml").write_text("stray: {attributes: [a], img_size: 8, source: {path: x}}\n")
+    monkeypatch.setattr(registry, "REPO_ROOT", site)
+    assert registry.checkout_registry() is None
+    assert registry.registry_files() == [registry.BUILTIN_REGISTRY]
+    assert registry.DEFAULT_BACKBONE in registry.load_registry() and "stray" not in registry.load_registry()
+
+
+def test_user_entries_override_builtins_by_name_and_add_new_ones(env, tmp_path, make_experiment, tiny_setting):
+    weights, _ = env
+    make_experiment(tmp_path / "mine", epochs=(2,))
+    write_registry(weights, {
+        "synth-faces-64": entry(tiny_setting, {"path": "mine"}),  # replaces the built-in, whole
+        "extra": entry(tiny_setting, {"path": "mine"}),
+    })
+    entries = registry.load_registry()
+    assert {"synth-faces-64", "extra", "attgan-celeba-128"} <= set(entries)
+    assert entries["synth-faces-64"].base == tmp_path and entries["synth-faces-64"].img_size == 32
+    assert registry.load_backbone(None).attributes == tiny_setting["attrs"]  # the default name, overridden
+    assert registry.load_backbone("extra").info.path.endswith("weights.2.pth")
+
+
+def test_config_file_is_the_user_registry_when_sia_weights_is_unset(monkeypatch, tmp_path, make_experiment,
+                                                                    tiny_setting):
+    monkeypatch.delenv("SIA_WEIGHTS", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setattr(registry, "REPO_ROOT", tmp_path / "not-a-checkout")
+    config = tmp_path / "config" / "sia" / "weights.yaml"
+    assert registry.config_registry() == config
+    config.parent.mkdir(parents=True)
+    make_experiment(config.parent / "gans" / "mine", epochs=(1,))
+    write_registry(config, {"mine": entry(tiny_setting, {"path": "gans/mine"})})
+    assert registry.registry_files() == [registry.BUILTIN_REGISTRY, config]
+    assert registry.load_backbone("mine").info.path.endswith("weights.1.pth")
+    assert registry.resolve(None).name == registry.DEFAULT_BACKBONE  # the built-in default is still there
+
+
+def test_checkout_file_is_read_after_the_config_file(monkeypatch, tmp_path, tiny_setting):
+    monkeypatch.delenv("SIA_WEIGHTS", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "pyproject.toml").write_text("")
+    write_registry(checkout / "weights.yaml", {"both": entry(tiny_setting, {"path": "from-checkout"})})
+    (tmp_path / "config" / "sia").mkdir(parents=True)
+    write_registry(registry.config_registry(), {"both": entry(tiny_setting, {"path": "from-config"}),
+                                                "config-only": entry(tiny_setting, {"path": "c"})})
+    monkeypatch.setattr(registry, "REPO_ROOT", checkout)
+    entries = registry.load_registry()
+    assert entries["both"].path == "from-checkout" and "config-only" in entries
+
+
+def test_sia_weights_replaces_the_config_and_checkout_files(env, monkeypatch, tmp_path, tiny_setting):
+    weights, _ = env
+    (tmp_path / "config" / "sia").mkdir(parents=True)
+    write_registry(registry.config_registry(), {"config-only": entry(tiny_setting, {"path": "c"})})
+    write_registry(weights, {"mine": entry(tiny_setting, {"path": "m"})})
+    assert registry.registry_files() == [registry.BUILTIN_REGISTRY, weights]
+    assert set(registry.load_registry()) == {"mine", "synth-faces-64", "attgan-celeba-128"}
+
+
+def test_sia_weights_naming_a_missing_file_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("SIA_WEIGHTS", str(tmp_path / "typo.yaml"))
+    with pytest.raises(SiaError, match="SIA_WEIGHTS names .*typo.yaml, which is not a file"):
+        registry.resolve("synth-faces-64")
+    # A path given as --gan does not need the registry at all.
+    assert registry.resolve(str(registry.PACKAGE_DIR / "backbones" / "synth-faces-64")).checkpoint.is_file()

@@ -665,3 +665,353 @@ def test_ctrl_c_in_train_gan_saves_the_last_step_and_resume_continues(six_faces,
                              text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"trained to step {step + 2} (from {step})" in resumed.stdout
+
+
+# ============================================================================= issue 12, part 3
+# Every signal, option and file answered the same way: one line, a non-zero exit, nothing lost.
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def test_sigterm_in_diagnose_is_ctrl_c_with_exit_143_and_a_rerun_resumes(six_faces, tmp_path):
+    out = tmp_path / "run"
+    process = start("diagnose", six_faces, out)
+    wait_for_lines(out / PROGRESS["diagnose"], 2, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "rerun the same command to resume" in stderr, stderr
+    partial = report_of(out)
+    assert partial["complete"] is False and 2 <= len(partial["images"]) < 6
+    rerun = subprocess.run(command_line("diagnose", six_faces, out), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert report_of(out)["complete"] is True and len(report_of(out)["images"]) == 6
+
+
+def test_ctrl_c_while_starting_is_one_line(six_faces, tmp_path):
+    """Ctrl-C while Python still imports torch (seconds): one line, not an import traceback."""
+    process = start("diagnose", six_faces, tmp_path / "run")
+    time.sleep(0.3)
+    code, stderr = interrupt(process)
+    assert code == 130 and "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "interrupted" in stderr, stderr
+
+
+def gan_args(images: Path, attrs: Path, out: Path, *extra) -> list[str]:
+    args = ["train-gan", "--images", images, "--attrs", attrs, "--out", out, "--img-size", "32", "--batch-size",
+            "2", "--n-d", "1", "--enc-dim", "8", "--dec-dim", "8", "--dis-dim", "8", "--layers", "3",
+            "--save-every", "100000", "--sample-every", "100000", "--no-progress", *extra]
+    return [sys.executable, "-m", "sia_cli", *map(str, args)]
+
+
+def test_sigterm_in_train_gan_saves_the_last_step(six_faces, tmp_path):
+    out = tmp_path / "gan"
+    process = subprocess.Popen(gan_args(six_faces / "images", six_faces / "list_attr.txt", out, "--max-steps",
+                                        "100000"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_lines(out / "setting.txt", 1, process)
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "interrupted after step" in stderr and "--resume" in stderr
+    saved = sorted((out / "checkpoint").glob("weights.*.pth"))
+    assert len(saved) == 1 and saved[0].name in stderr
+
+
+# ----------------------------------------------------------------------------- options, before any work
+
+
+@pytest.mark.parametrize("command, extra, words", [
+    ("train-gan", ["--save-every", "0"], ["--save-every", "at least 1", "0"]),
+    ("train-gan", ["--batch-size", "0"], ["--batch-size", "at least 1"]),
+    ("train-gan", ["--lr", "-1"], ["--lr", "positive", "-1"]),
+    ("diagnose", ["--top-k", "-1"], ["--top-k", "at least 1", "-1"]),
+    ("diagnose", ["--top-k", "0"], ["--top-k", "at least 1"]),
+    ("diagnose", ["--bootstrap", "-1"], ["--bootstrap", "-1"]),
+])
+def test_bad_option_value_exits_2_before_any_work(faces, tmp_path, command, extra, words):
+    out = tmp_path / "run"
+    if command == "train-gan":
+        args = ["train-gan", "--images", faces / "images", "--attrs", faces / "list_attr.txt", "--out", out]
+    else:
+        args = [command, MODEL, "--images", faces / "images", "--out", out, *FAST]
+    assert_fails(sia(*args, *extra), 2, *words)
+    assert not out.exists()
+
+
+def test_protecting_every_attribute_is_refused_before_the_attack(faces, tmp_path):
+    out = tmp_path / "run"
+    every = attr_lines(faces)[1].split()
+    result = sia("diagnose", MODEL, "--images", faces / "images", "--attrs-file", faces / "list_attr.txt",
+                 "--protect", ",".join(every), "--out", out, *FAST)
+    assert_fails(result, 2, "--protect", "every attribute")
+    assert not (out / "adversaries").exists() and not (out / "report.json").exists()
+
+
+def test_labels_missing_an_image_is_refused_before_the_first_batch(faces, tmp_path):
+    files = face_files(faces)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\n" + "".join(f"{f.name},1\n" for f in files[:-1]))
+    out = tmp_path / "run"
+    result = sia("attack", MODEL, "--images", faces / "images", "--labels", labels, "--out", out, *FAST)
+    assert_fails(result, 2, "--labels", f"no row for {files[-1].name}", "1 of 4")
+    assert not (out / "adversaries").exists()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--frobnicate"], ["no such option", "--frobnicate"]),
+    (["--steps", "many"], ["--steps", "integer"]),
+    (["--config", "nowhere.yaml"], ["--config", "nowhere.yaml"]),
+])
+def test_usage_error_is_one_line_with_a_help_hint(faces, tmp_path, extra, words):
+    result = sia("attack", MODEL, "--images", faces / "images", "--out", tmp_path / "run", *extra)
+    line = assert_fails(result, 2, *words)
+    assert line.startswith("error: ") and line.endswith("see sia attack --help")
+    assert "Usage:" not in result.output and "╭" not in result.output
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@pytest.fixture(scope="module")
+def file_run(faces, tmp_path_factory):
+    """`sia attack --method pgd` over two faces, float TIFFs and broken links."""
+    root = tmp_path_factory.mktemp("files")
+    images = root / "images"
+    images.mkdir()
+    for face in face_files(faces)[:2]:
+        shutil.copy(face, images)
+    Image.fromarray(np.full((SIZE, SIZE), 0.5, dtype=np.float32)).save(images / "float01.tif")
+    Image.fromarray(np.linspace(-1, 3, SIZE * SIZE, dtype=np.float32).reshape(SIZE, SIZE)).save(
+        images / "float_odd.tif")
+    (images / "dangling.png").symlink_to(root / "gone.png")
+    (images / "loop.png").symlink_to(images / "loop.png")
+    out = root / "run"
+    result = sia("attack", MODEL, "--images", images, "--out", out, "--method", "pgd", *FAST)
+    return {"result": result, "out": out, "good": [f.name for f in face_files(faces)[:2]] + ["float01.tif"]}
+
+
+def test_float_tiff_in_0_1_is_decoded_to_its_grey_not_black(file_run):
+    assert file_run["result"].exit_code == 0, file_run["result"].output
+    report = report_of(file_run["out"])
+    assert {r["file"] for r in report["images"]} == set(file_run["good"])
+    image = adversary(file_run["out"], "float01.tif")
+    assert torch.allclose(image, torch.full_like(image, 0.5), atol=0.03)
+
+
+@pytest.mark.parametrize("name, words", [
+    ("float_odd.tif", ["float image with values in [-1, 3]", "[0, 1] or [0, 255]"]),
+    ("dangling.png", ["broken symbolic link", "gone.png"]),
+    ("loop.png", ["symbolic link loop"]),
+])
+def test_odd_file_is_listed_as_skipped_with_its_reason(file_run, name, words):
+    report = report_of(file_run["out"])
+    reason = next(s["reason"] for s in report["skipped"] if s["file"] == name)
+    for word in words:
+        assert word in reason
+    assert name in file_run["result"].stdout
+
+
+def test_attribute_file_with_a_byte_order_mark_is_accepted(faces, tmp_path):
+    path = tmp_path / "attrs.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + (faces / "list_attr.txt").read_bytes())
+    out = tmp_path / "run"
+    result = sia("attack", MODEL, "--images", faces / "images", "--attrs-file", path, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert report_of(out)["attrs_source"] == "attrs_file" and report_of(out)["skipped"] == []
+
+
+def test_attribute_file_naming_another_extension_says_so(faces, tmp_path):
+    lines = attr_lines(faces)
+    path = rewrite(lines[:2] + [row.replace(".png", ".jpg", 1) for row in lines[2:]], tmp_path / "list_attr.txt")
+    first = face_files(faces)[0].name
+    result = sia("attack", MODEL, "--images", faces / "images", "--attrs-file", path, "--out", tmp_path / "run",
+                 *FAST)
+    assert_fails(result, 2, f"list_attr.txt names {first.replace('.png', '.jpg')} but the folder has {first}")
+
+
+@pytest.mark.parametrize("command", ["attack", "train-gan"])
+def test_images_one_folder_down_are_pointed_at(faces, tmp_path, command):
+    if command == "attack":
+        result = sia("attack", MODEL, "--images", faces, "--out", tmp_path / "run", *FAST)
+    else:
+        result = sia("train-gan", "--images", faces, "--attrs", faces / "list_attr.txt", "--out", tmp_path / "g")
+    assert_fails(result, 2, f"{faces / 'images'}/ holds 4", f"pass --images {faces / 'images'}")
+
+
+def limit_file_size_to(size: int):
+    def limit():  # in the child: a write past `size` bytes fails, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
+@pytest.mark.parametrize("command", ["diagnose", "train-gan"])
+def test_disk_full_mid_run_leaves_no_temp_files(six_faces, tmp_path, command):
+    out = tmp_path / "full"
+    if command == "diagnose":  # the report files fit, an adversary PNG does not
+        args = command_line("diagnose", six_faces, out, ["--steps", "2", "--no-progress"])
+    else:  # setting.txt fits, the first checkpoint does not
+        args = gan_args(six_faces / "images", six_faces / "list_attr.txt", out, "--max-steps", "2", "--save-every", "1")
+    result = subprocess.run(args, capture_output=True, text=True, preexec_fn=limit_file_size_to(4096))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "too large" in result.stderr.lower()
+    assert [p.name for p in out.rglob("*.tmp")] == []
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class RaisesWhenBright(Pooled):
+    """Checks its input, as many models do: raises on images brighter than 0.9 on average."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x.mean(dim=(1, 2, 3)) > 0.9).any()):
+            raise ValueError("input image is overexposed")
+        return self.fc(self.features(x))
+
+
+@pytest.mark.parametrize("command", ["attack", "diagnose"])
+def test_model_raising_on_one_image_marks_it_failed_and_the_rest_go_on(faces, nan_images, tmp_path, command):
+    model = tmp_path / "raises.pt"
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(RaisesWhenBright().eval()), str(model))
+    out = tmp_path / "run"
+    extra = ["--bootstrap", "20"] if command == "diagnose" else []
+    result = sia(command, model, "--images", nan_images, "--out", out, *FAST, *extra)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    records = {r["file"]: r for r in report_of(out)["images"]}
+    assert records["white.png"]["success"] is False
+    assert records["white.png"]["error"] == "the model raised an error: input image is overexposed"
+    assert all("error" not in records[f.name] for f in face_files(faces))
+    if command == "attack":
+        assert "failed white.png" in result.stdout and "overexposed" in result.stdout
+
+
+def exported_archive(path: Path) -> Path:
+    torch.manual_seed(0)
+    program = torch.export.export(Pooled().eval(), (torch.rand(4, 3, SIZE, SIZE),),
+                                  dynamic_shapes={"x": {0: torch.export.Dim("batch", max=64)}})
+    torch.export.save(program, str(path))
+    return path
+
+
+def rewrite_archive(source: Path, target: Path, change) -> Path:
+    """Copy a .pt2 archive, `change(name, data) -> data` applied to every entry."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for name in old.namelist():
+            new.writestr(name, change(name, old.read(name)))
+    return target
+
+
+class Marker:
+    """Unpickling this creates a file: proof that the pickle ran."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def pickled_weights(plain: Path):
+    """A rewrite that stores every weight as a torch.save pickle (as torch does for tensor subclasses)."""
+    import io
+    import zipfile
+
+    torch.manual_seed(0)
+    state = Pooled().eval().state_dict()  # the weights exported_archive saved
+    with zipfile.ZipFile(plain) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("model_weights_config.json"))
+        config = json.loads(archive.read(name))
+    files = {meta["path_name"]: fqn for fqn, meta in config["config"].items()}
+
+    def change(name: str, data: bytes) -> bytes:
+        if name.endswith("model_weights_config.json"):
+            for meta in config["config"].values():
+                meta["use_pickle"] = True
+            return json.dumps(config).encode()
+        if "/data/weights/" in name and name.split("/")[-1] in files:
+            buffer = io.BytesIO()
+            torch.save(torch.nn.Parameter(state[files[name.split("/")[-1]]]), buffer)
+            return buffer.getvalue()
+        return data
+    return change
+
+
+def test_pt2_with_pickled_entries_is_refused_without_the_trust_flag(faces, tmp_path):
+    import io
+
+    plain = exported_archive(tmp_path / "plain.pt2")
+    marker = tmp_path / "pickle_ran"
+
+    def evil_inputs(name: str, data: bytes) -> bytes:
+        if "/data/sample_inputs/" not in name:
+            return data
+        buffer = io.BytesIO()
+        torch.save(((Marker(marker),), {}), buffer)
+        return buffer.getvalue()
+
+    evil = rewrite_archive(plain, tmp_path / "evil.pt2", evil_inputs)
+    result = sia("attack", evil, "--images", faces / "images", "--out", tmp_path / "run", *FAST)
+    assert_fails(result, 2, "sample_inputs", "pickle", "--trust-pickle")
+    assert not marker.exists()
+
+    weights = rewrite_archive(plain, tmp_path / "weights.pt2", pickled_weights(plain))
+    result = sia("attack", weights, "--images", faces / "images", "--out", tmp_path / "run", *FAST)
+    assert_fails(result, 2, "conv.weight", "model_weights_config.json", "pickle", "--trust-pickle")
+    out = tmp_path / "trusted"
+    result = sia("attack", weights, "--images", faces / "images", "--out", out, "--trust-pickle", *FAST)
+    assert result.exit_code == 0, result.output
+    plain_out = tmp_path / "plain_run"
+    assert sia("attack", plain, "--images", faces / "images", "--out", plain_out, *FAST).exit_code == 0
+
+
+# ----------------------------------------------------------------------------- train-gan
+
+
+def test_second_train_gan_into_a_running_one_is_refused(six_faces, tmp_path):
+    out = tmp_path / "gan"
+    first = subprocess.Popen(gan_args(six_faces / "images", six_faces / "list_attr.txt", out, "--max-steps",
+                                      "100000"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for_lines(out / "setting.txt", 1, first)
+        second = sia(*gan_args(six_faces / "images", six_faces / "list_attr.txt", out, "--max-steps", "5",
+                               "--resume")[3:])
+        assert_fails(second, 2, "is writing to", str(out))
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.communicate()
+
+
+def test_train_gan_with_a_truncated_image_names_it_before_training(six_faces, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(six_faces / "images", images)
+    victim = sorted(images.glob("*.png"))[3]
+    noise().save(victim)
+    victim.write_bytes(victim.read_bytes()[:2000])
+    out = tmp_path / "gan"
+    result = sia(*gan_args(images, six_faces / "list_attr.txt", out, "--max-steps", "5")[3:])
+    assert_fails(result, 2, f"cannot train on {victim.name}", "truncated")
+    assert not (out / "setting.txt").exists() and not (out / "checkpoint").exists()
+
+
+# ----------------------------------------------------------------------------- printing
+
+
+def test_paths_are_printed_as_given_not_read_as_markup(faces, tmp_path):
+    out = tmp_path / "exp[lr=0.1]"
+    result = sia("attack", MODEL, "--images", faces / "images", "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.stdout
+    synth_out = tmp_path / "faces[v2]"
+    result = sia("synth", synth_out, "--n", "2", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "faces[v2]" in "".join(line.strip() for line in result.stdout.splitlines())  # the title may wrap

@@ -220,11 +220,13 @@ def test_bca_interval_contains_the_estimate_where_percentiles_do_not():
 
     estimate = statistic(records)
     samples = np.array([statistic([records[j] for j in row]) for row in S._resample_indices(12, 400, 0)])
-    percentile_low = np.percentile(samples, 2.5)
+    percentile_low, percentile_high = np.percentile(samples, [2.5, 97.5])
     assert percentile_low > estimate  # the plain percentile interval misses it here ...
     interval = S.bootstrap(records, statistic, n=400)
-    assert interval["low"] <= estimate <= interval["high"]  # ... BCa does not
+    assert interval["low"] <= estimate <= interval["high"]  # ... the bias-corrected one does not
     assert interval["low"] < percentile_low
+    # and it keeps the resamples' spread rather than shrinking to a sliver at their edge
+    assert interval["high"] - interval["low"] >= 0.9 * (percentile_high - percentile_low)
 
 
 def test_bca_interval_matches_the_normal_theory_interval_of_a_mean():

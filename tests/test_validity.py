@@ -265,3 +265,83 @@ def test_synth_writes_counterfactuals(tmp_path):
                                       "--counterfactuals", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (out / "counterfactuals" / "Bangs").glob("*.png")) == ["000000.png", "000001.png"]
+
+
+# ----------------------------------------------------------------------------- planted confounders
+
+
+def _train_planted(folder: Path, arch: str, label: str, confounder: str | None, strength: float) -> Path:
+    """A small binary classifier trained where `label` co-occurs with `confounder` (examples/ code)."""
+    import sys
+
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(EXAMPLES.parent))
+    import measure_validity as mv  # the validity study's models and training, reused as is
+    import train_targets as tt
+
+    correlations = ((label, confounder, strength),) if confounder else ()
+    data = tt._dataset(folder / f"data-{label}-{confounder}", 800, 4000 + len(label) + len(confounder or ""),
+                       correlations)
+    images, labels = tt.load_folder(data)
+    model = mv.ARCHS[arch]()
+    tt.fit(model, images, labels[label].unsqueeze(1), F.binary_cross_entropy_with_logits, 5, seed=7)
+    path = folder / f"{arch}-{label}-{confounder}.pt"
+    tt.save(model, path, tt.classifier_yaml(label) + "output: logits\n")
+    return path
+
+
+PLANTED = [("mlp", "Mustache", "Pale_Skin", 0.99), ("cnn", "Mustache", "Pale_Skin", 0.9),
+           ("mlp", "Smiling", "Blond_Hair", 0.99), ("mlp", "Eyeglasses", "Black_Hair", 0.99),
+           ("mlp", "Mustache", None, 0.0)]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Per planted model: its true effects on 48 fresh faces and its diagnosis on 12 others."""
+    folder = tmp_path_factory.mktemp("planted")
+    bank = counterfactual_bank(9201, 48, 64)
+    make_dataset(folder / "faces", 12, seed=9202, size=64)
+    out = {}
+    for arch, label, confounder, strength in PLANTED:
+        path = _train_planted(folder, arch, label, confounder, strength)
+        target = load_target(path)
+        from sia_cli.validity import bank_effects
+
+        truth = dict(zip(ATTRIBUTES, bank_effects(target, bank).mean(axis=0).tolist()))
+        report = diagnose(DiagnoseConfig(
+            model=path, images=folder / "faces" / "images", attrs_file=folder / "faces" / "list_attr.txt",
+            out=folder / f"run-{path.stem}", protect=(label,), settings=AttackSettings(steps=40), bootstrap=50,
+        ))
+        out[arch, label, confounder] = truth, report
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", PLANTED, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+def test_headline_names_the_true_top_or_reports_it_as_a_blind_spot(planted, case):
+    """Wherever the truth has a clear top (a third of the total or more), the headline's top is
+    that attribute, or the report names it as a blind spot and the headline sentence says so."""
+    from sia_cli.reports import headline_sentence
+
+    arch, label, confounder, _ = case
+    truth, report = planted[arch, label, confounder]
+    key = MEASURES[report["settings"]["headline"]]
+    score = validity(report[key], truth)
+    print(case, score)
+    if score["true_top_share"] < 1 / 3:
+        return  # no clear top (controls): nothing to name
+    top = score["true_top"]
+    found = report["ranking"][0] == top
+    blind = top in (report["blind_spots"] or [])
+    assert found or blind, (score, report["blind_spots"])
+    if confounder == "Pale_Skin":
+        # The shipped backbone calls every attribute a blind spot (none edits in half of the
+        # faces), which would make the line above pass whatever the ranking: where the study
+        # found the headline right for every model, hold it to that.
+        assert found, score
+    if not found:
+        assert "blind spots" in headline_sentence(report)
+    if report["stands_out"] is not None:
+        assert report["stands_out"] == top or blind
+    assert score["cosine"] > 0.5

@@ -27,7 +27,7 @@ def attack(
     mean: str = o.MEAN, std: str = o.STD, labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
     output: str = o.OUTPUT_TYPE, label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN,
     eye_indices: str = o.EYE_INDICES,
-    nme_threshold: float = o.NME, force: bool = o.FORCE, keep_lost: bool = o.KEEP_LOST, no_progress: bool = o.NO_PROGRESS,
+    nme_threshold: float = o.NME, force: bool = o.FORCE, keep_lost: bool = o.KEEP_LOST, trust_pickle: bool = o.TRUST_PICKLE, no_progress: bool = o.NO_PROGRESS,
     config_file: Path = o.CONFIG,
 ):
     """Attack MODEL on every image in --images; write adversaries/, report.json and a summary table."""
@@ -38,7 +38,7 @@ def attack(
         task=task,
         input_size=input_size, mean=o.triple(mean, "--mean"), std=o.triple(std, "--std"), labels=labels,
         output_key=output_key, **o.target_settings(output, label, channels, margin, eye_indices),
-        force=force, keep_lost=keep_lost, command=" ".join(["sia"] + sys.argv[1:]),
+        force=force, keep_lost=keep_lost, command=" ".join(["sia"] + sys.argv[1:]), trust_pickle=trust_pickle,
     )
     with rich_progress(progress_enabled(no_progress)) as progress:
         result = run_attack(config, progress)
@@ -54,7 +54,7 @@ def attack(
         for record in (r for r in report["images"] if "error" in r):
             console.print(f"[yellow]failed[/] {escape(record['file'])} ({name}): {escape(record['error'])}",
                           highlight=False)
-    console.print(f"wrote {out}")
+    console.print(f"wrote {out}", markup=False, highlight=False, soft_wrap=True)  # a path may hold `[...]`
 
 
 def summary_table(reports: dict) -> Table:

@@ -37,7 +37,7 @@ def augment(
     output: str = o.OUTPUT_TYPE, label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN,
     eye_indices: str = o.EYE_INDICES,
     force: bool = typer.Option(False, "--force", help="Start over in an --out that holds another augmentation."),
-    no_progress: bool = o.NO_PROGRESS,
+    trust_pickle: bool = o.TRUST_PICKLE, no_progress: bool = o.NO_PROGRESS,
     config_file: Path = o.CONFIG,
 ):
     """Write SIA adversaries of the images in --images as an augmentation set labelled with each
@@ -51,7 +51,7 @@ def augment(
         task=task,
         input_size=input_size, mean=o.triple(mean, "--mean"), std=o.triple(std, "--std"), labels=labels,
         output_key=output_key, **o.target_settings(output, label, channels, margin, eye_indices),
-        force=force, command=" ".join(["sia"] + sys.argv[1:]),
+        force=force, command=" ".join(["sia"] + sys.argv[1:]), trust_pickle=trust_pickle,
         n=n, only_class=only_class, auto_protect=not no_protect, jitter=jitter,
     )
     with rich_progress(progress_enabled(no_progress)) as progress:

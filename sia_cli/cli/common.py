@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sia_cli.distributed import launched_rank
-from sia_cli.errors import INTERRUPTED, SiaError
+from sia_cli.errors import INTERRUPTED, SiaError, interrupted_code
 
 console = Console()
 err_console = Console(stderr=True)
@@ -42,9 +42,11 @@ def handle_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except SiaError as exc:
+            if exc.exit_code == INTERRUPTED:  # Ctrl-C or SIGTERM; under torchrun rank 0 alone says it
+                raise fail(str(exc), interrupted_code(), shared=True) from None
             raise fail(str(exc), exc.exit_code, exc.shared) from None
-        except KeyboardInterrupt:
-            raise fail("interrupted", INTERRUPTED) from None
+        except KeyboardInterrupt:  # while starting: loading models, checking inputs
+            raise fail("interrupted", interrupted_code(), shared=True) from None
         except FileNotFoundError as exc:
             raise fail(f"file not found: {exc.filename}") from None
         except PermissionError as exc:

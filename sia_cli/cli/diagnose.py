@@ -14,7 +14,7 @@ from sia_cli.cli.common import (
 )
 from sia_cli.devices import pick_device
 from sia_cli.diagnosis import MEASURES, DiagnoseConfig, diagnose as run_diagnosis
-from sia_cli.reports import headline_sentence
+from sia_cli.reports import edit_rate_text, headline_sentence
 
 
 @handle_errors
@@ -32,7 +32,7 @@ def diagnose(
     labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
     output: str = o.OUTPUT_TYPE, label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN,
     eye_indices: str = o.EYE_INDICES, nme_threshold: float = o.NME,
-    force: bool = o.FORCE, keep_lost: bool = o.KEEP_LOST, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
+    force: bool = o.FORCE, keep_lost: bool = o.KEEP_LOST, trust_pickle: bool = o.TRUST_PICKLE, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
 ):
     """Find which attributes MODEL is sensitive to: report.json, sensitivity.png, grid.png, report.html."""
     config = DiagnoseConfig(
@@ -42,7 +42,7 @@ def diagnose(
         task=task,
         input_size=input_size, mean=o.triple(mean, "--mean"), std=o.triple(std, "--std"), labels=labels,
         output_key=output_key, **o.target_settings(output, label, channels, margin, eye_indices),
-        force=force, keep_lost=keep_lost, command=" ".join(["sia"] + sys.argv[1:]),
+        force=force, keep_lost=keep_lost, command=" ".join(["sia"] + sys.argv[1:]), trust_pickle=trust_pickle,
         mode=mode, top_k=top_k, group_by=o.names(group_by), bootstrap=bootstrap,
     )
     with rich_progress(progress_enabled(no_progress)) as progress:
@@ -78,5 +78,5 @@ def summary_table(report: dict, top_k: int) -> Table:
         table.add_row(str(rank), name, f"{shares[name]:.3f}",
                       f"{ci['low'] / total:.2f}-{ci['high'] / total:.2f}" if ci else "",
                       f"{report['sensitivity_normalized'][name]:.3f}",
-                      (f"{edit[name]:.2f}" if name in edit else "?") + ("*" if name in blind else ""))
+                      (edit_rate_text(edit[name]) if name in edit else "?") + ("*" if name in blind else ""))
     return table

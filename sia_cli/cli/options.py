@@ -156,6 +156,11 @@ KEEP_LOST = typer.Option(
     help="Count images lost in reconstruction (the backbone's reconstruction alone changes the prediction) "
          "in the success rate and the measures; by default they are listed and left out.",
 )
+TRUST_PICKLE = typer.Option(
+    False, "--trust-pickle",
+    help="Load a .pt2 archive whose weights or sample inputs are stored as pickles (refused by default: "
+         "unpickling can run any code). Only for files you trust.",
+)
 NO_PROGRESS = typer.Option(False, "--no-progress", help="Hide progress bars (also hidden when stderr is not a terminal).")
 
 

@@ -66,11 +66,13 @@ def sdar(
     images: Path = typer.Option(None, "--images", help="With a model: images to diagnose."),
     out: Path = o.OUT, gan: str = o.GAN, attrs_file: Path = o.ATTRS_FILE, protect: list[str] = o.PROTECT,
     steps: int = o.STEPS, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE, seed: int = o.SEED,
-    task: str = o.TASK, output_key: str = o.OUTPUT_KEY, output: str = o.OUTPUT_TYPE, label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN,
-    eye_indices: str = o.EYE_INDICES,
-    force: bool = o.FORCE, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
+    task: str = o.TASK, output_key: str = o.OUTPUT_KEY, output: str = o.OUTPUT_TYPE, label: str = o.LABEL,
+    channels: int = o.CHANNELS, margin: float = o.MARGIN, eye_indices: str = o.EYE_INDICES,
+    trust_pickle: bool = o.TRUST_PICKLE, force: bool = o.FORCE, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
 ):
     """Print SDAR (standard deviation of attribute sensitivity, paper 4.4.1) and gate on --max."""
+    if max_sdar is not None and not (math.isfinite(max_sdar) and max_sdar >= 0):  # before any diagnosis
+        raise SiaError(f"--max must be a finite non-negative number (got {max_sdar})")
     if source.suffix.lower() == ".json":
         report = read_report(source)
     else:
@@ -81,12 +83,10 @@ def sdar(
             settings=o.attack_settings(steps, "1.5/255", "0.25/255", "1.0", 0.0, None, 0.1),
             batch_size=batch_size, device=pick_device(device), seed=seed, force=force, task=task,
             output_key=output_key, **o.target_settings(output, label, channels, margin, eye_indices),
-            command=" ".join(["sia"] + sys.argv[1:]),
+            trust_pickle=trust_pickle, command=" ".join(["sia"] + sys.argv[1:]),
         )
         with rich_progress(progress_enabled(no_progress)) as progress:
             report = diagnose(config, progress)
-    if max_sdar is not None and not (math.isfinite(max_sdar) and max_sdar >= 0):
-        raise SiaError(f"--max must be a finite non-negative number (got {max_sdar})")
     interval = report.get("intervals", {}).get("sdar")
     text = f"SDAR {report['sdar']:.5f}" + (f" (95% interval {interval['low']:.5f} to {interval['high']:.5f})" if interval else "")
     if baseline is not None:

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from sia_cli.errors import SiaError
 from sia_cli.cli import options as o
@@ -44,7 +45,8 @@ def synth(
         stats = make_dataset(out, n=n, seed=seed, size=size, correlations=correlations, progress=progress)
         if counterfactuals:
             write_counterfactuals(out, n=n, seed=seed, size=size, correlations=correlations, progress=progress)
-    table = Table(title=f"{stats['n']} faces written to {out}")
+    # A Table title is read as Rich markup: a path such as runs/exp[lr=0.1] must be shown as is.
+    table = Table(title=Text(f"{stats['n']} faces written to {out}"))
     table.add_column("attribute")
     table.add_column("positive share", justify="right")
     for name, share in stats["positive_share"].items():

@@ -8,7 +8,9 @@ image input (:class:`ExportFacts`).
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
+import json
 import math
 import re
 import warnings
@@ -115,8 +117,61 @@ class ExportFacts:
     channels: int | None = None
 
 
-def load_export(path: Path, device: str) -> tuple[torch.nn.Module, str, ExportFacts]:
+PICKLE_FLAG = "--trust-pickle"
+
+
+def pickled_entries(path: Path) -> list[str]:
+    """Entries of a .pt2 archive that `torch.export.load` would unpickle without restriction
+    (which can run any code): weights or constants saved with `use_pickle` (tensor subclasses,
+    opaque objects), `.pkl` files and other pickles, and torch.save files (sample inputs, legacy
+    weights) that the safe loader (weights_only) cannot read, from which torch falls back to
+    plain unpickling. A plain `torch.export.save` of ordinary tensors has none: raw weight
+    bytes, JSON configs and weights-only sample inputs."""
+    found = []
+    with zipfile.ZipFile(path) as archive:
+        names = [name for name in archive.namelist() if "data" in name.split("/") and not name.endswith("/")]
+        raw = set()  # payloads the configs declare as raw tensor bytes, never unpickled
+        for name in names:
+            parts = name.split("/")
+            if name.endswith("_config.json") and ("weights" in parts or "constants" in parts):
+                try:
+                    config = json.loads(archive.read(name)).get("config", {})
+                    found += [f"{fqn} (in {name})" for fqn, meta in config.items() if meta.get("use_pickle")]
+                    raw |= {"/".join(parts[:-1] + [meta.get("path_name", "")]) for meta in config.values()
+                            if not meta.get("use_pickle")}
+                except (ValueError, AttributeError):
+                    found.append(f"{name} (unreadable)")
+        for name in names:
+            if name.endswith("_config.json") or name in raw:
+                continue
+            data = archive.read(name)
+            if name.endswith(".pkl") or (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+                found.append(name)
+            elif data[:2] == b"PK" or name.endswith(".pt") or "sample_inputs" in name.split("/"):
+                try:  # a torch.save file: the safe loader must read it, or torch unpickles it freely
+                    torch.load(io.BytesIO(data), weights_only=True)
+                except Exception:  # noqa: BLE001 - anything the safe loader refuses
+                    found.append(name)
+    return found
+
+
+def _refuse_pickles(path: Path) -> None:
+    try:
+        found = pickled_entries(path)
+    except (zipfile.BadZipFile, OSError, EOFError):
+        raise _not_a_model(path) from None
+    if found:
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise SiaError(
+            f"{path}: {found[0]}{more} is stored as a pickle, which loading would run (a pickle can execute "
+            f"any code); pass {PICKLE_FLAG} to load it anyway, only for a file you trust"
+        )
+
+
+def load_export(path: Path, device: str, trust_pickle: bool = False) -> tuple[torch.nn.Module, str, ExportFacts]:
     extra = {"sia.yaml": ""}
+    if not trust_pickle:
+        _refuse_pickles(path)
     try:
         program = torch.export.load(str(path), extra_files=extra)
         module = program.module()

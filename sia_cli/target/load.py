@@ -29,6 +29,7 @@ def load_target(
     channels: int | None = None,
     margin: float | None = None,
     eye_indices: Sequence[int] | str | None = None,
+    trust_pickle: bool = False,
 ) -> Target:
     """Load a TorchScript file or torch.export archive and check it on probe images.
 
@@ -43,6 +44,8 @@ def load_target(
     ``label``: the label under attack of a multilabel model (name from sia.yaml's class_names,
     or index). ``channels``: 1 for grayscale models. ``margin``: regression success threshold.
     ``eye_indices``: two landmark/keypoint indices whose distance normalises the NME.
+    ``trust_pickle``: load a .pt2 archive whose weights or sample inputs are pickles (refused
+    otherwise: unpickling can run any code).
     """
     path = Path(path)
     if not path.is_file():
@@ -53,7 +56,7 @@ def load_target(
     if model_format == "torchscript":
         model, yaml_text = load_torchscript(path, device)
     else:
-        model, yaml_text, facts = load_export(path, device)
+        model, yaml_text, facts = load_export(path, device, trust_pickle)
     explicit = {
         "input_size": input_size, "mean": mean, "std": std, "task": task, "output": output, "label": label,
         "channels": channels, "margin": margin, "eye_indices": eye_indices,

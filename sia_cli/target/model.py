@@ -8,6 +8,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from sia_cli.errors import ModelRaised
+from sia_cli.target.formats import first_line
 from sia_cli.target.settings import Settings, parse_size
 from sia_cli.target.tasks import Task
 
@@ -140,7 +142,12 @@ class Target(torch.nn.Module):
         return self.task.shape_output(self._run_model(self.preprocess(img)))
 
     def _run_model(self, x: torch.Tensor) -> torch.Tensor:
-        outputs = [self._select(self.model(chunk))[:count] for chunk, count in self._batch_chunks(x)]
+        try:
+            outputs = [self._select(self.model(chunk))[:count] for chunk, count in self._batch_chunks(x)]
+        except torch.cuda.OutOfMemoryError:
+            raise  # sia_cli.speed sizes batches by it; not the model's complaint about an image
+        except Exception as exc:  # noqa: BLE001 - whatever the model raises, as its one-line message
+            raise ModelRaised(first_line(exc)) from exc
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _select(self, raw: Any) -> torch.Tensor:
