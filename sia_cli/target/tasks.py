@@ -307,19 +307,24 @@ class Binary(Task):
     def shape_output(self, out):
         return out.reshape(out.shape[0])
 
+    def _scores(self, out: torch.Tensor) -> torch.Tensor:
+        """The (B,) logits or probabilities of the class under attack."""
+        return out
+
     def probability(self, out):
         """P(class 1) (B,)."""
-        out = out.float()
-        return out if self.output_is_probability else torch.sigmoid(out)
+        scores = self._scores(out).float()
+        return scores if self.output_is_probability else torch.sigmoid(scores)
 
     def reference(self, out):
         return (self.probability(out.detach()) > 0.5).float()
 
     def loss(self, out, ref):
+        scores = self._scores(out).float()
         if self.output_is_probability:
-            p = out.float().clamp(PROBABILITY_EPS, 1 - PROBABILITY_EPS)
+            p = scores.clamp(PROBABILITY_EPS, 1 - PROBABILITY_EPS)
             return -(ref * p.log() + (1 - ref) * (1 - p).log())
-        return F.binary_cross_entropy_with_logits(out.float(), ref.float(), reduction="none")
+        return F.binary_cross_entropy_with_logits(scores, ref.float(), reduction="none")
 
     def predict(self, out):
         """P(class 1) (B,)."""
@@ -456,7 +461,7 @@ class Multiclass(Task):
         return {"output": "probability" if self.output_is_probability else "logits"}
 
 
-class Multilabel(Task):
+class Multilabel(Binary):
     """C independent sigmoids (B, C) (logits, or probabilities with ``--output probability``);
     ``--label NAME_OR_INDEX`` picks the label under attack, which is then a binary task on
     that column: BCE loss, success when its thresholded prediction changes, predictions and
@@ -464,8 +469,7 @@ class Multilabel(Task):
 
     name = "multilabel"
     shapes = "(B, C) for multilabel (with --task multilabel --label NAME)"
-    writes_class_labels = True
-    reads_output_type = True
+    inferred = False  # a (B, C) output is read as multiclass unless told (see Multiclass.assumption)
 
     @classmethod
     def fits(cls, shape):
@@ -505,10 +509,6 @@ class Multilabel(Task):
         return names[self.label_index] if names else None
 
     @property
-    def class_count(self):
-        return 2
-
-    @property
     def class_labels(self):
         name = self.label_name
         return [f"not {name}", name] if name is not None else None
@@ -516,49 +516,19 @@ class Multilabel(Task):
     def expected_class_names(self):
         return self.num_outputs
 
-    def inspect(self, values, inferred):
-        _output_type_check(self, values)
-        return []
+    def assumption(self):
+        return None
 
-    def _column(self, out: torch.Tensor) -> torch.Tensor:
+    def shape_output(self, out):
+        return out
+
+    def _scores(self, out):
         return out[:, self.label_index]
-
-    def probability(self, out):
-        """P(the chosen label) (B,)."""
-        column = self._column(out).float()
-        return column if self.output_is_probability else torch.sigmoid(column)
-
-    def reference(self, out):
-        return (self.probability(out.detach()) > 0.5).float()
-
-    def loss(self, out, ref):
-        column = self._column(out).float()
-        if self.output_is_probability:
-            p = column.clamp(PROBABILITY_EPS, 1 - PROBABILITY_EPS)
-            return -(ref * p.log() + (1 - ref) * (1 - p).log())
-        return F.binary_cross_entropy_with_logits(column, ref.float(), reduction="none")
-
-    def predict(self, out):
-        """P(the chosen label) (B,)."""
-        return self.probability(out.detach())
-
-    def error(self, out, ref):
-        return (self.probability(out.detach()) - ref.float()).abs()
-
-    def success(self, out, ref, nme_threshold=0.1):
-        return (self.probability(out.detach()) > 0.5) != (ref > 0.5)
-
-    def distance(self, out_a, out_b):
-        """|p_a - p_b| of the chosen label."""
-        return (self.probability(out_a.detach()) - self.probability(out_b.detach())).abs()
 
     @classmethod
     def parse_label(cls, values, where, class_names):
         """``file,label``: 0 or 1, whether the label under attack is present."""
         return _binary_label(values, where, None)
-
-    def reference_from_labels(self, values, heatmap_size=None):
-        return values.float().reshape(-1)
 
     def describe(self):
         return {
