@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import signal
 import sys
 
@@ -11,8 +10,12 @@ from sia_cli import errors
 
 try:  # importing torch takes seconds: Ctrl-C meanwhile is one line, not an import traceback
     import typer
-    from typer._click import exceptions as click_exceptions
     from typer.core import TyperGroup
+
+    try:  # recent Typer vendors Click; older releases use the click package
+        from typer._click import exceptions as click_exceptions
+    except ImportError:
+        from click import exceptions as click_exceptions
 except KeyboardInterrupt:
     sys.stderr.write("error: interrupted while starting\n")
     sys.exit(130)
@@ -79,13 +82,12 @@ def root(
 
 
 # Module `sia_cli.cli.<name>` defines a function of the same name; the command is named with dashes.
-COMMANDS = ["diagnose", "attack", "augment", "sdar", "synth", "train_gan", "backbones"]
+COMMANDS = ["diagnose", "attack", "augment", "sdar", "synth", "train_gan"]
 
 try:
     for _name in COMMANDS:
-        if importlib.util.find_spec(f"sia_cli.cli.{_name}") is not None:
-            _module = importlib.import_module(f"sia_cli.cli.{_name}")
-            app.command(_name.replace("_", "-"))(getattr(_module, _name))
+        _module = importlib.import_module(f"sia_cli.cli.{_name}")
+        app.command(_name.replace("_", "-"))(getattr(_module, _name))
 except KeyboardInterrupt:
     sys.stderr.write("error: interrupted while starting\n")
     sys.exit(130)
