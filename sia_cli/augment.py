@@ -32,14 +32,14 @@ from sia_cli.attack import METHODS, attribute_radius, run_loop
 from sia_cli.data import ImageError, load_image
 from sia_cli.distributed import World, agree, all_gather, join
 from sia_cli.errors import INTERRUPTED, SiaError
+from sia_cli.files import file_sha256, format_list_attr, write_json_atomic, write_text_atomic
 from sia_cli.journal import append_lines, locked, read_lines
 from sia_cli.progress import ProgressFn, silent
-from sia_cli.reports import save_png_atomic, to_uint8, write_bytes_atomic, write_json_atomic
+from sia_cli.reports import save_png_atomic, to_uint8
 from sia_cli.speed import AUTO, tune
 from sia_cli.runs import (
     Inputs, RunConfig, batches, clean_pass, describe_inputs, load_inputs, prepare_out, protected_names,
 )
-from sia_cli.target import file_sha256
 
 IMAGES = "images"
 ATTR_TABLE = "list_attr.txt"
@@ -412,7 +412,7 @@ def resume_rows(out: Path, jobs: list[Job]) -> dict[int, dict]:
 def merge_journals(out: Path, rows: dict[int, dict]) -> None:
     """Rewrite rank 0's journal to exactly `rows` and drop the other ranks' journals; this also
     removes a torn last line before anything is appended after it."""
-    write_bytes_atomic(out / JOURNAL, "".join(json.dumps(row) + "\n" for row in rows.values()).encode("utf-8"))
+    write_text_atomic(out / JOURNAL, "".join(json.dumps(row) + "\n" for row in rows.values()))
     for other in journal_paths(out)[1:]:
         other.unlink()
 
@@ -420,14 +420,13 @@ def merge_journals(out: Path, rows: dict[int, dict]) -> None:
 def write_tables(out: Path, rows: dict[int, dict], attributes: list[str]) -> None:
     """list_attr.txt (a_T thresholded at 0.5) and labels.csv, both in image order."""
     ordered = [rows[index] for index in sorted(rows)]
-    lines = [str(len(ordered)), " ".join(attributes)]
-    lines += [row["file"] + " " + " ".join(" 1" if v > 0.5 else "-1" for v in row["attrs"]) for row in ordered]
-    write_bytes_atomic(out / ATTR_TABLE, ("\n".join(lines) + "\n").encode("utf-8"))
+    signs = [[1 if v > 0.5 else -1 for v in row["attrs"]] for row in ordered]
+    write_text_atomic(out / ATTR_TABLE, format_list_attr(attributes, [row["file"] for row in ordered], signs))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["file", "label", "source", "seed"])
     writer.writerows([row["file"], row["label"], row["source"], row["seed"]] for row in ordered)
-    write_bytes_atomic(out / LABEL_TABLE, buffer.getvalue().encode("utf-8"))
+    write_text_atomic(out / LABEL_TABLE, buffer.getvalue())
 
 
 # ---------------------------------------------------------------- the output folder

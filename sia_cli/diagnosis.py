@@ -20,9 +20,10 @@ from sia_cli.attack import METHODS, ablation_effects, attribute_radius, run_loop
 from sia_cli.data import load_image
 from sia_cli.distributed import barrier
 from sia_cli.errors import SiaError
+from sia_cli.files import write_json_atomic
 from sia_cli.journal import close_run
 from sia_cli.progress import ProgressFn, silent
-from sia_cli.reports import grid_png, report_html, sensitivity_png, to_uint8, write_json_atomic
+from sia_cli.reports import grid_png, report_html, sensitivity_png, to_uint8
 from sia_cli.runs import (
     REPORT, Inputs, MethodRun, RunConfig, base_report, clean_pass, collect, findings_trust, interrupted,
     require_usable, start_run, sweep,

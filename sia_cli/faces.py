@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sia_cli.errors import SiaError
+from sia_cli.files import format_list_attr, write_text_atomic
 from sia_cli.progress import ProgressFn, silent
 
 ATTRIBUTES = (
@@ -508,22 +508,6 @@ def _check_out_dir(out: Path) -> None:
         raise SiaError(f"{out} is not empty and is not a previous `sia synth` output; choose another folder")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk: no temp file left behind
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _attr_text(names: list[str], labels: np.ndarray) -> str:
-    lines = [str(len(names)), " ".join(ATTRIBUTES)]
-    lines += [name + " " + " ".join(f"{v:2d}" for v in row) for name, row in zip(names, labels)]
-    return "\n".join(lines) + "\n"
-
-
 def _landmark_text(names: list[str], points: np.ndarray) -> str:
     header = " ".join(f"{n}_{axis}" for n in LANDMARK_NAMES for axis in "xy")
     lines = [str(len(names)), header]
@@ -564,7 +548,7 @@ def make_dataset(out: Path, n: int, seed: int, size: int = 64, correlations=(), 
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     meta = {"seed": seed, "n": n, "size": size, "correlations": [list(c) for c in correlations]}
-    _write_atomic(out / MARKER, json.dumps(meta) + "\n")
+    write_text_atomic(out / MARKER, json.dumps(meta) + "\n")
     names = [f"{i:06d}.png" for i in range(n)]
     labels = np.empty((n, len(ATTRIBUTES)), dtype=np.int8)
     points = np.empty((n, 10), dtype=np.int64)
@@ -579,6 +563,6 @@ def make_dataset(out: Path, n: int, seed: int, size: int = 64, correlations=(), 
         if (i + 1) % step == 0 or i + 1 == n:
             progress("synth", i + 1, n, None)
     _remove_stale_images(images, n)
-    _write_atomic(out / "list_attr.txt", _attr_text(names, labels))
-    _write_atomic(out / "list_landmarks.txt", _landmark_text(names, points))
+    write_text_atomic(out / "list_attr.txt", format_list_attr(ATTRIBUTES, names, labels))
+    write_text_atomic(out / "list_landmarks.txt", _landmark_text(names, points))
     return label_statistics(labels, correlations)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sia_cli.distributed import World, agree, all_gather
 from sia_cli.errors import SiaError
-from sia_cli.reports import write_json_atomic
+from sia_cli.files import write_json_atomic
 
 RUN_STATE = ".sia-run.json"  # the settings a resumed run must match
 JOURNAL_PREFIX = ".sia-progress"

@@ -30,6 +30,7 @@ import yaml
 
 from sia_cli.backbone import CARD_FILE, SETTING_FILE, AttGAN, build_backbone, latest_checkpoint, read_checkpoint
 from sia_cli.errors import SiaError
+from sia_cli.files import atomic_output, file_sha256
 from sia_cli.progress import ProgressFn, silent
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -132,39 +133,27 @@ def load_registry(path: Path | None = None) -> dict[str, RegistryEntry]:
     return entries
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(url: str, sha256: str, dest: Path, progress: ProgressFn = silent, timeout: float = 30) -> Path:
     """Fetch `url` into `dest` once; the checksum is verified before the file takes its name."""
     sha256 = str(sha256).strip().lower()  # hexdigest() is lower case; registries often paste upper case
     if dest.is_file() and file_sha256(dest) == sha256:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".part")
     digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0)
-            done = 0
-            for chunk in iter(lambda: response.read(CHUNK), b""):
-                out.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                progress(f"download {dest.name}", done, total or done)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        partial.unlink(missing_ok=True)
-        reason = getattr(exc, "reason", exc)
-        raise SiaError(f"cannot download {url}: {reason} (offline? put the file at {dest} by hand)") from None
-    if digest.hexdigest() != sha256:
-        partial.unlink(missing_ok=True)
-        raise SiaError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest.hexdigest()}")
-    os.replace(partial, dest)
+    with atomic_output(dest) as out:  # a failed or mismatched download leaves no temp file
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                total = int(response.headers.get("Content-Length") or 0)
+                done = 0
+                for chunk in iter(lambda: response.read(CHUNK), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    progress(f"download {dest.name}", done, total or done)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise SiaError(f"cannot download {url}: {reason} (offline? put the file at {dest} by hand)") from None
+        if digest.hexdigest() != sha256:
+            raise SiaError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest.hexdigest()}")
     return dest
 
 

@@ -7,13 +7,11 @@ rename) so a reader, a CI gate or a resumed run never sees half a report.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,69 +19,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from sia_cli.errors import SiaError
+from sia_cli.files import json_ready, write_bytes_atomic
 from sia_cli.sensitivity import ranking
 
 PSNR_CAP_DB = 100.0
 
-# mkstemp creates 0600 files; reports should get the permissions any other new file would.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_NEW_FILE_MODE = 0o666 & ~_UMASK
 
-
-# ---------------------------------------------------------------- atomic writes
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform, hence best effort.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, _NEW_FILE_MODE)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _json_ready(value: Any) -> Any:
-    """Plain JSON types; NaN/inf become null because strict JSON readers (jq, browsers) reject them."""
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_ready(value.tolist())
-    if isinstance(value, np.generic):
-        return _json_ready(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Atomic, indented, strict JSON (non-finite floats written as null, numpy values as plain numbers)."""
-    text = json.dumps(_json_ready(data), indent=2, allow_nan=False)
-    write_bytes_atomic(path, (text + "\n").encode("utf-8"))
-
+# ---------------------------------------------------------------- PNG files
 
 def _png_bytes(pil_image: Image.Image) -> bytes:
     buffer = io.BytesIO()
@@ -539,7 +481,7 @@ def _groups_section(report: dict) -> str:
 def _details(report: dict) -> str:
     timing = report.get("timing") or {}
     timing_rows = "".join(f"<tr><td>{_e(k)}</td><td>{_number(v, 1)} s</td></tr>" for k, v in timing.items())
-    settings = json.dumps(_json_ready(report.get("settings") or {}), indent=2, sort_keys=True)
+    settings = json.dumps(json_ready(report.get("settings") or {}), indent=2, sort_keys=True)
     return (f"<h2>Run</h2><div><b>command:</b> <code>{_e(report.get('command', ''))}</code></div>"
             f"<div class='muted'>sia {_e(report.get('version', '?'))}</div>"
             f"<table>{timing_rows}</table><details><summary>settings</summary><pre>{_e(settings)}</pre></details>")

@@ -24,10 +24,11 @@ from sia_cli.attack import METHODS, AttackSettings, Method, attribute_radius, ge
 from sia_cli.data import ImageError, list_images, load_image, read_attributes
 from sia_cli.distributed import World, agree, barrier, current, join
 from sia_cli.errors import INTERRUPTED, ModelRaised, SiaError
+from sia_cli.files import write_json_atomic
 from sia_cli.journal import Journal, close_run, locked, open_journal, read_entries
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.registry import load_backbone
-from sia_cli.reports import image_quality, to_uint8, write_json_atomic
+from sia_cli.reports import image_quality, save_png_atomic, to_uint8
 from sia_cli.speed import AUTO, tune
 from sia_cli.target import load_target, read_labels
 
@@ -311,15 +312,7 @@ def save_images(folder: Path, files: list[Path], images: torch.Tensor, names: di
     folder.mkdir(parents=True, exist_ok=True)
     names = names or adversary_names(files)
     for file, image in zip(files, ((images + 1) / 2).cpu()):
-        partial = folder / f".{names[file.name]}.tmp"
-        try:
-            Image.fromarray(to_uint8(image)).save(partial, format="PNG")
-            partial.replace(folder / names[file.name])
-        except BaseException as exc:  # a full disk, Ctrl-C: no half-written temp file left behind
-            partial.unlink(missing_ok=True)
-            if isinstance(exc, OSError) and not exc.filename:  # say which file could not be written
-                raise OSError(exc.errno, exc.strerror or str(exc), str(folder / names[file.name])) from None
-            raise
+        save_png_atomic(folder / names[file.name], Image.fromarray(to_uint8(image)))
 
 
 class MethodRun:

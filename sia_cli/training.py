@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import itertools
 import random
 import signal
@@ -37,6 +36,7 @@ from sia_cli.backbone import (
 from sia_cli.data import LabelledImages, image_problem, read_attributes
 from sia_cli.distributed import World, agree, all_gather, barrier, join
 from sia_cli.errors import INTERRUPTED, STOPPED_BY, SiaError
+from sia_cli.files import write_bytes_atomic, write_text_atomic
 from sia_cli.journal import locked
 from sia_cli.progress import ProgressFn, silent
 
@@ -270,10 +270,9 @@ def _save(trainer: Trainer, out: Path, step: int, setting: dict, keep: int) -> P
     folder = out / "checkpoint"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"weights.{step}.pth"
-    partial = folder / f".weights.{step}.pth.tmp"
     buffer = io.BytesIO()  # torch.save's own file writer reports a full disk as a cryptic RuntimeError
     torch.save(trainer.state(step, setting), buffer)
-    _replace_atomic(partial, path, lambda: partial.write_bytes(buffer.getbuffer()))
+    write_bytes_atomic(path, buffer.getbuffer())
     old = sorted(folder.glob("weights.*.pth"), key=checkpoint_number)[:-keep]
     for stale in old:
         stale.unlink()
@@ -282,21 +281,7 @@ def _save(trainer: Trainer, out: Path, step: int, setting: dict, keep: int) -> P
 
 def _write_setting(out: Path, setting: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / f".{SETTING_FILE}.tmp"
-    _replace_atomic(partial, out / SETTING_FILE, lambda: partial.write_text(json.dumps(setting, indent=4)))
-
-
-def _replace_atomic(partial: Path, path: Path, write) -> None:
-    """`write()` fills `partial`, which then replaces `path`; a failed write (a full disk)
-    leaves no temp file behind."""
-    try:
-        write()
-        os.replace(partial, path)
-    except BaseException as exc:
-        partial.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename in (None, str(partial)):  # name the file the user knows
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
-        raise
+    write_text_atomic(out / SETTING_FILE, json.dumps(setting, indent=4))
 
 
 @torch.no_grad()
@@ -521,8 +506,7 @@ def write_card(config: TrainConfig, checkpoint: Path, setting: dict, dataset: La
         card["edit_success"] = {name: round(rate, 3) for name, rate in found["edit_success"].items()}
         card["reconstruction_l1"] = round(found["reconstruction_l1"], 4)
         card["measured"] += f", judge {Path(config.judge).name}"
-    partial = Path(config.out) / f".{CARD_FILE}.tmp"
-    _replace_atomic(partial, Path(config.out) / CARD_FILE, lambda: partial.write_text(json.dumps(card, indent=2) + "\n"))
+    write_text_atomic(Path(config.out) / CARD_FILE, json.dumps(card, indent=2) + "\n")
     return card
 
 

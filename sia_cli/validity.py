@@ -29,9 +29,9 @@ from PIL import Image
 
 from sia_cli.errors import SiaError
 from sia_cli.faces import (
-    ATTRIBUTES, IMAGE_NAME, _attr_text, _write_atomic, check_attribute, check_correlations, face_labels, render_index,
-    resolve_conflicts,
+    ATTRIBUTES, IMAGE_NAME, check_attribute, check_correlations, face_labels, render_index, resolve_conflicts,
 )
+from sia_cli.files import format_list_attr, write_text_atomic
 from sia_cli.progress import ProgressFn, silent
 
 
@@ -227,5 +227,5 @@ def write_counterfactuals(out: Path, n: int, seed: int, size: int = 64, correlat
         for path in (root / name).iterdir():  # a rerun with a smaller n leaves no stale faces
             if IMAGE_NAME.match(path.name) and int(path.stem) >= n:
                 path.unlink()
-        _write_atomic(root / name / "list_attr.txt", _attr_text(names, labels[name]))
+        write_text_atomic(root / name / "list_attr.txt", format_list_attr(ATTRIBUTES, names, labels[name]))
     return root

@@ -146,7 +146,7 @@ def test_missing_file_on_server_is_a_clear_error(env, server, tiny_setting):
     with pytest.raises(SiaError) as exc:
         registry.resolve("remote")
     assert "cannot download" in str(exc.value) and "\n" not in str(exc.value)
-    assert not (cache / "remote" / "nope.pth.part").exists()
+    assert not list((cache / "remote").glob(".nope.pth.*"))  # no temp file left
 
 
 def test_offline_download_is_one_clear_line(env, tiny_setting):
@@ -158,7 +158,7 @@ def test_offline_download_is_one_clear_line(env, tiny_setting):
     message = str(exc.value)
     assert "\n" not in message
     assert "cannot download" in message and url in message and str(cache / "remote" / "tiny.pth") in message
-    assert not (cache / "remote" / "tiny.pth.part").exists()
+    assert not list((cache / "remote").glob(".tiny.pth.*"))  # no temp file left
 
 
 def test_url_without_checksum_is_refused(env, tiny_setting):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sia_cli import files as F
 from sia_cli import reports as R
 from sia_cli.errors import SiaError
 
@@ -17,21 +18,21 @@ from sia_cli.errors import SiaError
 
 def test_write_json_atomic_round_trips_and_leaves_no_temp_file(tmp_path):
     data = {"sdar": 0.12, "ranking": ["Bangs", "Smiling"], "nested": {"a": [1, 2, 3]}}
-    R.write_json_atomic(tmp_path / "report.json", data)
+    F.write_json_atomic(tmp_path / "report.json", data)
     assert os.listdir(tmp_path) == ["report.json"]
     assert json.loads((tmp_path / "report.json").read_text()) == data
 
 
 def test_write_json_atomic_makes_numpy_and_non_finite_values_strict_json(tmp_path):
     data = {"s": np.float32(0.5), "n": np.int64(3), "v": np.array([1.0, 2.0]), "bad": [math.nan, math.inf]}
-    R.write_json_atomic(tmp_path / "r.json", data)
+    F.write_json_atomic(tmp_path / "r.json", data)
     text = (tmp_path / "r.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"s": 0.5, "n": 3, "v": [1.0, 2.0], "bad": [None, None]}
 
 
 def test_atomic_file_gets_ordinary_permissions(tmp_path):
-    R.write_json_atomic(tmp_path / "r.json", {})
+    F.write_json_atomic(tmp_path / "r.json", {})
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask
@@ -39,34 +40,34 @@ def test_atomic_file_gets_ordinary_permissions(tmp_path):
 
 def test_crash_during_rename_keeps_previous_report(tmp_path, monkeypatch):
     target = tmp_path / "report.json"
-    R.write_json_atomic(target, {"version": "old"})
+    F.write_json_atomic(target, {"version": "old"})
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(R.os, "replace", crash)
+    monkeypatch.setattr(F.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        R.write_json_atomic(target, {"version": "new"})
+        F.write_json_atomic(target, {"version": "new"})
     assert json.loads(target.read_text()) == {"version": "old"}
     assert os.listdir(tmp_path) == ["report.json"]
 
 
 def test_crash_during_serialisation_keeps_previous_report(tmp_path, monkeypatch):
     target = tmp_path / "report.json"
-    R.write_json_atomic(target, {"version": "old"})
-    monkeypatch.setattr(R.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    F.write_json_atomic(target, {"version": "old"})
+    monkeypatch.setattr(F.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError):
-        R.write_json_atomic(target, {"version": "new"})
+        F.write_json_atomic(target, {"version": "new"})
     assert json.loads(target.read_text()) == {"version": "old"}
     assert os.listdir(tmp_path) == ["report.json"]
 
 
 def test_crash_during_write_keeps_previous_file(tmp_path, monkeypatch):
     target = tmp_path / "grid.png"
-    R.write_bytes_atomic(target, b"old bytes")
-    monkeypatch.setattr(R.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("io error")))
+    F.write_bytes_atomic(target, b"old bytes")
+    monkeypatch.setattr(F.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("io error")))
     with pytest.raises(OSError):
-        R.write_bytes_atomic(target, b"new bytes")
+        F.write_bytes_atomic(target, b"new bytes")
     assert target.read_bytes() == b"old bytes"
     assert os.listdir(tmp_path) == ["grid.png"]
 

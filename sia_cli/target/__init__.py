@@ -32,7 +32,7 @@ shape; multilabel ((B, C), with ``--label``), landmarks laid out (B, 2K) and reg
 images before any attack runs.
 """
 
-from sia_cli.target.formats import file_sha256
+from sia_cli.files import file_sha256
 from sia_cli.target.labels import read_labels
 from sia_cli.target.load import load_target
 from sia_cli.target.model import Target

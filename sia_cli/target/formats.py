@@ -7,7 +7,6 @@ image input (:class:`ExportFacts`).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import json
@@ -22,14 +21,6 @@ from typing import Any
 import torch
 
 from sia_cli.errors import SiaError
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _not_a_model(path: Path, why: str = "") -> SiaError:

@@ -8,7 +8,8 @@ from typing import Sequence
 import torch
 
 from sia_cli.errors import SiaError
-from sia_cli.target.formats import ExportFacts, detect_format, file_sha256, load_export, load_torchscript
+from sia_cli.files import file_sha256
+from sia_cli.target.formats import ExportFacts, detect_format, load_export, load_torchscript
 from sia_cli.target.model import Target
 from sia_cli.target.probe import probe
 from sia_cli.target.settings import merge_settings, read_sia_yaml
