@@ -38,7 +38,8 @@ from sia_cli.progress import ProgressFn, silent
 from sia_cli.reports import save_png_atomic, to_uint8
 from sia_cli.speed import AUTO, tune
 from sia_cli.runs import (
-    Inputs, RunConfig, batches, clean_pass, describe_inputs, load_inputs, prepare_out, protected_names,
+    Inputs, RunConfig, batches, describe_inputs, load_inputs, prepare_out, protected_names,
+    reference_pass,
 )
 
 IMAGES = "images"
@@ -238,7 +239,7 @@ def scan_sources(inputs: Inputs, config: AugmentConfig, world: World,
     sources: list[Source] = []
     skipped: list[dict] = []
     for batch in batches(inputs, config.batch_size, config.device, skipped, world=world):
-        reference = clean_pass(inputs, batch)["reference"]
+        reference = reference_pass(inputs, batch)["reference"]
         for file, a0, label in zip(batch.files, batch.a0.cpu().numpy(), reference.tolist()):
             sources.append(Source(file, a0, int(label)))
         progress("labels", (len(sources) + len(skipped)) * world.size, len(inputs.files))

@@ -202,26 +202,30 @@ def _stack(pending, inputs: Inputs, device: str, index: int) -> Batch:
 
 
 @torch.no_grad()  # not inference_mode: the reference label takes part in the attack's graph
+def reference_pass(inputs: Inputs, batch: Batch) -> dict:
+    """Clean prediction and the reference label (the model's own prediction, or --labels)."""
+    clean = inputs.target(batch.x0 * 2 - 1)
+    reference = _labelled_reference(inputs, batch, clean) if inputs.labels is not None else \
+        inputs.target.reference(clean)
+    return {"clean": clean, "reference": reference}
+
+
+@torch.no_grad()
 def clean_pass(inputs: Inputs, batch: Batch) -> dict:
-    """Clean prediction (the default reference label) and the backbone's reconstruction."""
+    """`reference_pass`, plus the backbone's reconstruction with the model's prediction on it and
+    the critic margin: what an attack's records need to tell its effect from the backbone's."""
     target, backbone = inputs.target, inputs.backbone
-    clean = target(batch.x0 * 2 - 1)
-    reference = target.reference(clean)
-    if inputs.labels is not None:
-        reference = _labelled_reference(inputs, batch, clean)
     reconstruction = backbone(batch.x0 * 2 - 1, batch.a0)
     # Judged like an adversary (8-bit, full precision), so that "lost in reconstruction" and
     # "success" compare like with like.
     reconstruction_out = target(quantize(reconstruction))
-    return {"clean": clean, "reference": reference, "reconstruction": reconstruction,
+    return {**reference_pass(inputs, batch), "reconstruction": reconstruction,
             "reconstruction_out": reconstruction_out,
             "critic_margin": backbone.critic_margin(batch.x0 * 2 - 1, reconstruction)}
 
 
 def _labelled_reference(inputs: Inputs, batch: Batch, clean: torch.Tensor) -> torch.Tensor:
-    missing = [f.name for f in batch.files if f.name not in inputs.labels]
-    if missing:
-        raise SiaError(f"--labels has no row for {missing[0]} ({len(missing)} image(s) missing)")
+    # load_inputs has checked that every image has a row.
     values = torch.stack([torch.as_tensor(inputs.labels[f.name]) for f in batch.files]).to(clean.device)
     # Keypoint coordinates become heatmaps of the model's own heatmap size (clean.shape[-2:]).
     return inputs.target.reference_from_labels(values)
@@ -381,14 +385,14 @@ def attack_summary(records: list[dict]) -> dict:
     }
 
 
-def attack_batch(inputs: Inputs, batch: Batch, method: Method, settings: AttackSettings, seed: int):
-    clean = clean_pass(inputs, batch)
+def attack_batch(inputs: Inputs, batch: Batch, clean: dict, method: Method, settings: AttackSettings, seed: int):
+    """One method's attack of a batch from its clean pass (shared by every method of a run)."""
     fixed = inputs.protected.to(batch.a0.device).expand_as(batch.a0)
     radius = attribute_radius(batch.a0, settings, fixed)
     generator = torch.Generator().manual_seed(seed)
     state = run_loop(inputs.backbone, inputs.target, method, batch.x0, batch.a0, clean["reference"],
                      settings, radius, generator)
-    return clean, state
+    return state
 
 
 def describe_inputs(inputs: Inputs) -> dict:
@@ -571,8 +575,9 @@ def attack(config: RunConfig, progress: ProgressFn = silent) -> dict:
 
         def work(batch: Batch) -> dict[str, list[dict]]:
             results = {}
+            clean = clean_pass(inputs, batch)
             for method in methods:
-                clean, state = attack_batch(inputs, batch, method, config.settings, config.seed + batch.index)
+                state = attack_batch(inputs, batch, clean, method, config.settings, config.seed + batch.index)
                 results[method.name] = runs[method.name].add(batch, inputs, clean, state, config.settings,
                                                              config.keep_lost)
             return results

@@ -66,3 +66,15 @@ def synth_batch(root: Path, backbone, count: int, seed: int) -> tuple[torch.Tens
     files = sorted((root / "images").glob("*.png"))
     x0 = torch.stack([load_image(f, backbone.img_size) for f in files])
     return x0, torch.from_numpy(np.stack([table.vector(f) for f in files])).float()
+
+
+CLI_FACES = 6  # a batch of 4 and one of 2 at --batch-size 4
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory) -> Path:
+    """Six synth faces (seed 11) in CelebA layout, for the end-to-end CLI tests; modules that
+    need other faces define their own `faces`."""
+    root = tmp_path_factory.mktemp("faces")
+    make_dataset(root, CLI_FACES, seed=11)
+    return root

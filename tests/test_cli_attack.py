@@ -21,9 +21,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sia_cli.attack import METHODS
+from conftest import CLI_FACES
 from sia_cli.cli import app
 from sia_cli.data import load_image
-from sia_cli.faces import ATTRIBUTES, make_dataset
+from sia_cli.faces import ATTRIBUTES
 from sia_cli.target import load_target
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
@@ -32,19 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 TARGETS = REPO / "examples" / "targets"
 EYEGLASSES = TARGETS / "eyeglasses_confounded.pt"
 SIZE = 64  # the default backbone's image size
-N_FACES = 6
+N_FACES = CLI_FACES  # the shared `faces` fixture (conftest)
 FAST = ["--steps", "3", "--batch-size", "4", "--no-progress"]  # 6 faces -> batches of 4 and 2
 
 
 def sia(*args: str):
     return CliRunner().invoke(app, ["attack", *map(str, args)], env={"COLUMNS": "200"})
-
-
-@pytest.fixture(scope="module")
-def faces(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("faces")
-    make_dataset(root, N_FACES, seed=11)
-    return root
 
 
 @pytest.fixture(scope="module")

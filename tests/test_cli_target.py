@@ -13,16 +13,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import CLI_FACES
 from sia_cli.cli import app
 from sia_cli.data import load_image
-from sia_cli.faces import make_dataset
 
 from test_target_tasks import LABELS_40, FlatBatch, Landmarks, Pooled, save_script
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
 
 SIZE = 64  # the default backbone's image size
-N_FACES = 6
+N_FACES = CLI_FACES  # the shared `faces` fixture (conftest)
 FAST = ["--steps", "2", "--batch-size", "4", "--no-progress"]
 SMALL = "input_size: 16\n"  # the test models take 16x16 images
 
@@ -56,13 +56,6 @@ def records(out: Path) -> list[dict]:
     report = json.loads((out / "report.json").read_text())
     assert len(report["images"]) == N_FACES
     return report["images"]
-
-
-@pytest.fixture(scope="module")
-def faces(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("faces")
-    make_dataset(root, N_FACES, seed=11)
-    return root
 
 
 @pytest.fixture(scope="module")
