@@ -4,10 +4,21 @@
 
 Fresh synthetic faces (a seed no training set used) are edited one attribute at a time;
 `examples/targets/attribute_judge.pt`, a classifier of every synth attribute, says whether
-the edit shows. Prints a Markdown table: edit success per attribute and reconstruction error.
+the edit shows. Prints Markdown tables:
+
+- the judge's own accuracy per attribute on these faces, as drawn (edit success is only as
+  right as its judge);
+- per attribute: edit success (the judged attribute changes), its off-target change rate
+  (the share of faces on which the judge sees any other attribute change between the
+  reconstruction and the edit; an edit that changes what it should not is a failure), the
+  mean over the other attributes of each one's change rate, the one that changes most, and
+  clean edit success (the edit shows and nothing else changes);
+- the reconstruction error and the critic's margin.
+
 `--write-card` also stores the figures as the backbone's card (`card.json` beside its
-setting.txt): the edit success that names blind spots in every report, and the critic's domain
-calibration behind `backbone_fit` (sia_cli.trust).
+setting.txt): the edit success that names blind spots in every report, the off-target rates
+and judge accuracy behind it, and the critic's domain calibration behind `backbone_fit`
+(sia_cli.trust).
 """
 
 from __future__ import annotations
@@ -24,20 +35,55 @@ from sia_cli.data import load_image, read_attributes
 from sia_cli.faces import make_dataset
 from sia_cli.registry import load_backbone
 from sia_cli.target import load_target
-from sia_cli.training import edit_success
+from sia_cli.training import edit_success, judge_accuracy, judged_card
 from sia_cli.trust import calibrate_domain
+
+
+def fresh_faces(n: int, seed: int, size: int, attributes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """n synthetic faces in [0, 1] and their attributes, drawn with `seed`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        make_dataset(Path(tmp), n, seed=seed, size=size)
+        table = read_attributes(Path(tmp) / "list_attr.txt").select(attributes)
+        images = torch.stack([load_image(Path(tmp) / "images" / f, size) for f in table.rows])
+        attrs = torch.from_numpy(np.stack([table.rows[f] for f in table.rows]))
+    return images, attrs
 
 
 def measure(gan: str | None, judge_path: Path, n: int, seed: int) -> dict:
     backbone = load_backbone(gan)
     judge = load_target(judge_path, task="multiclass", probe_size=backbone.img_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        make_dataset(Path(tmp), n, seed=seed, size=backbone.img_size)
-        table = read_attributes(Path(tmp) / "list_attr.txt").select(backbone.attributes)
-        images = torch.stack([load_image(Path(tmp) / "images" / f, backbone.img_size) for f in table.rows])
-        attrs = torch.from_numpy(np.stack([table.rows[f] for f in table.rows]))
+    images, attrs = fresh_faces(n, seed, backbone.img_size, backbone.attributes)
     with torch.no_grad():
-        return {**edit_success(backbone, judge, images, attrs), "domain": calibrate_domain(backbone, images, attrs)}
+        return {**edit_success(backbone, judge, images, attrs),
+                "judge": judge_accuracy(judge, backbone.attributes, images, attrs),
+                "domain": calibrate_domain(backbone, images, attrs)}
+
+
+def markdown(result: dict, n: int) -> str:
+    judged = result["judge"]
+    lines = [f"Judge accuracy on the {n} faces as drawn:\n",
+             "| attribute | accuracy | balanced accuracy | faces with it |", "| --- | --- | --- | --- |"]
+    for name, accuracy in judged["accuracy"].items():
+        lines.append(f"| {name} | {accuracy:.3f} | {judged['balanced_accuracy'][name]:.3f} | "
+                     f"{judged['positive_share'][name]:.2f} |")
+    lines.append(f"| **lowest** | **{min(judged['accuracy'].values()):.3f}** | "
+                 f"**{min(judged['balanced_accuracy'].values()):.3f}** | |")
+    lines += ["", "Edits, one attribute at a time:\n",
+              "| attribute | edit success | off-target change (any other) | mean over others | "
+              "most changed other | clean edit success |", "| --- | --- | --- | --- | --- | --- |"]
+    columns = ("edit_success", "off_target_change", "off_target_change_mean", "clean_edit_success")
+    for name in result["edit_success"]:
+        by_other = result["off_target_by_attribute"][name]
+        worst = max(by_other, key=by_other.get) if by_other else None
+        most = f"{worst} {by_other[worst]:.2f}" if worst else "-"
+        success, any_other, mean_other, clean = (result[c][name] for c in columns)
+        lines.append(f"| {name} | {success:.2f} | {any_other:.2f} | {mean_other:.3f} | {most} | {clean:.2f} |")
+    means = [sum(result[c].values()) / len(result[c]) for c in columns]
+    lines.append(f"| **mean** | **{means[0]:.2f}** | **{means[1]:.2f}** | **{means[2]:.3f}** | | **{means[3]:.2f}** |")
+    lines.append(f"\nreconstruction mean absolute error: {result['reconstruction_l1']:.3f} (images in [0, 1])")
+    lines.append(f"critic margin on these faces: median {result['domain'].get('critic_margin_median')}, "
+                 f"5th percentile {result['domain'].get('critic_margin_p05')}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -51,20 +97,12 @@ def main() -> None:
     result = measure(args.gan, args.judge, args.n, args.seed)
     if args.write_card:
         card = {
-            "edit_success": {name: round(rate, 3) for name, rate in result["edit_success"].items()},
-            "reconstruction_l1": round(result["reconstruction_l1"], 4),
+            **judged_card(result, result["judge"]),
             "domain": result["domain"],
             "measured": f"examples/measure_backbone.py --n {args.n} --seed {args.seed}, judge {args.judge.name}",
         }
         args.write_card.write_text(json.dumps(card, indent=2) + "\n")
-    print("| attribute | edit success |\n| --- | --- |")
-    for name, rate in result["edit_success"].items():
-        print(f"| {name} | {rate:.2f} |")
-    mean = sum(result["edit_success"].values()) / len(result["edit_success"])
-    print(f"| **mean** | **{mean:.2f}** |")
-    print(f"\nreconstruction mean absolute error: {result['reconstruction_l1']:.3f} (images in [0, 1])")
-    print(f"critic margin on these faces: median {result['domain'].get('critic_margin_median')}, "
-          f"5th percentile {result['domain'].get('critic_margin_p05')}")
+    print(markdown(result, args.n))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ from pathlib import Path
 from sia_cli.attack import AttackSettings
 from sia_cli.diagnosis import DiagnoseConfig, diagnose
 from sia_cli.faces import make_dataset
+from sia_cli.measures import TABLE
 
 TARGETS = Path(__file__).parent / "targets"
 PAIRS = (("Eyeglasses", "Bangs"), ("Smiling", "Blond_Hair"), ("Mustache", "Pale_Skin"))
-MEASURES = (("Eq. 2", "multi", "sensitivity_normalized"), ("ablation", "multi", "sensitivity_ablation_normalized"),
-            ("single", "single", "sensitivity_single_normalized"))
 
 
 def rank_and_share(report: dict, key: str, confounder: str) -> str:
@@ -50,10 +49,11 @@ def main() -> None:
                         protect=(label,), settings=AttackSettings(steps=steps), mode=mode, bootstrap=0,
                     )
                     found[kind, mode] = diagnose(config)
-            for measure, mode, key in MEASURES:
-                rows.append((measure, f"{label} / {confounder}",
-                             rank_and_share(found["confounded", mode], key, confounder),
-                             rank_and_share(found["control", mode], key, confounder)))
+            for measure in TABLE:  # each read from the mode it ranks in (Eq. 2: multi)
+                key = measure.normalized_key
+                rows.append((measure.label, f"{label} / {confounder}",
+                             rank_and_share(found["confounded", measure.ranks_in], key, confounder),
+                             rank_and_share(found["control", measure.ranks_in], key, confounder)))
             rows.append(("SDAR (Eq. 2)", f"{label} / {confounder}",
                          f"{found['confounded', 'multi']['sdar']:.4f}", f"{found['control', 'multi']['sdar']:.4f}"))
     print("| measure | label / planted confounder | confounded model: rank / share | control model: rank / share |")

@@ -40,13 +40,12 @@ from sia_cli.attack import AttackSettings  # noqa: E402
 from sia_cli.data import load_image, read_attributes  # noqa: E402
 from sia_cli.diagnosis import DiagnoseConfig, diagnose  # noqa: E402
 from sia_cli.faces import ATTRIBUTES, HAIR_COLOURS, face_labels, make_dataset  # noqa: E402
+from sia_cli.measures import ABLATION, TABLE  # noqa: E402
 from sia_cli.registry import load_backbone  # noqa: E402
 from sia_cli.target import load_target  # noqa: E402
 from sia_cli.validity import bank_effects, counterfactual_bank, generator_flip_effects, validity  # noqa: E402
 
 PAIRS = ("Mustache:Pale_Skin", "Smiling:Blond_Hair", "Eyeglasses:Black_Hair")
-MEASURES = (("Eq. 2", "multi", "sensitivity"), ("ablation", "multi", "sensitivity_ablation"),
-            ("single", "single", "sensitivity_single"))
 # Not a diagnosis: each attribute flipped through the backbone, no attack. What the backbone
 # lets an attribute-space diagnosis see at best; far below the truth = the backbone cannot edit it.
 REFERENCE = "G-flip (reference)"
@@ -142,17 +141,20 @@ def table(rows: list[dict], measure: str) -> list[str]:
 
 
 def summary(rows: list[dict]) -> list[str]:
+    def true_top(row: dict) -> str:  # every measure's score names the same true top: it is the truth's
+        return row["validity"][ABLATION.label]["true_top"]
+
     groups = {
         "all models": rows,
         "confounded": [r for r in rows if r["spec"]["confounder"]],
         "controls": [r for r in rows if not r["spec"]["confounder"]],
-        "true top is a hair colour": [r for r in rows if r["validity"]["ablation"]["true_top"] in HAIR_COLOURS],
-        "true top is not a hair colour": [r for r in rows if r["validity"]["ablation"]["true_top"] not in HAIR_COLOURS],
+        "true top is a hair colour": [r for r in rows if true_top(r) in HAIR_COLOURS],
+        "true top is not a hair colour": [r for r in rows if true_top(r) not in HAIR_COLOURS],
     }
     lines = ["### Summary: top agrees (count) / mean Spearman / mean cosine", "",
              "| measure | " + " | ".join(f"{g} ({len(m)})" for g, m in groups.items()) + " |",
              "| --- |" + " --- |" * len(groups)]
-    for measure in [m for m, _, _ in MEASURES] + [REFERENCE]:
+    for measure in [m.label for m in TABLE] + [REFERENCE]:
         cells = []
         for members in groups.values():
             if not members:
@@ -220,12 +222,13 @@ def main() -> None:
             "spec": spec, "name": spec_name(spec),
             "accuracy": accuracy(target, bank, np.array([t[spec["label"]] for t in truth_labels])),
             "hair_share": sum(unprotected[c] for c in HAIR_COLOURS if c in unprotected) / total,
-            "validity": {measure: validity(reports[mode][key], truth) for measure, mode, key in MEASURES},
+            # each measure read from the mode it ranks in (Eq. 2: multi)
+            "validity": {m.label: validity(reports[m.ranks_in][m.key], truth) for m in TABLE},
         })
         g_flip = generator_flip_effects(backbone, target, x0, a0).mean(axis=0)
         g_flip = {name: float(v) for name, v in zip(backbone.attributes, g_flip) if name != spec["label"]}
         rows[-1]["validity"][REFERENCE] = validity(g_flip, truth)
-        log(f"{spec_name(spec)}: true top {rows[-1]['validity']['ablation']['true_top']}")
+        log(f"{spec_name(spec)}: true top {rows[-1]['validity'][ABLATION.label]['true_top']}")
 
     settings = (f"{len(rows)} models; training: {args.n_train} faces, {args.epochs} epochs; truth: {args.n_truth} "
                 f"fresh faces; diagnosis: {args.n_diag} fresh faces, {args.steps} steps (multi), "
@@ -233,7 +236,7 @@ def main() -> None:
     out = [f"## Diagnosis against the truth ({settings})", "",
            "acc. = accuracy on the unconfounded truth faces; share = share of the true total over the "
            "14 unprotected attributes; hair share = the three hair colours' share of the true total.", ""]
-    for measure in [m for m, _, _ in MEASURES] + [REFERENCE]:
+    for measure in [m.label for m in TABLE] + [REFERENCE]:
         out += table(rows, measure)
     out += summary(rows)
     out.append(f"({time.time() - began:.0f} s)")

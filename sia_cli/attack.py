@@ -9,6 +9,7 @@ gradients of both inputs, in-place updates and projections, no host sync.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -104,6 +105,56 @@ def attribute_radius(a0: torch.Tensor, settings: AttackSettings, fixed: torch.Te
     if fixed is not None:
         radius = torch.where(fixed, torch.full_like(a0, settings.protect_eps), radius)
     return radius
+
+
+def attack_batch(
+    backbone,
+    target,
+    method: Method,
+    x0: torch.Tensor,
+    a0: torch.Tensor,
+    reference: torch.Tensor,
+    settings: AttackSettings,
+    protected: torch.Tensor | None = None,
+    *,
+    movable: torch.Tensor | None = None,
+    start_offset: torch.Tensor | None = None,
+    seed: int | None = None,
+    on_step=None,
+) -> AttackState:
+    """A batch's attack as every caller runs it (attack, diagnose, augment, the speed probe, harden).
+
+    `protected` (K,) bool: attributes held within protect_eps of a0. `movable` (B, K) bool: where
+    given, only those entries may move (single-attribute diagnosis). `start_offset` (B, K): start
+    that far from a0 in the unprotected attributes, within a0's ball (augment's later rounds).
+    `seed` seeds the random start of methods that have one (PGD).
+    """
+    fixed = protected.to(a0.device).expand_as(a0) if protected is not None else None
+    radius = attribute_radius(a0, settings, fixed)
+    if movable is not None:
+        radius = torch.where(movable, radius, torch.zeros_like(radius))
+    start = a0
+    if start_offset is not None:
+        offset = start_offset.to(a0.device)
+        start, radius = shifted_start(a0, radius, offset * ~fixed if fixed is not None else offset)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return run_loop(backbone, target, method, x0, start, reference, settings, radius, generator, on_step)
+
+
+def shifted_start(a0: torch.Tensor, radius: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A start inside a0's ball and a radius around it whose ball never leaves a0's ball.
+
+    The attack loop centres its ball on its start, so a shifted start needs a new radius: one
+    side of the box that ends at 0 or 1 is no constraint (the loop clips to [0, 1] anyway); a
+    side inside (0, 1) limits the radius to the room left on that side.
+    """
+    low, high = (a0 - radius).clamp(0, 1), (a0 + radius).clamp(0, 1)
+    start = torch.minimum(torch.maximum(a0 + offset, low), high)
+    unbounded = torch.full_like(a0, math.inf)
+    room_below = torch.where(low > 0, start - low, unbounded)
+    room_above = torch.where(high < 1, high - start, unbounded)
+    # Unmoved entries keep their radius exactly, so an unshifted start is bit for bit the paper's attack.
+    return start, torch.where(start == a0, radius, torch.minimum(room_below, room_above).clamp(max=1.0))
 
 
 def pixel_box(x0: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,9 +6,10 @@ from a0 plus uniform jitter in the unprotected attributes, drawn from (seed + ro
 name), so they differ from round 0 and each (source, round) pair is reproducible whatever
 batch it falls in.
 
-Resuming rests on a journal: one JSON line per finished image, appended (and fsynced) only
-after the image has been renamed into place. A rerun trusts the journal lines whose image
-exists and recomputes the rest; list_attr.txt and labels.csv are rebuilt from the journal.
+The run's life (lock, resume, Ctrl-C, torchrun ranks) is `sia_cli.lifecycle`'s: the journal
+holds one entry per finished image, appended only after the image is renamed into place. A
+rerun trusts the entries whose image exists and recomputes the rest; list_attr.txt,
+labels.csv and augment.json (with every image's row) are written from the entries.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import math
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,30 +29,28 @@ import torch
 from PIL import Image
 
 from sia_cli import __version__
-from sia_cli.attack import METHODS, attribute_radius, run_loop
+from sia_cli.attack import METHODS, attack_batch
 from sia_cli.data import ImageError, load_image
-from sia_cli.distributed import World, agree, all_gather, join
-from sia_cli.errors import INTERRUPTED, SiaError
-from sia_cli.files import file_sha256, format_list_attr, write_json_atomic, write_text_atomic
-from sia_cli.journal import append_lines, locked, read_lines
+from sia_cli.distributed import agree, all_gather
+from sia_cli.errors import ModelRaised, SiaError
+from sia_cli.files import format_list_attr, write_json_atomic, write_text_atomic
+from sia_cli.journal import RUN_STATE, refuse_changed
+from sia_cli.lifecycle import Context, Plan, execute, run_fingerprint
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.reports import save_png_atomic, to_uint8
-from sia_cli.speed import AUTO, tune
 from sia_cli.runs import (
-    Inputs, RunConfig, batches, describe_inputs, load_inputs, prepare_out, protected_names,
-    reference_pass,
+    Batch, Inputs, RunConfig, batches, describe_inputs, load_inputs, protected_names, reference_pass,
 )
+from sia_cli.speed import AUTO
 
 IMAGES = "images"
 ATTR_TABLE = "list_attr.txt"
 LABEL_TABLE = "labels.csv"
 MANIFEST = "augment.json"
-JOURNAL = ".augment-progress.jsonl"
-LOCK = ".augment.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the rows of every image in augment.json; the journal is the lifecycle's
 
 
-@dataclass
+@dataclass(frozen=True)
 class AugmentConfig(RunConfig):
     n: int | None = None  # None: one image per chosen source
     only_class: str | None = None  # class index or name from the model's sia.yaml
@@ -80,87 +79,105 @@ class Job:
 
 # ---------------------------------------------------------------- the run
 
-def augment(config: AugmentConfig, progress: ProgressFn = silent) -> dict:
-    """Write (or finish writing) the augmentation set in `config.out`; return a summary.
-
-    Under torchrun every rank attacks its share of the jobs; rank 0 writes the tables and
-    the manifest.
-    """
+def augment(config: AugmentConfig, progress: ProgressFn = silent) -> dict | None:
+    """Write (or finish writing) the augmentation set in `config.out`; return a summary on
+    rank 0 (None on other torchrun ranks, which attack their share of the jobs)."""
     check_config(config)
-    world, config.device = join(config.device)
-    out = Path(config.out)
+    return execute(config, AugmentPlan(config), progress)
 
-    def prepare() -> None:
-        if not (out / MANIFEST).exists():
+
+class AugmentPlan(Plan):
+    """The augmentation set as a lifecycle plan: units are fixed blocks of jobs (so an interrupted
+    run resumes with the very batches it would have run, whatever the number of ranks), journal
+    entries are the rows of finished images, the writer makes the tables and the manifest."""
+
+    what = "sia augment"
+    task = "augment"
+
+    def __init__(self, config: AugmentConfig):
+        self.config = config
+        self.reason = ""
+        self.jobs: list[Job] = []
+        self.sources: list[Source] = []
+        self.skipped: list[dict] = []
+        self.digest = ""
+        self.settings: dict = {}
+        self.already = 0
+
+    def check_out(self, out: Path, force: bool) -> None:
+        if not (out / MANIFEST).exists() and not (out / RUN_STATE).exists():
             refuse_foreign(out)  # before anything is written there, the lock file included
-        prepare_out(out, config.force)
 
-    agree(prepare, world)
-    with locked(out, LOCK, "sia augment", world):
-        return _augment(config, out, agree(lambda: read_manifest(out), world), world,
-                        progress if world.main else silent)
+    def load(self, config: AugmentConfig, device: str, progress: ProgressFn) -> Inputs:
+        inputs = load_inputs(config, device, progress)
+        if not inputs.target.task.writes_class_labels:
+            raise SiaError(f"sia augment writes class labels; this model is {inputs.target.kind}, which has no classes")
+        self.reason = apply_protection(config, inputs)
+        return inputs
 
+    def planned_images(self, config: AugmentConfig, inputs: Inputs) -> int:
+        return max(len(inputs.files), config.n or 0)
 
-def _augment(config: AugmentConfig, out: Path, previous: dict | None, world: World, progress: ProgressFn) -> dict:
-    torch.manual_seed(config.seed)
-    inputs, reason, settings = agree(lambda: _load(config), world)
-    tune(config, inputs, world)
-    resuming = previous is not None and not config.force
-    if resuming:
-        refuse_changed(out, previous["settings"], settings)
-        if previous.get("complete") and "summary" in previous and \
-                len(finished_rows(out, previous["n"])) == previous["n"]:
-            return {**previous["summary"], "already_complete": True, "written": 0}
-    sources, skipped = scan_sources(inputs, config, world, progress)
-    chosen = choose_class(sources, config.only_class, inputs.target)
-    jobs = plan_jobs(chosen, config.n or len(chosen), config.seed, config.jitter)
-    digest = sources_digest(chosen)
-    if resuming and previous.get("sources_digest") not in (None, digest):
-        raise SiaError(f"the images in {config.images} changed since {out} was begun; "
-                       "pass --force to start over or pick another --out")
-    context = {"config": config, "inputs": inputs, "reason": reason, "settings": settings, "digest": digest,
-               "skipped": skipped, "sources": sources, "n": len(jobs)}
-    rows = {}
-    if world.main:
-        if previous is not None and not resuming:
-            clear_run(out)  # --force, and only now that every input checked out: a failing rerun keeps the old set
-        rows = resume_rows(out, jobs) if resuming else {}
-        write_manifest(out, context, rows, complete=False)
-    rows = all_gather(rows, world)[0]
-    already = len(rows)
-    try:
-        run_jobs(inputs, config, jobs, rows, out, world, progress)
-    except KeyboardInterrupt:
-        raise _interrupted(out, len(jobs), list(inputs.backbone.attributes), world) from None
-    for part in all_gather(rows, world):
-        rows.update(part)
-    summary = None
-    if world.main:
-        rows = dict(sorted(rows.items()))
-        merge_journals(out, rows)
-        write_tables(out, rows, list(inputs.backbone.attributes))
-        summary = write_manifest(out, context, rows, complete=True)
-    summary = all_gather(summary, world)[0]
-    return {**summary, "already_complete": False, "written": len(rows) - already}
+    def begin(self, context: Context) -> dict | None:
+        """Compare with a previous set (a finished one with the same settings is the result);
+        label every source and plan the jobs."""
+        config, out, inputs = self.config, context.out, context.inputs
+        previous = agree(lambda: read_manifest(out), context.world)
+        self.settings = run_fingerprint(config, inputs)
+        resuming = previous is not None and not config.force
+        if resuming:
+            refuse_changed(out, previous["settings"], self.settings)
+            if previous.get("complete") and "summary" in previous and \
+                    all((out / IMAGES / row["file"]).is_file() for row in previous.get("images", [])):
+                return {**previous["summary"], "already_complete": True, "written": 0}
+        self.sources, self.skipped = scan_sources(inputs, context, config.images)
+        chosen = choose_class(self.sources, config.only_class, inputs.target)
+        self.jobs = plan_jobs(chosen, config.n or len(chosen), config.seed, config.jitter)
+        self.digest = sources_digest(chosen)
+        if resuming and previous.get("sources_digest") not in (None, self.digest):
+            raise SiaError(f"the images in {config.images} changed since {out} was begun; "
+                           "pass --force to start over or pick another --out")
+        return None
 
+    def clear(self, out: Path) -> None:
+        clear_run(out)
 
-def _interrupted(out: Path, n: int, attributes: list[str], world: World) -> SiaError:
-    """After Ctrl-C: rank 0 brings the tables up to every rank's finished images (the other
-    ranks' rows reach it only at the end otherwise); augment.json still says complete: false."""
-    if not world.main:
-        return SiaError("interrupted", INTERRUPTED)
-    rows = finished_rows(out, n)
-    write_tables(out, rows, attributes)
-    return SiaError(f"interrupted with {len(rows)} of {n} images written to {out} (augment.json: complete false); "
-                    "rerun the same command to resume", INTERRUPTED)
+    def fingerprint(self, context: Context) -> dict:
+        return self.settings
 
+    def total(self, context: Context) -> int:
+        return len(self.jobs)
 
-def _load(config: AugmentConfig) -> tuple[Inputs, str, dict]:
-    inputs = load_inputs(config)
-    if not inputs.target.task.writes_class_labels:
-        raise SiaError(f"sia augment writes class labels; this model is {inputs.target.kind}, which has no classes")
-    reason = apply_protection(config, inputs)
-    return inputs, reason, fingerprint(config, inputs)
+    def units(self, context: Context, done: dict[str, dict]):
+        rows = finished_rows(context.out, self.jobs, done)
+        self.already = len(rows)
+        rows.update(failed_rows(self.jobs, done))  # a job the model raised on is not retried
+        if context.world.main:
+            for partial in (context.out / IMAGES).glob(".*.tmp"):  # left by a run killed mid-write; ours
+                partial.unlink(missing_ok=True)
+        size = context.batch_size
+        for block, start in enumerate(range(0, len(self.jobs), size)):
+            todo = [job for job in self.jobs[start:start + size] if job.index not in rows]
+            if todo and context.world.owns(block):
+                yield todo
+
+    def work(self, context: Context, jobs: list["Job"]) -> list[dict]:
+        def attack(part: list[Job]) -> list[dict]:
+            state, fooled = attack_jobs(context.inputs, part, self.config, context.device)
+            for i, job in enumerate(part):
+                save_png_atomic(context.out / IMAGES / job.name,
+                                Image.fromarray(to_uint8((state.adversary[i] + 1) / 2)))
+            return [image_row(job, state.a[i], bool(fooled[i])) for i, job in enumerate(part)]
+
+        rows, failed = one_by_one(attack, jobs, lambda i, j: jobs[i:j])
+        return [row if i not in failed else {**job_row(jobs[i]), "error": failed[i]} for i, row in enumerate(rows)]
+
+    def write(self, context: Context, entries: dict[str, dict], complete: bool) -> dict:
+        rows = finished_rows(context.out, self.jobs, entries)
+        write_tables(context.out, rows, list(context.inputs.backbone.attributes))
+        failed = [failed_rows(self.jobs, entries)[index] for index in sorted(failed_rows(self.jobs, entries))]
+        summary = write_manifest(context.out, self, context.inputs, rows, complete, failed)
+        return {**summary, "already_complete": False, "written": len(rows) - self.already}
 
 
 def check_config(config: AugmentConfig) -> None:
@@ -204,52 +221,51 @@ def apply_protection(config: AugmentConfig, inputs: Inputs) -> str:
     return "named in the model file name; --no-protect turns this off"
 
 
-def fingerprint(config: AugmentConfig, inputs: Inputs) -> dict:
-    """Every setting that changes what an image or a label holds (device and batch size do not)."""
-    target, backbone = inputs.target, inputs.backbone
-    values = {
-        "model_sha256": target.sha256, "backbone": backbone.info.name, "backbone_sha256": backbone.info.sha256,
-        "images": str(Path(config.images).resolve()),
-        "attrs_file_sha256": file_sha256(config.attrs_file) if config.attrs_file else None,
-        "labels_sha256": file_sha256(config.labels) if config.labels else None,
-        **asdict(config.settings), "protect": protected_names(inputs), "seed": config.seed, "n": config.n,
-        "class": config.only_class, "jitter": config.jitter, "task": target.kind, "input_size": target.input_size,
-        "mean": target.mean, "std": target.std, "output_key": target.output_key,
-        "label": target.describe()["label"],  # multilabel: the label under attack (None otherwise)
-    }
-    return json.loads(json.dumps(values))  # tuples become lists, as they come back from augment.json
-
-
-def refuse_changed(out: Path, before: dict, now: dict) -> None:
-    changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
-    if changed:
-        shown = ", ".join(f"{key}: {before.get(key)} -> {now.get(key)}" for key in changed[:3])
-        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-        raise SiaError(f"{out} holds an augmentation made with other settings ({shown}{more}); "
-                       "pass --force to start over or pick another --out")
-
-
 # ---------------------------------------------------------------- sources and jobs
 
-def scan_sources(inputs: Inputs, config: AugmentConfig, world: World,
-                 progress: ProgressFn) -> tuple[list[Source], list[dict]]:
+def scan_sources(inputs: Inputs, context: Context, images: Path) -> tuple[list[Source], list[dict]]:
     """Usable sources with their a0 and reference label, and the skipped files, before any
     attack: `--class` and the job numbering both need the whole list, so every rank scans its
     share and all get the whole. Images are reloaded per batch later, not kept."""
     sources: list[Source] = []
     skipped: list[dict] = []
-    for batch in batches(inputs, config.batch_size, config.device, skipped, world=world):
-        reference = reference_pass(inputs, batch)["reference"]
-        for file, a0, label in zip(batch.files, batch.a0.cpu().numpy(), reference.tolist()):
-            sources.append(Source(file, a0, int(label)))
+    world, progress = context.world, context.progress
+    for batch in batches(inputs, context.batch_size, context.device, skipped, world=world):
+        labels, failed = one_by_one(lambda b: reference_pass(inputs, b)["reference"].tolist(), batch.files,
+                                    lambda i, j: Batch(batch.files[i:j], batch.x0[i:j], batch.a0[i:j], batch.index,
+                                                       batch.a0_source))
+        for i, (file, a0, label) in enumerate(zip(batch.files, batch.a0.cpu().numpy(), labels)):
+            if i in failed:  # the model refuses the image itself: nothing to augment from it
+                skipped.append({"file": file.name, "reason": failed[i]})
+            else:
+                sources.append(Source(file, a0, int(label)))
         progress("labels", (len(sources) + len(skipped)) * world.size, len(inputs.files))
     order = {file.name: i for i, file in enumerate(inputs.files)}
     parts = all_gather((sources, skipped), world)
     sources = sorted((s for part, _ in parts for s in part), key=lambda s: order[s.file.name])
     skipped = sorted((s for _, part in parts for s in part), key=lambda s: order[s["file"]])
     if not sources:
-        raise SiaError(f"no usable image in {config.images}: {skipped[0]['reason'] if skipped else 'none found'}")
+        raise SiaError(f"no usable image in {images}: {skipped[0]['reason'] if skipped else 'none found'}")
     return sources, skipped
+
+
+def one_by_one(work, items: list, part) -> tuple[list, dict[int, str]]:
+    """`work(part(0, n))` for the n items, a list with one result per item; when the model raises
+    (it checks its input, say), each item alone, so one image it refuses does not stop the run.
+    Returns the results (None where it raised) and the model's message by item index."""
+    try:
+        return work(part(0, len(items))), {}
+    except ModelRaised as exc:
+        if len(items) == 1:
+            return [None], {0: str(exc)}
+    results, failed = [], {}
+    for i in range(len(items)):
+        try:
+            results += work(part(i, i + 1))
+        except ModelRaised as exc:
+            results.append(None)
+            failed[i] = str(exc)
+    return results, failed
 
 
 def class_index(text: str, target) -> int:
@@ -301,22 +317,6 @@ def start_offsets(jobs: list[Job], jitter: float, k: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows)).float()
 
 
-def shifted_start(a0: torch.Tensor, radius: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A start inside a0's ball and a radius around it whose ball never leaves a0's ball.
-
-    The attack loop centres its ball on its start, so a shifted start needs a new radius: one
-    side of the box that ends at 0 or 1 is no constraint (the loop clips to [0, 1] anyway); a
-    side inside (0, 1) limits the radius to the room left on that side.
-    """
-    low, high = (a0 - radius).clamp(0, 1), (a0 + radius).clamp(0, 1)
-    start = torch.minimum(torch.maximum(a0 + offset, low), high)
-    unbounded = torch.full_like(a0, math.inf)
-    room_below = torch.where(low > 0, start - low, unbounded)
-    room_above = torch.where(high < 1, high - start, unbounded)
-    # Unmoved entries keep their radius exactly, so round 0 is bit for bit the paper's attack.
-    return start, torch.where(start == a0, radius, torch.minimum(room_below, room_above).clamp(max=1.0))
-
-
 def load_sources(jobs: list[Job], size: int) -> torch.Tensor:
     images = []
     for job in jobs:
@@ -327,95 +327,49 @@ def load_sources(jobs: list[Job], size: int) -> torch.Tensor:
     return torch.stack(images)
 
 
-def attack_jobs(inputs: Inputs, jobs: list[Job], config: AugmentConfig):
+def attack_jobs(inputs: Inputs, jobs: list[Job], config: AugmentConfig, device: str):
     """Run SIA on a batch of jobs; return the final state and which adversaries fooled the model."""
-    device, settings, target = config.device, config.settings, inputs.target
+    target = inputs.target
     x0 = load_sources(jobs, inputs.backbone.img_size).to(device)
     a0 = torch.from_numpy(np.stack([job.source.a0 for job in jobs])).float().to(device)
     reference = target.reference_from_labels(torch.tensor([job.source.label for job in jobs]))
-    fixed = inputs.protected.to(device).expand_as(a0)
-    offset = start_offsets(jobs, config.jitter, a0.shape[1]).to(device) * ~fixed
-    a_start, radius = shifted_start(a0, attribute_radius(a0, settings, fixed), offset)
-    state = run_loop(inputs.backbone, target, METHODS["sia"], x0, a_start, reference, settings, radius)
-    return state, target.success(state.output, reference, settings.nme_threshold)
+    state = attack_batch(inputs.backbone, target, METHODS["sia"], x0, a0, reference, config.settings,
+                         inputs.protected, start_offset=start_offsets(jobs, config.jitter, a0.shape[1]))
+    return state, target.success(state.output, reference, config.settings.nme_threshold)
 
 
-def run_jobs(inputs: Inputs, config: AugmentConfig, jobs: list[Job], rows: dict, out: Path, world: World,
-             progress: ProgressFn) -> None:
-    """Attack this rank's unfinished jobs in fixed blocks of --batch-size (so an interrupted run
-    resumes with the very batches it would have run, whatever the number of ranks) and record
-    each image once it is in place."""
-    attributes = list(inputs.backbone.attributes)
-    journal = journal_path(out, world.rank)
-    for block, start in enumerate(range(0, len(jobs), config.batch_size)):
-        todo = [job for job in jobs[start:start + config.batch_size] if job.index not in rows]
-        if not todo or not world.owns(block):
-            continue
-        state, fooled = attack_jobs(inputs, todo, config)
-        for i, job in enumerate(todo):
-            save_png_atomic(out / IMAGES / job.name, Image.fromarray(to_uint8((state.adversary[i] + 1) / 2)))
-            rows[job.index] = journal_row(job, state.a[i], bool(fooled[i]))
-            append_lines(journal, [rows[job.index]])  # per image: Ctrl-C keeps every saved one
-        if world.main:  # only rank 0 writes the tables; they hold its rows until the end
-            write_tables(out, rows, attributes)
-        progress("augment", min(len(rows) * world.size, len(jobs)), len(jobs))
-
-
-def journal_row(job: Job, a_end: torch.Tensor, fooled: bool) -> dict:
+def job_row(job: Job) -> dict:
     return {"index": job.index, "file": job.name, "source": job.source.file.name, "round": job.round,
-            "seed": job.seed, "label": job.source.label,
-            "attrs": np.round(a_end.double().cpu().numpy(), 6).tolist(), "fooled": fooled}
+            "seed": job.seed, "label": job.source.label}
 
 
-# ---------------------------------------------------------------- journal and tables
-
-def journal_path(out: Path, rank: int) -> Path:
-    """Rank 0 keeps the journal; other torchrun ranks append to their own, merged on resume."""
-    return out / (JOURNAL if rank == 0 else f"{JOURNAL}.{rank}")
+def image_row(job: Job, a_end: torch.Tensor, fooled: bool) -> dict:
+    """An image's journal entry and its row in augment.json ("file" keys the journal)."""
+    return {**job_row(job), "attrs": np.round(a_end.double().cpu().numpy(), 6).tolist(), "fooled": fooled}
 
 
-def journal_paths(out: Path) -> list[Path]:
-    return [path for path in [out / JOURNAL, *sorted(out.glob(f"{JOURNAL}.*"))] if path.exists()]
+# ---------------------------------------------------------------- rows and tables
 
-
-def read_journal(out: Path) -> list[dict]:
-    """Every rank's journal rows; a torn last line (the run died while writing it) is dropped."""
-    rows = []
-    for path in journal_paths(out):
-        rows += _journal_rows(path)
+def finished_rows(out: Path, jobs: list[Job], entries: dict[str, dict]) -> dict[int, dict]:
+    """Journal entries of this plan's jobs whose image is on disk, by job index: an entry of
+    another plan (other sources, a torn run) or without its image is recomputed."""
+    rows = {}
+    for job in jobs:
+        row = entries.get(job.name)
+        if _same_job(row, job) and "error" not in row and (out / IMAGES / job.name).is_file():
+            rows[job.index] = row
     return rows
 
 
-def _journal_rows(path: Path) -> list[dict]:
-    return [row for row in read_lines(path) if isinstance(row.get("index"), int)]
+def failed_rows(jobs: list[Job], entries: dict[str, dict]) -> dict[int, dict]:
+    """Journal entries of this plan's jobs that the model raised on, by job index."""
+    return {job.index: entries[job.name] for job in jobs
+            if _same_job(entries.get(job.name), job) and "error" in entries[job.name]}
 
 
-def finished_rows(out: Path, n: int) -> dict[int, dict]:
-    """Journal rows within 0..n-1 whose image is on disk; a later row for an index wins."""
-    rows = {row["index"]: row for row in read_journal(out) if 0 <= row["index"] < n}
-    return {index: row for index, row in sorted(rows.items()) if (out / IMAGES / row["file"]).is_file()}
-
-
-def resume_rows(out: Path, jobs: list[Job]) -> dict[int, dict]:
-    """Rows of a previous attempt that match this plan; the journal is rewritten to exactly those,
-    which also removes a torn last line before anything is appended after it."""
-    rows = {
-        index: row for index, row in finished_rows(out, len(jobs)).items()
-        if row["file"] == jobs[index].name and row.get("source") == jobs[index].source.file.name
-        and row.get("round") == jobs[index].round
-    }
-    merge_journals(out, rows)
-    for partial in (out / IMAGES).glob(".*.tmp"):  # left by a run killed mid-write; ours, never listed
-        partial.unlink(missing_ok=True)
-    return rows
-
-
-def merge_journals(out: Path, rows: dict[int, dict]) -> None:
-    """Rewrite rank 0's journal to exactly `rows` and drop the other ranks' journals; this also
-    removes a torn last line before anything is appended after it."""
-    write_text_atomic(out / JOURNAL, "".join(json.dumps(row) + "\n" for row in rows.values()))
-    for other in journal_paths(out)[1:]:
-        other.unlink()
+def _same_job(row: dict | None, job: Job) -> bool:
+    return row is not None and row.get("index") == job.index and row.get("source") == job.source.file.name \
+        and row.get("round") == job.round
 
 
 def write_tables(out: Path, rows: dict[int, dict], attributes: list[str]) -> None:
@@ -446,8 +400,8 @@ def read_manifest(out: Path) -> dict | None:
 
 
 def refuse_foreign(out: Path) -> None:
-    """Without our manifest, files with our names belong to someone else (a dataset, say)."""
-    present = [name for name in (IMAGES, ATTR_TABLE, LABEL_TABLE, JOURNAL) if (out / name).exists()]
+    """Without our manifest or run state, files with our names belong to someone else (a dataset, say)."""
+    present = [name for name in (IMAGES, ATTR_TABLE, LABEL_TABLE) if (out / name).exists()]
     if present:
         raise SiaError(f"{out} already holds {', '.join(present)} but no {MANIFEST}: not an augmentation "
                        "set of sia augment; pick another --out")
@@ -460,27 +414,28 @@ def clear_run(out: Path) -> None:
         for file in images.iterdir():
             if (file.suffix == ".png" and file.stem.isdigit()) or file.name.endswith(".tmp"):
                 file.unlink()
-    for path in journal_paths(out):
-        path.unlink()
     for name in (ATTR_TABLE, LABEL_TABLE, MANIFEST):
         (out / name).unlink(missing_ok=True)
 
 
-def write_manifest(out: Path, context: dict, rows: dict, complete: bool) -> dict:
-    """augment.json: the settings a rerun must match, and the summary shown by a no-op rerun."""
-    config, inputs = context["config"], context["inputs"]
+def write_manifest(out: Path, plan: AugmentPlan, inputs: Inputs, rows: dict[int, dict], complete: bool,
+                   failed: list[dict]) -> dict:
+    """augment.json: the settings a rerun must match, every image's row, and the summary shown
+    by a no-op rerun."""
     summary = {
-        "out": str(out), "n": context["n"], "done": len(rows), "protected": protected_names(inputs),
-        "protect_reason": context["reason"], "skipped": context["skipped"],
+        "out": str(out), "n": len(plan.jobs), "done": len(rows), "protected": protected_names(inputs),
+        "protect_reason": plan.reason, "skipped": plan.skipped,
         "class_names": inputs.target.task.class_labels,
-        "source_counts": _counts(source.label for source in context["sources"]),
+        "source_counts": _counts(source.label for source in plan.sources),
         "class_counts": _counts(row["label"] for row in rows.values()),
         "fooled": sum(bool(row.get("fooled")) for row in rows.values()),
+        "failed": [{"file": row["file"], "source": row["source"], "error": row["error"]} for row in failed],
     }
     write_json_atomic(out / MANIFEST, {
-        "schema_version": SCHEMA_VERSION, "version": __version__, "command": config.command,
-        "settings": context["settings"], "sources_digest": context["digest"], "n": context["n"],
+        "schema_version": SCHEMA_VERSION, "version": __version__, "command": plan.config.command,
+        "settings": plan.settings, "sources_digest": plan.digest, "n": len(plan.jobs),
         **describe_inputs(inputs), "complete": complete, "summary": summary,
+        "images": [rows[index] for index in sorted(rows)],
     })
     return summary
 

@@ -7,7 +7,6 @@ one attribute move at a time and measures the change in the model's output and f
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,49 +14,35 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sia_cli import measures as measures_table
 from sia_cli import sensitivity as sens
-from sia_cli.attack import METHODS, ablation_effects, attribute_radius, run_loop
+from sia_cli.attack import METHODS, ablation_effects, attack_batch
 from sia_cli.data import load_image
-from sia_cli.distributed import barrier
 from sia_cli.errors import SiaError
 from sia_cli.files import write_json_atomic
-from sia_cli.journal import close_run
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.reports import grid_png, report_html, sensitivity_png, to_uint8
+from sia_cli.lifecycle import Context, execute
 from sia_cli.runs import (
-    REPORT, Inputs, MethodRun, RunConfig, base_report, clean_pass, collect, findings_trust, interrupted,
-    require_usable, start_run, sweep,
+    REPORT, Batch, ImagePlan, Inputs, MethodRun, RunConfig, base_report, clean_pass, findings_trust, load_inputs,
 )
 
-# report key of each measure; the headline is the one that recovered planted confounders best
-MEASURES = {"attribute_shift": "sensitivity", "ablation": "sensitivity_ablation", "single": "sensitivity_single"}
-DEFAULT_HEADLINE = "ablation"
-# raw measure of each mode: report key -> function of the records
-RAW_MEASURES = {
-    "multi": {"sensitivity": sens.attribute_shift, "sensitivity_ablation": sens.ablation_effect},
-    "single": {"sensitivity": sens.attribute_shift, "sensitivity_single": sens.single_effect},
-}
 
-
-@dataclass
+@dataclass(frozen=True)
 class DiagnoseConfig(RunConfig):
     mode: str = "multi"
     top_k: int = 5
     group_by: tuple[str, ...] = ()
     bootstrap: int = 200
-    headline: str | None = None  # default: ablation (multi), single (single)
+    headline: str | None = None  # a measure name (sia_cli.measures); None: the mode's default headline
 
     def chosen_headline(self) -> str:
-        if self.headline:
-            return self.headline
-        return "single" if self.mode == "single" else DEFAULT_HEADLINE
+        return measures_table.headline_for(self.mode, self.headline)
 
 
 def _multi(inputs: Inputs, batch, clean: dict, config: DiagnoseConfig):
-    fixed = inputs.protected.to(batch.a0.device).expand_as(batch.a0)
-    radius = attribute_radius(batch.a0, config.settings, fixed)
-    state = run_loop(inputs.backbone, inputs.target, METHODS["sia"], batch.x0, batch.a0, clean["reference"],
-                     config.settings, radius)
+    state = attack_batch(inputs.backbone, inputs.target, METHODS["sia"], batch.x0, batch.a0, clean["reference"],
+                         config.settings, inputs.protected)
     effects = ablation_effects(inputs.backbone, inputs.target, state.x, state.a, batch.a0)
     return state, {"ablation": effects}
 
@@ -67,10 +52,10 @@ def _single(inputs: Inputs, batch, clean: dict, config: DiagnoseConfig):
     b, k = batch.a0.shape
     movable = torch.eye(k, dtype=torch.bool, device=batch.a0.device) & ~inputs.protected.to(batch.a0.device)
     a0 = batch.a0.repeat_interleave(k, dim=0)
-    radius = torch.where(movable.repeat(b, 1), attribute_radius(a0, config.settings, None), torch.zeros_like(a0))
     x0 = batch.x0.repeat_interleave(k, dim=0)
     reference = clean["reference"].repeat_interleave(k, dim=0)
-    state = run_loop(inputs.backbone, inputs.target, METHODS["attr"], x0, a0, reference, config.settings, radius)
+    state = attack_batch(inputs.backbone, inputs.target, METHODS["attr"], x0, a0, reference, config.settings,
+                         movable=movable.repeat(b, 1))
     # Measured against the reconstruction G(x, a0), not the clean image: otherwise the
     # reconstruction's own difference, the same for every k, swamps each attribute's effect.
     with torch.no_grad():
@@ -92,73 +77,82 @@ def _attach(records: list[dict], extras: dict) -> None:
             record[key] = [bool(v) for v in row.tolist()] if row.dtype == torch.bool else [round(v, 6) for v in row.tolist()]
 
 
-def diagnose(config: DiagnoseConfig, progress: ProgressFn = silent) -> dict:
-    if config.mode not in ("multi", "single"):
-        raise SiaError(f"--mode must be multi or single, not {config.mode!r}")
-    if config.chosen_headline() not in MEASURES or (config.chosen_headline() == "single") != (config.mode == "single"):
+def diagnose(config: DiagnoseConfig, progress: ProgressFn = silent) -> dict | None:
+    """Diagnose the model on the folder; write report.json, sensitivity.png, grid.png and report.html.
+    Returns the report on rank 0 (None on other torchrun ranks)."""
+    if config.mode not in measures_table.MODES:
+        raise SiaError(f"--mode must be {' or '.join(measures_table.MODES)}, not {config.mode!r}")
+    if not measures_table.may_rank(config.chosen_headline(), config.mode):
         raise SiaError(f"headline measure {config.chosen_headline()!r} does not fit --mode {config.mode}")
     if config.top_k < 1:
         raise SiaError(f"--top-k must be at least 1 (got {config.top_k})")
     if config.bootstrap < 0:
         raise SiaError(f"--bootstrap must be 0 (no intervals) or a positive number of resamples (got {config.bootstrap})")
-    began = time.perf_counter()
+    return execute(config, DiagnosePlan(config), progress)
 
-    def check_groups(inputs: Inputs) -> None:
+
+class DiagnosePlan(ImagePlan):
+    """`sia diagnose`: SIA (multi) or one-attribute attacks (single) per batch, with the
+    measures' raw material attached to each record; one report with the measures."""
+
+    what = "sia diagnose"
+    task = "diagnose"
+
+    def __init__(self, config: DiagnoseConfig):
+        super().__init__(config)
+        self.run = MethodRun(METHODS["sia"] if config.mode == "multi" else METHODS["attr"], config.out)
+        self.methods = (self.run.method.name,)
+
+    def load(self, config: DiagnoseConfig, device: str, progress: ProgressFn) -> Inputs:
+        inputs = load_inputs(config, device, progress)
         unknown = [g for g in config.group_by if g not in inputs.backbone.attributes]
         if unknown:
             raise SiaError(f"--group-by {', '.join(unknown)}: not a backbone attribute")
         if bool(inputs.protected.all()):  # before the attack, not after it: nothing would be left to measure
             raise SiaError(f"--protect names every attribute of the backbone ({len(inputs.protected)}): "
                            "nothing is left to measure; leave at least one unprotected")
+        return inputs
 
-    with start_run(config, progress, check_groups) as (inputs, world, journal):
-        run = MethodRun(METHODS["sia"] if config.mode == "multi" else METHODS["attr"], config.out)
-        step = _single if config.mode == "single" else _multi
+    def rows_per_image(self, config: DiagnoseConfig, inputs: Inputs) -> int:
+        return len(inputs.backbone.attributes) if config.mode == "single" else 1
 
-        def work(batch) -> dict[str, list[dict]]:
-            clean = clean_pass(inputs, batch)
-            state, extras = step(inputs, batch, clean, config)
-            records = run.add(batch, inputs, clean, state, config.settings, config.keep_lost)
-            _attach(records, extras)
-            return {run.method.name: records}
+    def attack_images(self, context: Context, batch: Batch) -> dict[str, list[dict]]:
+        config, inputs = self.config, context.inputs
+        clean = clean_pass(inputs, batch)
+        state, extras = (_single if config.mode == "single" else _multi)(inputs, batch, clean, config)
+        records = self.run.add(batch, inputs, clean, state, config.settings, config.keep_lost)
+        _attach(records, extras)
+        return {self.run.method.name: records}
 
-        def write(entries: dict, complete: bool) -> dict | None:
-            records, skipped = collect(entries, inputs.files)
-            run.records = records.get(run.method.name, [])
-            if not any("error" not in r for r in run.records):
-                return None
-            report = _report(config, inputs, run, skipped, time.perf_counter() - began, complete)
-            write_outputs(config, report, _telling(inputs, config.out, run.records))
-            return report
-
-        try:
-            entries = sweep(config, inputs, world, journal, work, progress, "diagnose", (run.method.name,))
-        except KeyboardInterrupt:
-            raise interrupted(config, world, lambda entries: write(entries, complete=False) is not None) from None
-        require_usable(*collect(entries, inputs.files), config.images)
-        report = write(entries, complete=True) if world.main else None
-        barrier(world)
-        if world.main:
-            close_run(config.out)
-    return report
+    def write_reports(self, context: Context, records: dict[str, list[dict]], skipped: list[dict],
+                      complete: bool) -> dict | None:
+        self.run.records = records.get(self.run.method.name, [])
+        if not any("error" not in r for r in self.run.records):
+            return None
+        report = _report(self.config, context, self.run, skipped, self.seconds(), complete)
+        write_outputs(self.config, report, _telling(context.inputs, self.config.out, self.run.records))
+        return report
 
 
 def measures(records: list[dict], attributes: list[str], protected: list[str], mode: str) -> dict:
     """Every sensitivity measure of a set of records, raw and normalised."""
-    out = {key: measure(records, attributes, protected) for key, measure in RAW_MEASURES[mode].items()}
-    for key in list(out):
-        out[f"{key}_normalized"] = sens.normalize(out[key])
+    found = measures_table.for_mode(mode)
+    out = {measure.key: measure.function(records, attributes, protected) for measure in found}
+    for measure in found:
+        out[measure.normalized_key] = sens.normalize(out[measure.key])
     if mode == "single":
         out["flip_rate"] = sens.flip_rate(records, attributes, protected)
-    out["sdar"] = sens.sdar(out["sensitivity"])
+    out["sdar"] = sens.sdar(out[measures_table.ATTRIBUTE_SHIFT.key])  # SDAR is the paper's, on Eq. 2
     return out
 
 
-def _report(config: DiagnoseConfig, inputs: Inputs, run: MethodRun, skipped: list, seconds: float,
+def _report(config: DiagnoseConfig, context: Context, run: MethodRun, skipped: list, seconds: float,
             complete: bool) -> dict:
-    base = base_report(config, inputs)
+    inputs = context.inputs
+    base = base_report(config, context)
     attributes, protected = base["attributes"], base["protected"]
     headline = config.chosen_headline()
+    headline_key = measures_table.by_name(headline).key
     # The measures rest on the counted images (not lost in reconstruction, not already wrong);
     # when none is left they fall back to all, and a warning says so.
     counted = [r for r in run.records if "error" not in r and r.get("counted", True)]
@@ -170,9 +164,9 @@ def _report(config: DiagnoseConfig, inputs: Inputs, run: MethodRun, skipped: lis
     report["settings"]["intervals"] = (f"BCa bootstrap over images, {config.bootstrap} resamples, 95% "
                                        "(bias-shifted percentile where the bias exceeds the interval)")
     report["measured_images"] = sum("error" not in r for r in measured)
-    report["ranking"] = sens.ranking(found[MEASURES[headline]])
+    report["ranking"] = sens.ranking(found[headline_key])
     report["intervals"] = _intervals(measured, attributes, protected, config)
-    report["stands_out"] = sens.stands_out(found[MEASURES[headline]], report["intervals"].get(MEASURES[headline]))
+    report["stands_out"] = sens.stands_out(found[headline_key], report["intervals"].get(headline_key))
     report["groups"] = _groups(measured, attributes, protected, config)
     report.update(findings_trust(inputs, run.records, grouped=bool(config.group_by),
                                  measures_include_lost=not counted))
@@ -184,23 +178,25 @@ def _intervals(records, attributes, protected, config: DiagnoseConfig) -> dict:
     if config.bootstrap <= 0:
         return {}
     out = {
-        key: sens.bootstrap(records, lambda r, measure=measure: measure(r, attributes, protected),
-                            n=config.bootstrap, seed=config.seed)
-        for key, measure in RAW_MEASURES[config.mode].items()
+        measure.key: sens.bootstrap(records, lambda r, function=measure.function: function(r, attributes, protected),
+                                    n=config.bootstrap, seed=config.seed)
+        for measure in measures_table.for_mode(config.mode)
     }
-    out["sdar"] = sens.bootstrap(records, lambda r: sens.sdar(sens.attribute_shift(r, attributes, protected)),
+    shift = measures_table.ATTRIBUTE_SHIFT.function
+    out["sdar"] = sens.bootstrap(records, lambda r: sens.sdar(shift(r, attributes, protected)),
                                  n=config.bootstrap, seed=config.seed)
     return out
 
 
 def _groups(records, attributes, protected, config: DiagnoseConfig) -> dict:
     groups = {}
+    headline = measures_table.by_name(config.chosen_headline())
     for attribute in config.group_by:
         for name, members in sens.group_split(records, attributes, attribute).items():
             if members:
                 found = measures(members, attributes, protected, config.mode)
                 groups[name] = {"images": len(members), "sdar": found["sdar"],
-                                "sensitivity_normalized": found[f"{MEASURES[config.chosen_headline()]}_normalized"]}
+                                "sensitivity_normalized": found[headline.normalized_key]}
     return groups
 
 
@@ -242,11 +238,11 @@ def _short(value) -> str:
 def write_outputs(config: DiagnoseConfig, report: dict, telling: list[dict]) -> None:
     """report.json, the histogram, the grid of the most telling images and the HTML page."""
     out = config.out
-    headline_key = MEASURES[report["settings"]["headline"]]
-    intervals = report.get("intervals", {}).get(headline_key)
-    sensitivity_png(out / "sensitivity.png", report[f"{headline_key}_normalized"],
-                    _normalised_intervals(intervals, report[headline_key]),
-                    title=f"{headline_key} (share of total)",
+    headline = measures_table.by_name(report["settings"]["headline"])
+    intervals = report.get("intervals", {}).get(headline.key)
+    sensitivity_png(out / "sensitivity.png", report[headline.normalized_key],
+                    _normalised_intervals(intervals, report[headline.key]),
+                    title=f"{headline.key} (share of total)",
                     edit_success=report["backbone"].get("edit_success"), blind_spots=report.get("blind_spots") or ())
     grid_png(out / "grid.png", telling)
     write_json_atomic(out / REPORT, report)

@@ -13,9 +13,9 @@ import json
 import os
 from pathlib import Path
 
-from sia_cli.distributed import World, agree, all_gather
+from sia_cli.distributed import World, agree, all_gather, barrier
 from sia_cli.errors import SiaError
-from sia_cli.files import write_json_atomic
+from sia_cli.files import write_json_atomic, write_text_atomic
 
 RUN_STATE = ".sia-run.json"  # the settings a resumed run must match
 JOURNAL_PREFIX = ".sia-progress"
@@ -112,17 +112,16 @@ class Journal:
 
 
 def open_journal(out: Path, fingerprint: dict, world: World) -> Journal:
-    """Check a partial run in `out` has these settings, record them, and load what it finished."""
+    """Check a partial run in `out` has these settings, record them, and load what it finished.
+
+    Rank 0 first rewrites every rank's journal into its own, without a line torn by the
+    interruption: a line appended after a torn one would be glued to it and lost."""
 
     def check() -> dict[str, dict]:
         state_path = Path(out) / RUN_STATE
         entries = read_entries(out)
         if entries:
-            before = _read_state(state_path)
-            changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
-            if changed:
-                raise SiaError(f"{out} holds a partial run with other settings ({', '.join(changed)}); "
-                               "rerun it with the same settings to resume, or pass --force to start over")
+            refuse_changed(out, _read_state(state_path), fingerprint)
         return entries
 
     done: dict[str, dict] = {}
@@ -131,7 +130,35 @@ def open_journal(out: Path, fingerprint: dict, world: World) -> Journal:
         done.update(part)
     if world.main:
         write_json_atomic(Path(out) / RUN_STATE, fingerprint)
+        _compact(out, done)
+    barrier(world)  # no rank appends before the journals are rewritten
     return Journal(out, world, done)
+
+
+def _compact(out: Path, entries: dict[str, dict]) -> None:
+    paths = journal_files(out)
+    if not paths:
+        return
+    write_text_atomic(Path(out) / f"{JOURNAL_PREFIX}.0.jsonl", "".join(json.dumps(e) + "\n" for e in entries.values()))
+    for path in paths:
+        if path.name != f"{JOURNAL_PREFIX}.0.jsonl":
+            path.unlink(missing_ok=True)
+
+
+def refuse_changed(out: Path, before: dict, now: dict) -> None:
+    """One message for a rerun whose settings differ from the run it would continue; it names
+    the first changed settings with their old and new values."""
+    changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
+    if changed:
+        shown = ", ".join(f"{key}: {_short(before.get(key))} -> {_short(now.get(key))}" for key in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise SiaError(f"{out} holds a partial or finished run with other settings ({shown}{more}); "
+                       "rerun it with the same settings to resume, or pass --force to start over")
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _read_state(path: Path) -> dict:

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sia_cli.errors import SiaError
 from sia_cli.files import json_ready, write_bytes_atomic
+from sia_cli.measures import FALLBACK, TABLE, report_key
 from sia_cli.sensitivity import ranking
 
 PSNR_CAP_DB = 100.0
@@ -251,12 +252,6 @@ def grid_png(path: str | os.PathLike, rows: Sequence[dict]) -> None:
 
 # ---------------------------------------------------------------- self-contained HTML report
 
-_MEASURES = {  # headline name -> report key of its raw values (normalised: key + "_normalized")
-    "attribute_shift": "sensitivity",
-    "ablation": "sensitivity_ablation",
-    "single": "sensitivity_single",
-}
-
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
@@ -317,10 +312,10 @@ def _image_tag(png_path: Path, alt: str) -> str:
 
 def _headline(report: dict) -> tuple[str, str]:
     """(measure name, report key of its raw values), falling back to Eq. 2 when absent."""
-    name = (report.get("settings") or {}).get("headline", "attribute_shift")
-    key = _MEASURES.get(name, "sensitivity")
+    name = (report.get("settings") or {}).get("headline", FALLBACK.name)
+    key = report_key(name)
     if not report.get(key + "_normalized"):
-        return "attribute_shift", "sensitivity"
+        return FALLBACK.name, FALLBACK.key
     return name, key
 
 
@@ -389,9 +384,7 @@ def _warnings_banner(report: dict) -> str:
 
 def _measure_columns(report: dict) -> list[tuple[str, str]]:
     """(title, raw-values key) for each measure present in the report."""
-    columns = [("attribute shift (Eq. 2)", "sensitivity"), ("ablation", "sensitivity_ablation"),
-               ("single attribute", "sensitivity_single")]
-    return [(title, key) for title, key in columns if report.get(key)]
+    return [(measure.title, measure.key) for measure in TABLE if report.get(measure.key)]
 
 
 def _table_order(report: dict, headline_key: str, columns: list[tuple[str, str]]) -> list[str]:
@@ -515,6 +508,56 @@ Protected attributes are left out.</p>
 {grid}
 {_skipped_list(report)}
 {_details(report)}
+</body></html>
+"""
+    write_bytes_atomic(path, page.encode("utf-8"))
+
+
+def _evaluation_rows(summary: dict) -> str:
+    """Table 4 and 5 shape: one row per figure, before and after side by side."""
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    rows = [("clean accuracy", before.get("clean_accuracy"), after.get("clean_accuracy"))]
+    for method in ("fgsm", "pgd", "sia"):
+        for eps in summary.get("eval_eps") or []:
+            rows.append((f"accuracy under {method.upper()}, eps {eps}",
+                         (before.get("accuracy_under_attack") or {}).get(method, {}).get(eps),
+                         (after.get("accuracy_under_attack") or {}).get(method, {}).get(eps)))
+    rows.append(("SDAR", before.get("sdar"), after.get("sdar")))
+    rows.append(("attribute that stands out", before.get("stands_out"), after.get("stands_out")))
+    cells = "".join(f"<tr><td>{_e(name)}</td><td>{_number(a, 4) if not isinstance(a, str) else _e(a)}</td>"
+                    f"<td>{_number(b, 4) if not isinstance(b, str) else _e(b)}</td></tr>" for name, a, b in rows)
+    return f"<table><tr><th></th><th>before</th><th>after</th></tr>{cells}</table>"
+
+
+def hardening_html(path: str | os.PathLike, summary: dict, out: Path) -> None:
+    """`sia harden`'s page: the before/after figures and the two sensitivity histograms side by side."""
+    pictures = []
+    for side in ("before", "after"):
+        png = Path(out) / side / "diagnosis" / "sensitivity.png"
+        pictures.append(f"<figure><figcaption>{side}</figcaption>{_image_tag(png, f'sensitivity {side}')}</figure>"
+                        if png.is_file() else f"<figure><figcaption>{side}</figcaption><p class='muted'>no report "
+                                                "(pass --eval-images)</p></figure>")
+    unfit = [side for side in ("before", "after") if (summary.get(side) or {}).get("backbone_fit_ok") is False]
+    warning = (f"<p class='warning'>The backbone does not fit the held-out images ({', '.join(unfit)}): SDAR and the "
+               "sensitivities there describe the backbone as much as the model; see each side's report.html.</p>"
+               if unfit else "")
+    reference = (summary.get("after") or summary.get("before") or {}).get("reference", "")
+    training = summary.get("training") or {}
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>SIA hardening</title><style>{_CSS}
+.side {{ display: flex; gap: 1em; flex-wrap: wrap; }} .side figure {{ margin: 0; }}</style></head>
+<body>
+<h1>Hardening: before and after</h1>
+{warning}
+<div><b>model:</b> <code>{_e(summary.get('model'))}</code> &rarr; <code>{_e(summary.get('hardened_model'))}</code></div>
+<div class="muted">{_e(summary.get('mode'))}; labels: {_e(summary.get('labels'))}; {_e(training.get('steps'))} steps,
+mix {_e(summary.get('mix'))}, lr {_e(summary.get('lr'))}</div>
+<h2>On the held-out images</h2>
+<p class="muted">Accuracy against {_e(reference)}. Each figure comes from a full report under before/ and after/.</p>
+{_evaluation_rows(summary)}
+<h2>Sensitivity (headline measure, share of total)</h2>
+<div class="side">{''.join(pictures)}</div>
+<h2>Run</h2><div><b>command:</b> <code>{_e(summary.get('command', ''))}</code></div>
 </body></html>
 """
     write_bytes_atomic(path, page.encode("utf-8"))

@@ -1,13 +1,12 @@
 """Running an attack over a folder: inputs, batches, records, adversary files and the report.
 
-`attack()` is the engine behind `sia attack`; `diagnose` builds on the same pieces.
+`attack()` is the engine behind `sia attack`: an `ImagePlan` run by `sia_cli.lifecycle`.
+`diagnose` builds on the same pieces.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import platform
 import shutil
 import time
@@ -20,25 +19,23 @@ import torch
 from PIL import Image
 
 from sia_cli import __version__, trust
-from sia_cli.attack import METHODS, AttackSettings, Method, attribute_radius, get_method, quantize, run_loop
+from sia_cli.attack import METHODS, AttackSettings, Method, attack_batch, get_method, quantize
 from sia_cli.data import ImageError, list_images, load_image, read_attributes
-from sia_cli.distributed import World, agree, barrier, current, join
-from sia_cli.errors import INTERRUPTED, ModelRaised, SiaError
+from sia_cli.distributed import World, current
+from sia_cli.errors import ModelRaised, SiaError
 from sia_cli.files import write_json_atomic
-from sia_cli.journal import Journal, close_run, locked, open_journal, read_entries
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.registry import load_backbone
 from sia_cli.reports import image_quality, save_png_atomic, to_uint8
-from sia_cli.speed import AUTO, tune
+from sia_cli.lifecycle import Context, Plan, execute
 from sia_cli.target import load_target, read_labels
 
 SCHEMA_VERSION = 1
 REPORT = "report.json"
 COMPARISON = "comparison.json"
-LOCK = ".sia.lock"
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     model: Path
     images: Path
@@ -86,47 +83,11 @@ class Inputs:
     adversary_names: dict[str, str]  # source file name -> PNG name
 
 
-def _finished_marker(out: Path) -> Path | None:
-    """The report that marks `out` as a finished run: its own, or a comparison's.
-
-    A report marked incomplete (an interrupted run) is not one: rerunning resumes it.
-    """
-    candidates = [out / REPORT, out / COMPARISON] + [out / name / REPORT for name in METHODS]
-    return next((path for path in candidates if path.exists() and _complete(path)), None)
-
-
-def _complete(report: Path) -> bool:
-    try:
-        return json.loads(report.read_text(encoding="utf-8")).get("complete", True) is not False
-    except (OSError, ValueError, AttributeError):
-        return True  # unreadable: never overwrite it without --force
-
-
-def prepare_out(out: Path, force: bool) -> None:
-    """Refuse to overwrite a finished run; fail before any work when `out` is not writable."""
-    out = Path(out)
-    marker = _finished_marker(out)
-    if marker is not None and not force:
-        raise SiaError(
-            f"{out} holds a finished run ({marker.relative_to(out)}); pass --force to overwrite or pick another --out"
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".sia-write-test.{os.getpid()}"  # per process: torchrun ranks probe at once
-        try:
-            probe.write_bytes(b"ok")
-        finally:
-            probe.unlink(missing_ok=True)  # also when the write failed (a full disk) after creating it
-    except OSError as exc:
-        raise SiaError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
-
-
-def load_inputs(config: RunConfig, progress: ProgressFn = silent) -> Inputs:
-    if config.batch_size != AUTO and config.batch_size < 1:
-        raise SiaError(f"--batch-size must be at least 1 (got {config.batch_size})")
-    backbone = load_backbone(config.gan, config.device, progress)
+def load_inputs(config: RunConfig, device: str, progress: ProgressFn = silent) -> Inputs:
+    """Every input of a run, checked before the first batch (on `device`, this rank's)."""
+    backbone = load_backbone(config.gan, device, progress)
     target = load_target(
-        config.model, device=config.device, task=config.task, input_size=config.input_size,
+        config.model, device=device, task=config.task, input_size=config.input_size,
         mean=config.mean, std=config.std, output_key=config.output_key, probe_size=backbone.img_size,
         output=config.output, label=config.label, channels=config.channels, margin=config.margin,
         eye_indices=config.eye_indices, trust_pickle=config.trust_pickle,
@@ -385,16 +346,6 @@ def attack_summary(records: list[dict]) -> dict:
     }
 
 
-def attack_batch(inputs: Inputs, batch: Batch, clean: dict, method: Method, settings: AttackSettings, seed: int):
-    """One method's attack of a batch from its clean pass (shared by every method of a run)."""
-    fixed = inputs.protected.to(batch.a0.device).expand_as(batch.a0)
-    radius = attribute_radius(batch.a0, settings, fixed)
-    generator = torch.Generator().manual_seed(seed)
-    state = run_loop(inputs.backbone, inputs.target, method, batch.x0, batch.a0, clean["reference"],
-                     settings, radius, generator)
-    return state
-
-
 def describe_inputs(inputs: Inputs) -> dict:
     backbone, target = inputs.backbone, inputs.target
     return {
@@ -426,14 +377,16 @@ def findings_trust(inputs: Inputs, records: list[dict], grouped: bool = False,
     return {"backbone_fit": fit, "blind_spots": blind, "warnings": warnings}
 
 
-def base_report(config: RunConfig, inputs: Inputs) -> dict:
+def base_report(config: RunConfig, context: Context) -> dict:
+    inputs = context.inputs
     return {
         "schema_version": SCHEMA_VERSION,
         "version": __version__,
         "command": config.command,
-        "settings": config.describe(),
+        # As the run resolved them: `--batch-size auto` and a torchrun rank's device settled.
+        "settings": {**config.describe(), "device": context.device, "batch_size": context.batch_size},
         **describe_inputs(inputs),
-        "device": _device_name(config.device),
+        "device": _device_name(context.device),
         "attrs_source": "attrs_file" if inputs.attributes is not None else "discriminator",
         "world_size": current().size,
     }
@@ -443,69 +396,6 @@ def _device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def settings_fingerprint(config: RunConfig) -> dict:
-    """What decides a run's results: a resumed run must match it. Where and how fast it runs
-    (device, batch size, progress) may change between attempts."""
-    data = json.loads(json.dumps(config.describe(), default=str))
-    for key in ("out", "force", "command", "device", "batch_size", "compile", "trust_pickle"):
-        data.pop(key, None)
-    return data
-
-
-@contextlib.contextmanager
-def start_run(config: RunConfig, progress: ProgressFn = silent, check=None):
-    """Yield (inputs, world, journal) for a run into `config.out`, holding its lock throughout.
-
-    Checks `out`, seeds, loads every input and runs `check(inputs)` on every rank; only then
-    clears an old run (with --force), so a rerun that fails validation keeps the previous
-    results. Under torchrun, `config.device` becomes this rank's device.
-    """
-    if config.batch_size != AUTO and config.batch_size < 1:  # before --out is made
-        raise SiaError(f"--batch-size must be at least 1 (got {config.batch_size})")
-    world, config.device = join(config.device)
-    agree(lambda: prepare_out(config.out, config.force), world)
-    with locked(config.out, LOCK, "sia run", world):
-        torch.manual_seed(config.seed)
-
-        def load() -> Inputs:
-            inputs = load_inputs(config, progress if world.main else silent)
-            if check is not None:
-                check(inputs)
-            return inputs
-
-        inputs = agree(load, world)
-        tune(config, inputs, world)
-        if config.force and world.main:
-            remove_run(config.out)
-        barrier(world)
-        yield inputs, world, open_journal(config.out, settings_fingerprint(config), world)
-
-
-def sweep(config: RunConfig, inputs: Inputs, world: World, journal: Journal, work, progress: ProgressFn,
-          task: str, methods: tuple[str, ...] = ()) -> dict[str, dict]:
-    """Run `work(batch) -> {method: records}` over this rank's share of the unfinished images.
-
-    `methods` names the keys of `work`'s result: an image the model raises on gets a failed
-    record under each (see `_work_or_fail`).
-
-    Returns the journal entries of every rank, now and before, the same on every rank (a
-    collective: every rank must call it); `collect` turns them into records in file order.
-    """
-    skipped: list[dict] = []
-    finished = len(journal.done)
-    for batch in batches(inputs, config.batch_size, config.device, skipped, journal.done, world):
-        results = _work_or_fail(work, batch, methods)
-        entries = [{"file": item["file"], "skipped": item["reason"]} for item in skipped]
-        entries += [{"file": file.name, "records": {m: rows[i] for m, rows in results.items()}}
-                    for i, file in enumerate(batch.files)]
-        journal.append(entries)
-        finished += len(entries) * world.size  # rank 0 speaks for all: shards differ by one batch at most
-        skipped.clear()
-        progress(task, min(finished, len(inputs.files)), len(inputs.files))
-    journal.append([{"file": item["file"], "skipped": item["reason"]} for item in skipped])
-    return journal.gather()
 
 
 def _work_or_fail(work, batch: Batch, methods: tuple[str, ...]) -> dict[str, list[dict]]:
@@ -551,73 +441,124 @@ def require_usable(records: dict[str, list[dict]], skipped: list[dict], images: 
         raise SiaError(f"no usable image in {images}: {reason}")
 
 
-def interrupted(config: RunConfig, world: World, write_partial) -> SiaError:
-    """After Ctrl-C: rank 0 writes a report of what is finished, marked incomplete."""
-    if not world.main:
-        return SiaError("interrupted", INTERRUPTED)
-    entries = read_entries(config.out)  # every rank's journal: the others may not answer a gather now
-    wrote = write_partial(entries) if entries else False
-    where = f"a partial report is in {config.out} (complete: false); " if wrote else ""
-    return SiaError(f"interrupted after {len(entries)} image(s): {where}rerun the same command to resume",
-                    INTERRUPTED)
+class ImagePlan(Plan):
+    """A run over a folder of images in fixed batches, one record per image and method.
+
+    Subclasses give `attack_images(context, batch) -> {method: records}` and
+    `write_reports(context, records, skipped, complete)`.
+    """
+
+    what = "sia run"
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.began = time.perf_counter()
+        self.methods: tuple[str, ...] = ()  # keys of attack_images' result
+
+    def finished(self, out: Path) -> Path | None:
+        """A report that marks `out` as a finished run: its own, or a comparison's. A report
+        marked incomplete (an interrupted run) is not one: rerunning resumes it."""
+        candidates = [out / REPORT, out / COMPARISON] + [out / name / REPORT for name in METHODS]
+        return next((path for path in candidates if path.exists() and _complete(path)), None)
+
+    def clear(self, out: Path) -> None:
+        remove_run(out)
+
+    def units(self, context: Context, done: dict[str, dict]):
+        """Batches of this rank's blocks, each with the files skipped since the previous one."""
+        skipped: list[dict] = []
+        for batch in batches(context.inputs, context.batch_size, context.device, skipped, done, context.world):
+            yield list(skipped), batch
+            skipped.clear()
+        if skipped:
+            yield skipped, None
+
+    def work(self, context: Context, unit) -> list[dict]:
+        skipped, batch = unit
+        entries = [{"file": item["file"], "skipped": item["reason"]} for item in skipped]
+        if batch is not None:
+            results = _work_or_fail(lambda b: self.attack_images(context, b), batch, self.methods)
+            entries += [{"file": file.name, "records": {m: rows[i] for m, rows in results.items()}}
+                        for i, file in enumerate(batch.files)]
+        return entries
+
+    def check_usable(self, context: Context, entries: dict[str, dict]) -> None:
+        require_usable(*collect(entries, context.inputs.files), self.config.images)
+
+    def write(self, context: Context, entries: dict[str, dict], complete: bool):
+        records, skipped = collect(entries, context.inputs.files)
+        return self.write_reports(context, records, skipped, complete)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.began
+
+    def attack_images(self, context: Context, batch: Batch) -> dict[str, list[dict]]:
+        raise NotImplementedError
+
+    def write_reports(self, context: Context, records: dict[str, list[dict]], skipped: list[dict], complete: bool):
+        raise NotImplementedError
+
+
+def _complete(report: Path) -> bool:
+    try:
+        return json.loads(report.read_text(encoding="utf-8")).get("complete", True) is not False
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: never overwrite it without --force
+
+
+class AttackPlan(ImagePlan):
+    """`sia attack`: every requested method on every batch, one report per method."""
+
+    what = "sia attack"
+    task = "attack"
+
+    def __init__(self, config: RunConfig):
+        super().__init__(config)
+        # Each method once: `sia,sia` would otherwise record every image twice.
+        self.chosen = [get_method(name) for name in dict.fromkeys(config.methods)]
+        if not self.chosen:
+            raise SiaError("--method names no method: choose from " + ", ".join(METHODS))
+        self.methods = tuple(m.name for m in self.chosen)
+        single = len(self.chosen) == 1
+        self.runs = {m.name: MethodRun(m, config.out if single else config.out / m.name) for m in self.chosen}
+
+    def attack_images(self, context: Context, batch: Batch) -> dict[str, list[dict]]:
+        config, inputs = self.config, context.inputs
+        clean = clean_pass(inputs, batch)  # once for every method
+        results = {}
+        for method in self.chosen:
+            state = attack_batch(inputs.backbone, inputs.target, method, batch.x0, batch.a0, clean["reference"],
+                                 config.settings, inputs.protected, seed=config.seed + batch.index)
+            results[method.name] = self.runs[method.name].add(batch, inputs, clean, state, config.settings,
+                                                              config.keep_lost)
+        return results
+
+    def write_reports(self, context: Context, records: dict[str, list[dict]], skipped: list[dict], complete: bool):
+        for name, run in self.runs.items():
+            run.records = records.get(name, [])
+        reports = {name: _method_report(self.config, context, run, skipped, self.seconds(), complete)
+                   for name, run in self.runs.items() if run.records}
+        for name, report in reports.items():
+            write_json_atomic(self.runs[name].folder / REPORT, report)
+        if len(self.runs) > 1 and complete:
+            comparison = {name: {k: r[k] for k in ("attack_success_rate", "psnr", "ssim")}
+                          for name, r in reports.items()}
+            images = len(next(iter(self.runs.values())).records)
+            write_json_atomic(self.config.out / COMPARISON, {"methods": comparison, "images": images})
+        return {"reports": reports, "skipped": skipped, "seconds": self.seconds()} if reports else None
 
 
 def attack(config: RunConfig, progress: ProgressFn = silent) -> dict:
-    """Run every requested method over the folder; write adversaries and reports into `out`."""
-    # Each method once: `sia,sia` would otherwise record every image twice.
-    methods = [get_method(name) for name in dict.fromkeys(config.methods)]
-    if not methods:
-        raise SiaError("--method names no method: choose from " + ", ".join(METHODS))
-    began = time.perf_counter()
-    with start_run(config, progress) as (inputs, world, journal):
-        single = len(methods) == 1
-        runs = {m.name: MethodRun(m, config.out if single else config.out / m.name) for m in methods}
-
-        def work(batch: Batch) -> dict[str, list[dict]]:
-            results = {}
-            clean = clean_pass(inputs, batch)
-            for method in methods:
-                state = attack_batch(inputs, batch, clean, method, config.settings, config.seed + batch.index)
-                results[method.name] = runs[method.name].add(batch, inputs, clean, state, config.settings,
-                                                             config.keep_lost)
-            return results
-
-        def write(entries: dict, complete: bool) -> dict:
-            records, skipped = collect(entries, inputs.files)
-            for name, run in runs.items():
-                run.records = records.get(name, [])
-            return _write_attack_reports(config, inputs, runs, skipped, time.perf_counter() - began, complete)
-
-        try:
-            entries = sweep(config, inputs, world, journal, work, progress, "attack", tuple(runs))
-        except KeyboardInterrupt:
-            raise interrupted(config, world, lambda entries: bool(write(entries, complete=False))) from None
-        records, skipped = collect(entries, inputs.files)
-        require_usable(records, skipped, config.images)
-        reports = write(entries, complete=True) if world.main else {}
-        barrier(world)
-        if world.main:
-            close_run(config.out)
-    return {"reports": reports, "skipped": skipped, "seconds": time.perf_counter() - began}
+    """Run every requested method over the folder; write adversaries and reports into `out`.
+    Returns the reports on rank 0 (None on other torchrun ranks)."""
+    return execute(config, AttackPlan(config), progress)
 
 
-def _write_attack_reports(config: RunConfig, inputs: Inputs, runs: dict, skipped: list, seconds: float,
-                          complete: bool) -> dict:
-    reports = {name: _method_report(config, inputs, run, skipped, seconds, complete) for name, run in runs.items()
-               if run.records}
-    for name, report in reports.items():
-        write_json_atomic(runs[name].folder / REPORT, report)
-    if len(runs) > 1 and complete:
-        comparison = {name: {k: r[k] for k in ("attack_success_rate", "psnr", "ssim")} for name, r in reports.items()}
-        images = len(next(iter(runs.values())).records)
-        write_json_atomic(config.out / COMPARISON, {"methods": comparison, "images": images})
-    return reports
-
-
-def _method_report(config: RunConfig, inputs: Inputs, run: MethodRun, skipped: list, seconds: float,
+def _method_report(config: RunConfig, context: Context, run: MethodRun, skipped: list, seconds: float,
                    complete: bool = True) -> dict:
+    inputs = context.inputs
     return {
-        **base_report(config, inputs),
+        **base_report(config, context),
         "method": run.method.name,
         "method_summary": run.method.summary,
         **run.summary(),
@@ -640,4 +581,3 @@ def remove_run(out: Path) -> None:
         shutil.rmtree(folder / "adversaries", ignore_errors=True)
         (folder / REPORT).unlink(missing_ok=True)
     (out / COMPARISON).unlink(missing_ok=True)
-    close_run(out)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from sia_cli.attack import METHODS, AttackSettings, attribute_radius, run_loop
+from sia_cli.attack import METHODS, AttackSettings, attack_batch
 from sia_cli.distributed import World, agree, all_gather
 from sia_cli.errors import SiaError
 
@@ -25,13 +25,13 @@ CPU_BATCH = 64
 HEADROOM = 0.9
 
 
-def tune(config, inputs, world: World = World()) -> None:
-    """Prepare the run's models in place and settle `config.batch_size` (`auto` -> a number)."""
-    # Single-attribute diagnosis attacks K rows per image at once.
-    rows = len(inputs.backbone.attributes) if getattr(config, "mode", "multi") == "single" else 1
-    wanted = max(len(inputs.files), getattr(config, "n", None) or 0, 1)
-    config.batch_size = prepare(inputs.backbone, inputs.target, torch.device(config.device), config.settings,
-                                config.batch_size, config.compile, rows, wanted, world)
+def tune(config, inputs, device: torch.device, world: World = World(), rows: int = 1, wanted: int = 1) -> int:
+    """Prepare the run's models in place; return the batch size to use (`auto` settled).
+
+    `rows`: attack rows per image (single-attribute diagnosis attacks K at once); `wanted`:
+    images the run will attack, which `auto` never exceeds."""
+    return prepare(inputs.backbone, inputs.target, device, config.settings, config.batch_size, config.compile,
+                   rows, max(wanted, 1), world)
 
 
 def prepare(backbone, target, device: torch.device, settings: AttackSettings, batch_size: int | str = AUTO,
@@ -122,5 +122,4 @@ def probe(backbone, target, settings: AttackSettings, device: torch.device, rows
     with torch.no_grad():
         reference = target.reference(target(x0 * 2 - 1))
         reconstruction = backbone(x0 * 2 - 1, a0)  # noqa: F841 - a run keeps it for the report
-    quick = replace(settings, steps=2)
-    run_loop(backbone, target, METHODS["sia"], x0, a0, reference, quick, attribute_radius(a0, quick, None))
+    attack_batch(backbone, target, METHODS["sia"], x0, a0, reference, replace(settings, steps=2))

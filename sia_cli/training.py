@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import itertools
+import os
+import queue
 import random
 import signal
 import threading
@@ -21,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.utils import make_grid, save_image
 
 from sia_cli import __version__, trust
+from sia_cli.attack import AMP_MODES, amp_context
 from sia_cli.backbone import (
     CARD_FILE,
     SETTING_FILE,
@@ -39,11 +43,12 @@ from sia_cli.errors import INTERRUPTED, STOPPED_BY, SiaError
 from sia_cli.files import write_bytes_atomic, write_text_atomic
 from sia_cli.journal import locked
 from sia_cli.progress import ProgressFn, silent
+from sia_cli.speed import to_channels_last
 
 LOCK = ".sia.lock"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     images: Path
     attrs_file: Path
@@ -73,13 +78,18 @@ class TrainConfig:
     save_every: int = 1000
     keep: int = 2
     resume: bool = False
-    device: str = "cpu"
+    device: str = "cpu"  # under torchrun `cuda` means each rank's own GPU (see train_gan)
     seed: int = 0
     workers: int = 0
     preload: bool = False  # decode every image once into memory on the training device
     time_limit: float | None = None  # seconds; stop early with a checkpoint
     judge: Path | None = None  # attribute classifier (TorchScript, one logit per attribute) for the card
     card_images: int = 256  # training images the card's measurements use
+    amp: str | None = None  # "bf16": autocast the forwards; the losses and the gradient penalty stay fp32
+    compile: bool = False  # torch.compile the forwards (not the gradient penalty's: see Trainer)
+    # NHWC weights. No faster on this project's CPU (bench/RESULTS.md); bench/train_bench.py
+    # measures it on CUDA, where cuDNN's bf16 kernels want it.
+    channels_last: bool = False
 
     def setting(self) -> dict:
         """The run's settings in the keys a public `setting.txt` uses."""
@@ -142,18 +152,24 @@ class Edits(torch.nn.Module):
 
 
 class Trainer:
-    """Holds the two networks and their optimisers; `step` runs one critic or generator update.
+    """Holds the two networks and their optimisers; `critic_step` and `generator_step` run one update.
 
     Under torchrun the trained forwards go through DistributedDataParallel, which averages
     gradients across ranks; forwards that need no gradient use the plain modules, whose
-    weights DDP keeps equal on every rank.
+    weights DDP keeps equal on every rank. `--compile` compiles the forwards, and `--amp bf16`
+    runs them under autocast; the modules themselves stay as built, so checkpoints keep their
+    keys and load anywhere.
     """
 
-    def __init__(self, config: TrainConfig, setting: dict, world: World = World()):
+    def __init__(self, config: TrainConfig, setting: dict, world: World = World(), device: str | None = None):
         self.config = config
-        device = torch.device(config.device)
+        device = torch.device(device or config.device)
         self.generator = Generator(GeneratorConfig.from_setting(setting)).to(device)
         self.critic = Discriminator(DiscriminatorConfig.from_setting(setting)).to(device)
+        if config.channels_last:
+            # Weights only: convolutions follow them, and Adam's moments take the layout of the
+            # parameters they are made for. A checkpoint's tensors load into either layout.
+            to_channels_last(self.generator, self.critic)
         self.optim_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=config.betas)
         self.optim_d = torch.optim.Adam(self.critic.parameters(), lr=config.lr, betas=config.betas)
         self.device = device
@@ -162,19 +178,32 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.edits = DistributedDataParallel(self.edits, device_ids=ids)
             self.scorer = DistributedDataParallel(self.critic, device_ids=ids)
+        # The penalty differentiates the critic twice; a compiled graph can be differentiated
+        # only once, so the penalty always scores with the eager critic.
+        self.penalty_scorer = self.scorer
+        self.faker, self.frozen_critic = self.generator, self.critic  # no gradient to their weights
+        if config.compile:  # one process only (check_config): wrappers, so the modules keep their keys
+            self.faker, self.edits, self.scorer, self.frozen_critic = (
+                torch.compile(module) for module in (self.generator, self.edits, self.scorer, self.critic))
 
     def attribute_input(self, a: torch.Tensor) -> torch.Tensor:
         return (a * 2 - 1) * self.config.thres_int
 
+    def autocast(self):
+        return amp_context(self.device, self.config.amp)
+
     def critic_step(self, real: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict:
         c = self.config
-        with torch.no_grad():
-            fake = self.generator(real, self.attribute_input(b))
-        real_score, real_cls = self.scorer(real)
-        fake_score, _ = self.scorer(fake)
-        wasserstein = real_score.mean() - fake_score.mean()
-        penalty = gradient_penalty(self.scorer, real, fake)
-        cls = F.binary_cross_entropy_with_logits(real_cls, a)
+        with self.autocast():
+            with torch.no_grad():
+                fake = self.faker(real, self.attribute_input(b))
+            real_score, real_cls = self.scorer(real)
+            fake_score, _ = self.scorer(fake)
+        # Losses in fp32 whatever the forwards ran in; the penalty also differentiates in fp32:
+        # bf16's 8-bit mantissa would blur the gradient norm it holds at 1.
+        wasserstein = real_score.float().mean() - fake_score.float().mean()
+        penalty = gradient_penalty(self.penalty_scorer, real, fake.float())
+        cls = F.binary_cross_entropy_with_logits(real_cls.float(), a)
         loss = -wasserstein + c.lambda_gp * penalty + c.lambda_3 * cls
         self.optim_d.zero_grad(set_to_none=True)
         loss.backward()
@@ -185,11 +214,12 @@ class Trainer:
         c = self.config
         for p in self.critic.parameters():
             p.requires_grad_(False)
-        fake, recon = self.edits(real, self.attribute_input(a), self.attribute_input(b))
-        fake_score, fake_cls = self.critic(fake)
-        adv = -fake_score.mean()
-        cls = F.binary_cross_entropy_with_logits(fake_cls, b)
-        rec = F.l1_loss(recon, real)
+        with self.autocast():
+            fake, recon = self.edits(real, self.attribute_input(a), self.attribute_input(b))
+            fake_score, fake_cls = self.frozen_critic(fake)
+        adv = -fake_score.float().mean()
+        cls = F.binary_cross_entropy_with_logits(fake_cls.float(), b)
+        rec = F.l1_loss(recon.float(), real)
         loss = adv + c.lambda_2 * cls + c.lambda_1 * rec
         self.optim_g.zero_grad(set_to_none=True)
         loss.backward()
@@ -216,8 +246,11 @@ class Trainer:
         return int(state.get("sia", {}).get("step", 0))
 
 
-def _loader_batches(dataset: LabelledImages, config: TrainConfig, world: World, seed: int):
-    """Shuffled batches, each rank drawing from its own share of every epoch."""
+def _loader_batches(dataset: LabelledImages, config: TrainConfig, world: World, seed: int,
+                    device: torch.device = torch.device("cpu")):
+    """Shuffled batches, each rank drawing from its own share of every epoch. The shuffle draws
+    from its own seeded generator, never the global one, so drawing in another thread
+    (`Prefetched`) changes neither the batches nor the training's random numbers."""
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if world.size > 1:
@@ -225,11 +258,74 @@ def _loader_batches(dataset: LabelledImages, config: TrainConfig, world: World, 
     loader = DataLoader(
         dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
         num_workers=config.workers, generator=generator, persistent_workers=config.workers > 0,
+        pin_memory=device.type == "cuda",  # page-locked, so the copy to the GPU (non_blocking) overlaps the step
     )
     for epoch in itertools.count():
         if sampler is not None:
             sampler.set_epoch(epoch)
         yield from loader
+
+
+def draws_ahead(device: torch.device) -> bool:
+    """Whether the DataLoader's batches are drawn in a thread (`Prefetched`). On CUDA the host
+    is idle while the GPU runs a step, and decoding between steps would leave the GPU idle in
+    turn. On a CPU the step already uses every core: there the thread only took cores from it
+    (bench/RESULTS.md: 0.79 of the floor with it, 1.02 without, --workers 0 on 2 cores)."""
+    return device.type == "cuda"
+
+
+class Prefetched:
+    """A batch source drawn one batch ahead in a thread, so decoding the next batch overlaps the
+    step that runs. Batches come out in the source's order, so seeded runs are unchanged. An
+    error in the source (an image that no longer decodes) is raised by the `next` that would
+    have returned its batch."""
+
+    DEPTH = 2  # batches held ready: a step draws up to one per critic step, back to back
+
+    def __init__(self, source, device: torch.device = torch.device("cpu")):
+        self._ready: queue.Queue = queue.Queue(maxsize=self.DEPTH)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(source, device), name="sia-prefetch", daemon=True)
+        self._thread.start()
+
+    def _fill(self, source, device: torch.device) -> None:
+        try:
+            if device.type == "cuda" and device.index is not None:
+                # Pinning memory in this thread would otherwise open a context on GPU 0 for every rank.
+                torch.cuda.set_device(device)
+            for batch in source:
+                if not self._hand_over(("batch", batch)):
+                    return
+            self._hand_over(("end", None))
+        except BaseException as exc:  # raised in the training thread instead
+            self._hand_over(("error", exc))
+        finally:
+            if hasattr(source, "close"):
+                source.close()  # a DataLoader's worker processes end with the run, not at exit
+
+    def _hand_over(self, item) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> "Prefetched":
+        return self
+
+    def __next__(self):
+        tag, value = self._ready.get()
+        if tag == "error":
+            raise value
+        if tag == "end":
+            raise StopIteration
+        return value
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=10)
 
 
 def _memory_batches(dataset: LabelledImages, config: TrainConfig, device: torch.device, world: World, seed: int):
@@ -318,6 +414,14 @@ def check_config(config: TrainConfig) -> None:
         raise SiaError(f"--lr must be a finite positive number (got {config.lr:g})")
     if config.time_limit is not None and (not math.isfinite(config.time_limit) or config.time_limit < 0):
         raise SiaError(f"--time-limit must be a finite non-negative number of minutes (got {config.time_limit / 60:g})")
+    if config.amp not in AMP_MODES:
+        raise SiaError(f"--amp {config.amp!r}: only bf16 is supported")
+    if (config.amp and str(config.device).startswith("cuda") and torch.cuda.is_available()
+            and not torch.cuda.is_bf16_supported()):
+        raise SiaError("--amp bf16: this GPU has no bf16 support; train without --amp")
+    if config.compile and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Compiled forwards and DDP's gradient hooks, beside the penalty's eager critic, are untested together.
+        raise SiaError("--compile runs in one process only: under torchrun, train without it")
 
 
 def check_images(dataset: LabelledImages, world: World, progress: ProgressFn = silent) -> None:
@@ -343,12 +447,13 @@ def train_gan(config: TrainConfig, progress: ProgressFn = silent) -> dict:
 
     Holds a lock on --out throughout: a second run into the folder of a running one is refused."""
     check_config(config)
-    world, config.device = join(config.device)
+    # This rank's device (`cuda` becomes `cuda:LOCAL_RANK`): the config is the run's, shared by all ranks.
+    world, device = join(config.device)
     dataset, setting = agree(lambda: prepare(config, world), world)
     agree(lambda: _make_out(Path(config.out)), world)
     with locked(config.out, LOCK, "sia train-gan", world):
         agree(lambda: check_images(dataset, world, progress if world.main else silent), world)
-        return _train(config, world, dataset, setting, progress)
+        return _train(config, world, device, dataset, setting, progress)
 
 
 def _make_out(out: Path) -> None:
@@ -358,12 +463,13 @@ def _make_out(out: Path) -> None:
         raise SiaError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
 
 
-def _train(config: TrainConfig, world: World, dataset: LabelledImages, setting: dict, progress: ProgressFn) -> dict:
+def _train(config: TrainConfig, world: World, device: str, dataset: LabelledImages, setting: dict,
+           progress: ProgressFn) -> dict:
     out = Path(config.out)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
-    trainer = Trainer(config, setting, world)
+    trainer = Trainer(config, setting, world, device)
     start = 0
     if config.resume and latest_checkpoint(out) is not None:
         start = agree(lambda: _resume(trainer, latest_checkpoint(out), setting), world)
@@ -374,15 +480,18 @@ def _train(config: TrainConfig, world: World, dataset: LabelledImages, setting: 
     if world.main:
         _write_setting(out, setting)
     if config.preload:
+        # On the training device already: drawing a batch is a few tensor operations.
         batches = _memory_batches(dataset, config, trainer.device, world, config.seed + start)
     else:
-        batches = _loader_batches(dataset, config, world, config.seed + start)
+        batches = _loader_batches(dataset, config, world, config.seed + start, trainer.device)
+        if draws_ahead(trainer.device):
+            batches = Prefetched(batches, trainer.device)
     fixed_images, fixed_attrs = next(iter(DataLoader(dataset, batch_size=min(8, len(dataset)))))
     fixed = (fixed_images.to(trainer.device) * 2 - 1, fixed_attrs.to(trainer.device))
     losses: dict = {}
     began = time.perf_counter()
     last = start
-    with _InterruptFlag() as interrupt:
+    with _InterruptFlag() as interrupt, contextlib.closing(batches):
         for step in range(start + 1, config.max_steps + 1):
             if _should_stop(config, began, world, interrupt.raised):
                 break
@@ -417,6 +526,7 @@ def _train(config: TrainConfig, world: World, dataset: LabelledImages, setting: 
         "losses": {k: float(v) for k, v in losses.items()},
         "images": len(dataset),
         "processes": world.size,
+        "device": str(trainer.device),
         "card": card,
     }
 
@@ -489,8 +599,9 @@ def config_dict(config: TrainConfig) -> dict:
 def write_card(config: TrainConfig, checkpoint: Path, setting: dict, dataset: LabelledImages,
                device: torch.device) -> dict:
     """Measure the finished backbone and write `card.json` beside its setting.txt (sia_cli.trust):
-    the critic's domain calibration on training images, and per-attribute edit success when a
-    judge is given. Every report made with the backbone carries these figures."""
+    the critic's domain calibration on training images, and when a judge is given per-attribute
+    edit success, its off-target changes and the judge's own accuracy on those images. Every
+    report made with the backbone carries these figures."""
     from sia_cli.target import load_target  # the judge is a target model; only needed here
 
     backbone = build_backbone(read_checkpoint(checkpoint), setting, path=str(checkpoint)).to(device)
@@ -503,8 +614,8 @@ def write_card(config: TrainConfig, checkpoint: Path, setting: dict, dataset: La
         judge = load_target(config.judge, device=str(device), task="multiclass", probe_size=backbone.img_size)
         with torch.no_grad():
             found = edit_success(backbone, judge, images, attrs)
-        card["edit_success"] = {name: round(rate, 3) for name, rate in found["edit_success"].items()}
-        card["reconstruction_l1"] = round(found["reconstruction_l1"], 4)
+            judged = judge_accuracy(judge, backbone.attributes, images, attrs)
+        card.update(judged_card(found, judged))
         card["measured"] += f", judge {Path(config.judge).name}"
     write_text_atomic(Path(config.out) / CARD_FILE, json.dumps(card, indent=2) + "\n")
     return card
@@ -532,23 +643,87 @@ def edit_success(backbone, judge, images: torch.Tensor, attrs: torch.Tensor, bat
     on [-1, 1] images) sees a_k in the reconstruction and 1 - a_k once a_k is flipped: the
     judged attribute must change. (Asking only whether the edit shows 1 - a_k rewards a
     broken generator whose outputs the judge labels the same way whatever the input.)
+
+    And the other way round: an edit of k should change nothing else. `off_target_change[k]`
+    is the share of images on which the judge sees any other attribute j change between the
+    reconstruction and the edit of k; `off_target_change_mean[k]` the mean over j of each one's
+    share (`off_target_by_attribute[k][j]`); `clean_edit_success[k]` the share whose edit
+    succeeded and changed nothing else.
     """
     names = backbone.attributes
     columns = judge_columns(judge, names)
-    hits = torch.zeros(len(names))
+    hits, clean, off_any = torch.zeros(len(names)), torch.zeros(len(names)), torch.zeros(len(names))
+    off_each = torch.zeros(len(names), len(names))  # [edited k, changed j]
     recon_error = []
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size] * 2 - 1
         a = attrs[start : start + batch_size]
         reconstruction = backbone(x, a)
         recon_error.append((reconstruction - x).abs().mean(dim=(1, 2, 3)) / 2)
-        kept = (judge(reconstruction)[:, columns] > 0) == (a > 0.5)
+        seen = judge(reconstruction)[:, columns] > 0
+        kept = seen == (a > 0.5)
         for k in range(len(names)):
             flipped = a.clone()
             flipped[:, k] = 1 - flipped[:, k]
-            shows = (judge(backbone(x, flipped))[:, columns[k]] > 0) == (flipped[:, k] > 0.5)
-            hits[k] += (kept[:, k] & shows).sum()
+            seen_edit = judge(backbone(x, flipped))[:, columns] > 0
+            shows = seen_edit[:, k] == (flipped[:, k] > 0.5)
+            changed = (seen_edit != seen).cpu()
+            changed[:, k] = False
+            others = changed.any(dim=1)
+            hits[k] += (kept[:, k] & shows).sum().cpu()
+            clean[k] += (kept[:, k] & shows).cpu().logical_and(~others).sum()
+            off_any[k] += others.sum()
+            off_each[k] += changed.sum(dim=0)
+    n, others_count = len(images), max(len(names) - 1, 1)
     return {
-        "edit_success": {name: float(hits[k] / len(images)) for k, name in enumerate(names)},
+        "edit_success": {name: float(hits[k] / n) for k, name in enumerate(names)},
         "reconstruction_l1": float(torch.cat(recon_error).mean()),
+        "off_target_change": {name: float(off_any[k] / n) for k, name in enumerate(names)},
+        "off_target_change_mean": {name: float(off_each[k].sum() / (n * others_count)) for k, name in enumerate(names)},
+        "off_target_by_attribute": {
+            name: {other: float(off_each[k, j] / n) for j, other in enumerate(names) if j != k}
+            for k, name in enumerate(names)
+        },
+        "clean_edit_success": {name: float(clean[k] / n) for k, name in enumerate(names)},
+    }
+
+
+def judge_accuracy(judge, names: list[str], images: torch.Tensor, attrs: torch.Tensor, batch_size: int = 64) -> dict:
+    """How often `judge` sees each attribute as labelled on clean images in [0, 1]: edit success
+    is only as right as its judge. Balanced accuracy (the mean of the rates on images with and
+    without the attribute) also shows a judge that always answers the majority label."""
+    columns = judge_columns(judge, names)
+    right, positives, true_positives = torch.zeros(len(names)), torch.zeros(len(names)), torch.zeros(len(names))
+    for start in range(0, len(images), batch_size):
+        seen = (judge(images[start : start + batch_size] * 2 - 1)[:, columns] > 0).cpu()
+        truth = (attrs[start : start + batch_size] > 0.5).cpu()
+        right += (seen == truth).sum(dim=0)
+        positives += truth.sum(dim=0)
+        true_positives += (seen & truth).sum(dim=0)
+    n = len(images)
+    negatives, true_negatives = n - positives, right - true_positives
+
+    def balanced(k: int) -> float:
+        rates = [float(true_positives[k] / positives[k])] if positives[k] else []
+        rates += [float(true_negatives[k] / negatives[k])] if negatives[k] else []
+        return sum(rates) / len(rates)
+
+    return {"accuracy": {name: float(right[k] / n) for k, name in enumerate(names)},
+            "balanced_accuracy": {name: balanced(k) for k, name in enumerate(names)},
+            "positive_share": {name: float(positives[k] / n) for k, name in enumerate(names)}}
+
+
+def judged_card(found: dict, judged: dict) -> dict:
+    """The card's entries from `edit_success` and `judge_accuracy`, rounded as cards store them."""
+
+    def rounded(rates: dict) -> dict:
+        return {name: round(rate, 3) for name, rate in rates.items()}
+
+    return {
+        "edit_success": rounded(found["edit_success"]),
+        "reconstruction_l1": round(found["reconstruction_l1"], 4),
+        "clean_edit_success": rounded(found["clean_edit_success"]),
+        "off_target_change": rounded(found["off_target_change"]),
+        "off_target_change_mean": rounded(found["off_target_change_mean"]),
+        "judge_accuracy": rounded(judged["accuracy"]),
     }

@@ -20,7 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import sia_cli.augment as engine
-from sia_cli.attack import AttackSettings, attribute_radius
+from sia_cli.attack import AttackSettings, attribute_radius, shifted_start
 from sia_cli.cli import app
 from sia_cli.data import load_image, read_attributes
 from sia_cli.faces import make_dataset
@@ -84,8 +84,9 @@ def label_rows(out: Path) -> list[dict]:
         return list(csv.DictReader(stream))
 
 
-def journal_rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / ".augment-progress.jsonl").read_text().splitlines()]
+def image_rows(out: Path) -> list[dict]:
+    """augment.json's row of every written image."""
+    return json.loads((out / "augment.json").read_text())["images"]
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -126,7 +127,7 @@ def test_writes_images_list_attr_and_labels(default_run, clean_labels):
 
 def test_list_attr_records_the_attributes_the_adversary_was_made_from(default_run):
     _, out = default_run
-    ends = {row["file"]: np.array(row["attrs"]) > 0.5 for row in journal_rows(out)}
+    ends = {row["file"]: np.array(row["attrs"]) > 0.5 for row in image_rows(out)}
     table = read_attributes(out / "list_attr.txt")
     assert all((table.rows[name] > 0.5).tolist() == ends[name].tolist() for name in ends)
 
@@ -210,11 +211,11 @@ def test_shifted_start_never_leaves_the_attribute_ball():
         radius = attribute_radius(a0, AttackSettings(eps_attr=eps_attr), fixed)
         low, high = (a0 - radius).clamp(0, 1), (a0 + radius).clamp(0, 1)
         offset = (torch.rand(64, 6, generator=generator) * 2 - 1) * 0.3 * ~fixed
-        start, new_radius = engine.shifted_start(a0, radius, offset)
+        start, new_radius = shifted_start(a0, radius, offset)
         assert (start >= low).all() and (start <= high).all()
         assert ((start - new_radius).clamp(0, 1) >= low - 1e-6).all()
         assert ((start + new_radius).clamp(0, 1) <= high + 1e-6).all()
-        same_start, same_radius = engine.shifted_start(a0, radius, torch.zeros_like(a0))
+        same_start, same_radius = shifted_start(a0, radius, torch.zeros_like(a0))
         assert torch.equal(same_start, a0) and torch.equal(same_radius, radius)
 
 
@@ -268,7 +269,7 @@ def test_interrupted_run_resumes_without_rewriting(tmp_path, faces, cycled_run, 
     assert (out / "list_attr.txt").read_text().splitlines()[0] == "3"
     assert json.loads((out / "augment.json").read_text())["complete"] is False
     before = {name: value for name, value in snapshot(out).items() if name.startswith("images/")}
-    with open(out / ".augment-progress.jsonl", "a") as journal:
+    with open(out / ".sia-progress.0.jsonl", "a") as journal:
         journal.write('{"index": 3, "fi')  # a line torn by the interruption
 
     monkeypatch.setattr(engine, "attack_jobs", real_attack)
@@ -277,7 +278,7 @@ def test_interrupted_run_resumes_without_rewriting(tmp_path, faces, cycled_run, 
     assert "wrote 3 image(s), 3 already there" in result.output
     after = snapshot(out)
     assert all(after[name] == value for name, value in before.items())
-    indices = [row["index"] for row in journal_rows(out)]
+    indices = [row["index"] for row in image_rows(out)]
     assert sorted(indices) == list(range(6))
     names = [f"{i:06d}.png" for i in range(6)]
     assert [r["file"] for r in label_rows(out)] == names
@@ -310,7 +311,7 @@ def test_rerun_with_other_settings_is_refused_unless_forced(tmp_path, default_ru
     result = run_into(out, faces, "--n", 2, "--force")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png"]
-    assert len(label_rows(out)) == 2 and len(journal_rows(out)) == 2
+    assert len(label_rows(out)) == 2 and len(image_rows(out)) == 2
 
 
 def test_refuses_a_folder_it_did_not_write(tmp_path, faces):

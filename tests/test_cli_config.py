@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from sia_cli.cli import app
@@ -34,6 +35,26 @@ def test_config_values_are_defaults_and_command_line_wins(tmp_path):
     assert report["settings"]["settings"]["steps"] == 1  # command line over the file
     assert report["settings"]["batch_size"] == 3 and report["protected"] == ["Mustache"]
     assert report["intervals"] == {}
+
+
+def test_config_values_take_the_command_line_conversions(tmp_path, monkeypatch):
+    """A value from the file is the option's text: fractions, lists, `auto` and triples read alike."""
+    seen = []
+
+    def keep(config, progress=None):
+        seen.append(config)
+        raise typer.Exit(0)
+
+    monkeypatch.setattr("sia_cli.cli.attack.run_attack", keep)
+    config = tmp_path / "run.yaml"
+    config.write_text("eps: 2/255\nmethod: sia,pgd\nprotect: [Bangs, 'Smiling,Young']\nbatch-size: auto\n"
+                      "mean: 0.5\neye-indices: 0,1\ndevice: cpu\n")
+    result = CliRunner().invoke(app, ["attack", str(MODEL), "--images", "x", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    built = seen[0]
+    assert built.settings.eps == 2 / 255 and built.methods == ("sia", "pgd") and built.batch_size == "auto"
+    assert built.protect == ("Bangs", "Smiling", "Young") and built.mean == (0.5, 0.5, 0.5)
+    assert built.eye_indices == (0, 1) and built.device == "cpu"
 
 
 def test_unknown_config_key_is_refused(tmp_path):

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from sia_cli.cli import app
 from sia_cli.errors import UNFIT
 from sia_cli.faces import make_dataset
+from sia_cli.measures import by_name
 from sia_cli.reports import headline_sentence
 
 TARGETS = Path(__file__).parents[1] / "examples" / "targets"
@@ -57,8 +58,7 @@ def reports(faces, tmp_path_factory):
 
 
 def headline_shares(report: dict) -> dict:
-    key = {"ablation": "sensitivity_ablation", "attribute_shift": "sensitivity"}[report["settings"]["headline"]]
-    return report[f"{key}_normalized"]
+    return report[by_name(report["settings"]["headline"]).normalized_key]
 
 
 @pytest.mark.parametrize("name", PAIRS)

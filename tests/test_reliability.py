@@ -520,8 +520,8 @@ def test_registry_checksum_mismatch_exits_2_and_caches_nothing(faces, env, serve
 
 EYEGLASSES = REPO / "examples" / "targets" / "eyeglasses_confounded.pt"
 SLOW = ["--steps", "20", "--batch-size", "1", "--no-progress"]  # under a second an image on 2 cores
-PROGRESS = {"diagnose": ".sia-progress.0.jsonl", "augment": ".augment-progress.jsonl"}
-STARTED = {"diagnose": ".sia-run.json", "augment": "augment.json"}  # written once the lock is held
+PROGRESS = ".sia-progress.0.jsonl"  # the lifecycle's journal, the same for every command
+STARTED = ".sia-run.json"  # written once the lock is held
 
 
 def command_line(command: str, faces: Path, out: Path, steps: list = SLOW) -> list[str]:
@@ -564,7 +564,7 @@ def six_faces(tmp_path_factory) -> Path:
 def test_ctrl_c_in_diagnose_keeps_a_partial_report_and_a_rerun_resumes(six_faces, tmp_path):
     out = tmp_path / "run"
     process = start("diagnose", six_faces, out)
-    wait_for_lines(out / PROGRESS["diagnose"], 2, process)
+    wait_for_lines(out / PROGRESS, 2, process)
     code, stderr = interrupt(process)
     assert code == 130 and "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1 and "rerun the same command to resume" in stderr, stderr
@@ -580,7 +580,7 @@ def test_ctrl_c_in_diagnose_keeps_a_partial_report_and_a_rerun_resumes(six_faces
     assert resumed["complete"] is True and len(resumed["images"]) == 6
     for record in partial["images"]:  # finished images are not attacked again
         assert (out / "adversaries" / record["file"]).stat().st_mtime_ns == kept[record["file"]]
-    assert not (out / PROGRESS["diagnose"]).exists()
+    assert not (out / PROGRESS).exists()
 
     whole = tmp_path / "whole"  # the same command never interrupted
     assert subprocess.run(command_line("diagnose", six_faces, whole), capture_output=True).returncode == 0
@@ -591,7 +591,7 @@ def test_ctrl_c_in_diagnose_keeps_a_partial_report_and_a_rerun_resumes(six_faces
 def test_ctrl_c_in_augment_keeps_finished_images_and_a_rerun_resumes(six_faces, tmp_path):
     out = tmp_path / "aug"
     process = start("augment", six_faces, out)
-    wait_for_lines(out / PROGRESS["augment"], 2, process)
+    wait_for_lines(out / PROGRESS, 2, process)
     code, stderr = interrupt(process)
     assert code == 130 and len(stderr.strip().splitlines()) == 1, stderr
     assert "rerun the same command to resume" in stderr
@@ -617,7 +617,7 @@ def test_second_run_into_the_same_out_is_refused(six_faces, tmp_path, command):
     out = tmp_path / "shared"
     first = start(command, six_faces, out, ["--steps", "2000", "--batch-size", "1", "--no-progress"])
     try:
-        wait_for_lines(out / STARTED[command], 0, first)
+        wait_for_lines(out / STARTED, 0, first)
         second = sia(command, EYEGLASSES, "--images", six_faces / "images", "--attrs-file",
                      six_faces / "list_attr.txt", "--out", out, *FAST)
         assert_fails(second, 2, "is writing to", str(out))
@@ -677,7 +677,7 @@ def test_ctrl_c_in_train_gan_saves_the_last_step_and_resume_continues(six_faces,
 def test_sigterm_in_diagnose_is_ctrl_c_with_exit_143_and_a_rerun_resumes(six_faces, tmp_path):
     out = tmp_path / "run"
     process = start("diagnose", six_faces, out)
-    wait_for_lines(out / PROGRESS["diagnose"], 2, process)
+    wait_for_lines(out / PROGRESS, 2, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143 and "Traceback" not in stderr, stderr
@@ -889,6 +889,20 @@ def test_model_raising_on_one_image_marks_it_failed_and_the_rest_go_on(faces, na
     assert all("error" not in records[f.name] for f in face_files(faces))
     if command == "attack":
         assert "failed white.png" in result.stdout and "overexposed" in result.stdout
+
+
+def test_augment_skips_a_source_the_model_raises_on_and_augments_the_rest(faces, nan_images, tmp_path):
+    model = tmp_path / "raises.pt"
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(RaisesWhenBright().eval()), str(model))
+    out = tmp_path / "aug"
+    result = sia("augment", model, "--images", nan_images, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "skipped white.png: the model raised an error: input image is overexposed" in result.stdout
+    manifest = json.loads((out / "augment.json").read_text())
+    sources = {row["source"] for row in manifest["images"]}
+    assert "white.png" not in sources and {f.name for f in face_files(faces)} <= sources
+    assert manifest["complete"] is True and manifest["summary"]["failed"] == []
 
 
 def exported_archive(path: Path) -> Path:

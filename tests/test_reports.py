@@ -263,6 +263,22 @@ def test_report_html_falls_back_to_attribute_shift_without_ablation(tmp_path):
     assert "headline measure: attribute_shift" in page
 
 
+def test_report_html_has_a_column_per_measure_the_report_holds(tmp_path):
+    multi = render(tmp_path, sample_report())
+    headers = ("attribute shift (Eq. 2) raw", "ablation raw", "single attribute raw")
+    assert headers[0] in multi and headers[1] in multi and headers[2] not in multi
+    assert multi.index(headers[0]) < multi.index(headers[1])  # Eq. 2 first, as the table lists them
+    assert "<th class='headline'>ablation raw</th>" in multi
+    report = sample_report(
+        settings={"headline": "single"}, sensitivity_ablation=None, sensitivity_ablation_normalized=None,
+        sensitivity_single={"Bangs": 0.5, "Smiling": 0.25}, sensitivity_single_normalized={"Bangs": 0.67, "Smiling": 0.33},
+    )
+    R.report_html(tmp_path / "single.html", report, tmp_path / "sensitivity.png", None)
+    single = (tmp_path / "single.html").read_text(encoding="utf-8")
+    assert headers[1] not in single and "<th class='headline'>single attribute raw</th>" in single
+    assert "most sensitive to Smiling: 0.33 of total (single;" in single
+
+
 def test_report_html_names_no_winner_when_the_intervals_overlap(tmp_path):
     page = render(tmp_path, sample_report(stands_out=None))
     assert "most sensitive to" not in page

@@ -8,6 +8,7 @@ torch.cuda.OutOfMemoryError as "does not fit"), not through timings: there are n
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from sia_cli.cli import app
 from sia_cli.errors import SiaError
 from sia_cli.faces import make_dataset
 from sia_cli.reference import difference
+from sia_cli.runs import RunConfig
 from sia_cli.registry import load_backbone
 from sia_cli.target import load_target
 
@@ -176,16 +178,16 @@ def test_the_real_probe_runs_two_attack_steps(batch):
     assert speed.fits(backbone, target, AttackSettings(), torch.device("cpu"), rows=2)
 
 
-def test_tune_prepares_the_models_and_settles_auto():
+def test_tune_prepares_the_models_and_returns_the_batch_size_without_writing_it_back():
     backbone, target = models()
     inputs = SimpleNamespace(backbone=backbone, target=target, files=[Path(f"{i}.png") for i in range(100)])
-    config = SimpleNamespace(device="cpu", batch_size="auto", compile=False, settings=AttackSettings())
-    speed.tune(config, inputs)
-    assert config.batch_size == speed.CPU_BATCH
+    config = RunConfig(model=Path("m.pt"), images=Path("faces"), out=Path("out"), batch_size="auto")
+    cpu = torch.device("cpu")
+    assert speed.tune(config, inputs, cpu, wanted=100) == speed.CPU_BATCH
+    assert config.batch_size == "auto"  # the config stays as the command built it
     assert backbone.generator.enc_layers[0].layers[0].weight.is_contiguous(memory_format=torch.channels_last)
-    config.batch_size = 5
-    speed.tune(config, inputs)
-    assert config.batch_size == 5
+    assert speed.tune(config, inputs, cpu, wanted=3) == 3  # never more than the run attacks
+    assert speed.tune(replace(config, batch_size=5), inputs, cpu, wanted=100) == 5
 
 
 # ----------------------------------------------------------- precision, layout, compile

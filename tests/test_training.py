@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,10 +14,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from sia_cli import registry
+from sia_cli import registry, training
+from sia_cli.backbone import Generator, GeneratorConfig
 from sia_cli.cli import app
+from sia_cli.data import LabelledImages, read_attributes
+from sia_cli.distributed import World
+from sia_cli.errors import SiaError
 from sia_cli.faces import make_dataset
-from sia_cli.training import gradient_penalty
+from sia_cli.training import (
+    Prefetched, TrainConfig, Trainer, edit_success, gradient_penalty, judge_accuracy, train_gan,
+)
 
 ATTRS = ["Bangs", "Eyeglasses", "Smiling"]
 
@@ -108,6 +117,9 @@ def test_judge_measures_edit_success_by_attribute_name(data, tmp_path):
     assert set(card["edit_success"]) == {"Eyeglasses", "Bangs"}
     assert all(0.0 <= v <= 1.0 for v in card["edit_success"].values())
     assert "judge attribute_judge.pt" in card["measured"]
+    # The other way round, and the judge's own accuracy, beside it.
+    for key in ("off_target_change", "off_target_change_mean", "clean_edit_success", "judge_accuracy"):
+        assert set(card[key]) == {"Eyeglasses", "Bangs"} and all(0.0 <= v <= 1.0 for v in card[key].values()), key
 
 
 def test_output_folder_with_brackets_is_printed_verbatim(data, tmp_path):
@@ -116,6 +128,21 @@ def test_output_folder_with_brackets_is_printed_verbatim(data, tmp_path):
     result = run(train_args(data, out, max_steps=1))
     assert result.exit_code == 0, result.output
     assert f"checkpoint: {out / 'checkpoint' / 'weights.1.pth'}" in result.stdout.replace("\n", "")
+
+
+def test_config_is_frozen_and_the_run_reports_the_device_it_chose(data, tmp_path):
+    """The run keeps the device it settled on (under torchrun, this rank's GPU) to itself: the
+    config a caller passed stays as given."""
+    config = TrainConfig(
+        images=data / "images", attrs_file=data / "list_attr.txt", attributes=ATTRS, out=tmp_path / "g",
+        img_size=32, batch_size=8, max_steps=1, enc_layers=3, dec_layers=3, dis_layers=3,
+    )
+    as_given = dataclasses.replace(config)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.device = "cuda"
+    summary = train_gan(config)
+    assert summary["steps"] == 1 and summary["device"] == "cpu"
+    assert config == as_given
 
 
 # ----------------------------------------------------------------------------- resume
@@ -214,3 +241,196 @@ def test_gradient_penalty_reaches_the_critic_parameters():
     gradient_penalty(critic, torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)).backward()
     assert critic.w.grad is not None and critic.w.grad.abs().sum() > 0
 
+
+
+# ----------------------------------------------------------------------------- speed: batches, options
+
+
+def tiny_config(data: Path, out: Path, **fields) -> TrainConfig:
+    values = dict(img_size=32, batch_size=8, enc_dim=8, dec_dim=8, dis_dim=8, dis_fc_dim=16, enc_layers=3,
+                  dec_layers=3, dis_layers=3, n_d=2, max_steps=2, sample_every=100, save_every=100)
+    values.update(fields)
+    return TrainConfig(images=data / "images", attrs_file=data / "list_attr.txt", attributes=ATTRS, out=out, **values)
+
+
+def weights(out: Path, step: int) -> dict:
+    return torch.load(out / "checkpoint" / f"weights.{step}.pth", weights_only=True)
+
+
+def assert_same_weights(first: dict, second: dict) -> None:
+    for part in ("G", "D"):
+        assert first[part].keys() == second[part].keys()
+        for key in first[part]:
+            assert torch.equal(first[part][key], second[part][key]), (part, key)
+
+
+def test_prefetched_batches_are_the_loaders_in_its_order(data, tmp_path):
+    """Across an epoch boundary (40 images, batches of 8): the same batches, in the same order."""
+    config = tiny_config(data, tmp_path / "g")
+    dataset = LabelledImages(config.images, read_attributes(config.attrs_file).select(ATTRS), 32)
+    inline = list(itertools.islice(training._loader_batches(dataset, config, World(), 3), 7))
+    prefetched = Prefetched(training._loader_batches(dataset, config, World(), 3))
+    ahead = list(itertools.islice(prefetched, 7))
+    prefetched.close()
+    assert not prefetched._thread.is_alive()  # closed early, with batches still to draw
+    for (images, attrs), (images2, attrs2) in zip(inline, ahead, strict=True):
+        assert torch.equal(images, images2) and torch.equal(attrs, attrs2)
+
+
+def test_prefetched_raises_the_sources_error_when_its_batch_is_due():
+    def source():
+        yield "first"
+        raise SiaError("cannot decode 000007.png")
+
+    batches = Prefetched(source())
+    assert next(batches) == "first"
+    with pytest.raises(SiaError, match="000007.png"):
+        next(batches)
+    batches.close()
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_same_seed_trains_identical_weights_with_and_without_drawing_ahead(data, tmp_path, monkeypatch, preload):
+    """Drawing ahead in a thread (on CUDA) changes nothing a run computes: the DataLoader path
+    trains the same weights with it as with each batch drawn in line (on a CPU, as before);
+    preloaded batches (never drawn ahead) are as reproducible."""
+    before = threading.active_count()
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "draws_ahead", lambda device: True)
+        train_gan(tiny_config(data, tmp_path / "a", preload=preload))
+    assert threading.active_count() <= before  # no prefetch thread outlives its run
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "draws_ahead", lambda device: False)
+        train_gan(tiny_config(data, tmp_path / "b", preload=preload))
+    assert_same_weights(weights(tmp_path / "a", 2), weights(tmp_path / "b", 2))
+
+
+def test_batches_are_drawn_ahead_on_cuda_only():
+    assert training.draws_ahead(torch.device("cuda", 0)) and not training.draws_ahead(torch.device("cpu"))
+
+
+def test_bf16_autocast_trains_with_an_fp32_penalty_and_public_checkpoint_keys(data, tmp_path):
+    config = tiny_config(data, tmp_path / "g", amp="bf16")
+    torch.manual_seed(0)
+    trainer = Trainer(config, config.setting())
+    real, a = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randint(0, 2, (4, 3)).float()
+    losses = {**trainer.critic_step(real, a, a.flip(0)), **trainer.generator_step(real, a, a.flip(0))}
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values()), losses
+    assert all(p.dtype == torch.float32 for p in trainer.generator.parameters())
+    summary = train_gan(config)
+    assert summary["steps"] == 2
+    assert set(weights(tmp_path / "g", 2)["G"]) == set(Trainer(tiny_config(data, tmp_path / "x"), config.setting())
+                                                       .generator.state_dict())
+
+
+def test_compiled_trainer_keeps_the_modules_and_their_checkpoint_keys(data, tmp_path):
+    """Compilation wraps the forwards; what is saved (and resumed) is the plain modules."""
+    config = tiny_config(data, tmp_path / "g")
+    plain = Trainer(config, config.setting()).state(0, config.setting())
+    compiled = Trainer(dataclasses.replace(config, compile=True), config.setting())
+    assert compiled.scorer is not compiled.critic and compiled.penalty_scorer is compiled.critic  # penalty: eager
+    state = compiled.state(0, config.setting())
+    for part in ("G", "D"):
+        assert list(state[part]) == list(plain[part])
+
+
+def test_channels_last_checkpoints_load_into_plain_modules(data, tmp_path):
+    """NHWC weights are a layout, not other weights: an older reader's NCHW generator loads
+    them strictly and computes the same images."""
+    config = tiny_config(data, tmp_path / "g", channels_last=True, max_steps=1)  # not the default on CPU
+    train_gan(config)
+    state = weights(tmp_path / "g", 1)
+    plain = Generator(GeneratorConfig.from_setting(config.setting()))
+    plain.load_state_dict(state["G"], strict=True)
+    fast = Trainer(config, config.setting()).generator
+    fast.load_state_dict(state["G"], strict=True)
+    assert fast.enc_layers[0].layers[0].weight.is_contiguous(memory_format=torch.channels_last)
+    plain.eval(), fast.eval()
+    x, a = torch.rand(2, 3, 32, 32) * 2 - 1, torch.zeros(2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, a), plain(x, a), rtol=1e-4, atol=1e-5)
+
+
+def test_amp_option_reaches_the_steps(data, tmp_path, monkeypatch):
+    asked = []
+    original = training.amp_context
+    monkeypatch.setattr(training, "amp_context", lambda device, amp: asked.append(amp) or original(device, amp))
+    result = run(train_args(data, tmp_path / "g", "--amp", "bf16", max_steps=1))
+    assert result.exit_code == 0, result.output
+    assert asked and set(asked) == {"bf16"}  # every step's forwards, critic and generator
+    assert (tmp_path / "g" / "checkpoint" / "weights.1.pth").is_file()
+
+
+@pytest.mark.parametrize("extra, env, message", [
+    (["--amp", "fp16"], {}, "--amp 'fp16': only bf16 is supported"),
+    (["--compile"], {"WORLD_SIZE": "2"}, "--compile runs in one process only: under torchrun, train without it"),
+])
+def test_speed_options_are_checked_before_anything_is_written(data, tmp_path, monkeypatch, extra, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "g"
+    result = run(train_args(data, out, *extra))
+    assert result.exit_code == 2, result.output
+    assert one_error_line(result) == f"error: {message}"
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- edit success, both ways
+
+
+class CoupledEdits:
+    """A backbone that draws its attribute input as pixels (row 0 of channel 0: A, B, C), but
+    draws B as A xor B: an edit of A also flips B. Edits of B and C change nothing else."""
+
+    attributes = ["A", "B", "C"]
+
+    def __call__(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        shown = a.clone()
+        shown[:, 1] = (a[:, 0] + a[:, 1]) % 2
+        image = torch.zeros(len(a), 3, 4, 4)
+        image[:, 0, 0, :3] = shown * 2 - 1
+        return image
+
+
+class PixelJudge:
+    """Reads the attributes back from those pixels; its outputs in another order (C, A, B)."""
+
+    class_names = ["C", "A", "B"]
+    path = "pixel-judge.pt"
+    num_outputs = 3
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return image[:, 0, 0, [2, 0, 1]] * 5
+
+
+def every_combination() -> torch.Tensor:
+    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=3)))
+
+
+def test_off_target_change_counts_an_edit_that_flips_another_attribute():
+    attrs = every_combination()
+    found = edit_success(CoupledEdits(), PixelJudge(), torch.zeros(len(attrs), 3, 4, 4), attrs, batch_size=3)
+    assert found["off_target_change"] == {"A": 1.0, "B": 0.0, "C": 0.0}
+    assert found["off_target_by_attribute"]["A"] == {"B": 1.0, "C": 0.0}
+    assert found["off_target_change_mean"] == {"A": 0.5, "B": 0.0, "C": 0.0}
+    # Edit success keeps its meaning: A and C show everywhere; B is drawn right only where A is 0.
+    assert found["edit_success"] == {"A": 1.0, "B": 0.5, "C": 1.0}
+    # An edit that shows but changes something else is no clean edit.
+    assert found["clean_edit_success"] == {"A": 0.0, "B": 0.5, "C": 1.0}
+
+
+def test_judge_accuracy_per_attribute_and_balanced():
+    attrs = every_combination()
+    images = torch.zeros(len(attrs), 3, 4, 4)
+    images[:, 0, 0, :3] = attrs  # [0, 1] images: the judge sees attrs * 2 - 1
+    right = judge_accuracy(PixelJudge(), ["A", "B", "C"], images, attrs, batch_size=3)
+    assert right["accuracy"] == {"A": 1.0, "B": 1.0, "C": 1.0}
+
+    class Never(PixelJudge):
+        def __call__(self, image):
+            return -torch.ones(len(image), 3)
+
+    attrs[:6, 2] = 0.0  # C on 1 image of 8
+    never = judge_accuracy(Never(), ["A", "B", "C"], images, attrs)
+    assert never["accuracy"]["C"] == 7 / 8 and never["balanced_accuracy"]["C"] == 0.5
+    assert never["positive_share"]["A"] == 0.5

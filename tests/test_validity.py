@@ -12,9 +12,10 @@ from PIL import Image
 from torch import nn
 
 from sia_cli.attack import AttackSettings
-from sia_cli.diagnosis import MEASURES, DiagnoseConfig, diagnose
+from sia_cli.diagnosis import DiagnoseConfig, diagnose
 from sia_cli.errors import SiaError
 from sia_cli.faces import ATTRIBUTES, HAIR_COLOURS, face_labels, make_dataset, render_index
+from sia_cli.measures import by_name
 from sia_cli.target import load_target
 from sia_cli.validity import (
     counterfactual_bank, counterfactual_faces, cosine, flip, generator_flip_effects, spearman, true_effects, validity,
@@ -223,7 +224,7 @@ def test_headline_measure_finds_the_true_top_of_the_mustache_confounded_model(tm
         model=model, images=faces / "images", attrs_file=faces / "list_attr.txt", out=tmp_path / "run",
         protect=("Mustache",), settings=AttackSettings(steps=30), bootstrap=0,
     ))
-    headline = MEASURES[report["settings"]["headline"]]
+    headline = by_name(report["settings"]["headline"]).key
     found = validity(report[headline], truth)
     eq2 = validity(report["sensitivity"], truth)
     print(headline, {k: v for k, v in found.items() if k != "attributes"})
@@ -326,7 +327,7 @@ def test_headline_names_the_true_top_or_reports_it_as_a_blind_spot(planted, case
 
     arch, label, confounder, _ = case
     truth, report = planted[arch, label, confounder]
-    key = MEASURES[report["settings"]["headline"]]
+    key = by_name(report["settings"]["headline"]).key
     score = validity(report[key], truth)
     print(case, score)
     if score["true_top_share"] < 1 / 3:

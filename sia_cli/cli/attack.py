@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
@@ -11,7 +10,6 @@ from rich.table import Table
 
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, main_process, print_warnings, progress_enabled, rich_progress
-from sia_cli.devices import pick_device
 from sia_cli.runs import RunConfig, attack as run_attack
 
 
@@ -19,7 +17,7 @@ from sia_cli.runs import RunConfig, attack as run_attack
 def attack(
     model: Path = o.MODEL, images: Path = o.IMAGES, out: Path = o.OUT, gan: str = o.GAN,
     attrs_file: Path = o.ATTRS_FILE,
-    method: str = typer.Option("sia", "--method", help="sia, attr, image, pgd, fgsm, spt; several comma-separated give a comparison."),
+    method: str = typer.Option(",".join(o.default(RunConfig, "methods")), "--method", help="sia, attr, image, pgd, fgsm, spt; several comma-separated give a comparison."),
     protect: list[str] = o.PROTECT, protect_eps: float = o.PROTECT_EPS, steps: int = o.STEPS, eps: str = o.EPS,
     step_size: str = o.STEP_SIZE, eps_attr: str = o.EPS_ATTR, seed: int = o.SEED, batch_size: int = o.BATCH_SIZE,
     compile: bool = o.COMPILE,
@@ -31,15 +29,7 @@ def attack(
     config_file: Path = o.CONFIG,
 ):
     """Attack MODEL on every image in --images; write adversaries/, report.json and a summary table."""
-    config = RunConfig(
-        model=model, images=images, out=out, gan=gan, attrs_file=attrs_file, methods=o.names([method]),
-        settings=o.attack_settings(steps, eps, step_size, eps_attr, protect_eps, amp, nme_threshold),
-        protect=o.names(protect), batch_size=batch_size, compile=compile, device=pick_device(device), seed=seed,
-        task=task,
-        input_size=input_size, mean=o.triple(mean, "--mean"), std=o.triple(std, "--std"), labels=labels,
-        output_key=output_key, **o.target_settings(output, label, channels, margin, eye_indices),
-        force=force, keep_lost=keep_lost, command=" ".join(["sia"] + sys.argv[1:]), trust_pickle=trust_pickle,
-    )
+    config = o.build(RunConfig, locals())
     with rich_progress(progress_enabled(no_progress)) as progress:
         result = run_attack(config, progress)
     if not main_process():

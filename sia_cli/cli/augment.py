@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
@@ -11,7 +10,6 @@ from rich.markup import escape
 from sia_cli.augment import AugmentConfig, augment as run_augment
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, main_process, progress_enabled, rich_progress
-from sia_cli.devices import pick_device
 from sia_cli.errors import SiaError
 
 
@@ -24,10 +22,10 @@ def augment(
                           "--n for an abbreviation of its own options."),
     only_class: str = typer.Option(None, "--class", help="Augment only sources whose reference label is this "
                                    "class (index, or a class name from the model's sia.yaml)."),
-    jitter: float = typer.Option(0.2, "--jitter", help="Rounds after the first start from a0 plus uniform noise "
+    jitter: float = typer.Option(o.default(AugmentConfig, "jitter"), "--jitter", help="Rounds after the first start from a0 plus uniform noise "
                                  "of this size in the unprotected attributes, so they differ from round 0."),
     gan: str = o.GAN, attrs_file: Path = o.ATTRS_FILE, protect: list[str] = o.PROTECT,
-    no_protect: bool = typer.Option(False, "--no-protect", help="Do not protect the attribute named in the "
+    no_protect: bool = typer.Option(not o.default(AugmentConfig, "auto_protect"), "--no-protect", help="Do not protect the attribute named in the "
                                     "model file name (e.g. Eyeglasses for eyeglasses_confounded.pt)."),
     protect_eps: float = o.PROTECT_EPS, steps: int = o.STEPS, eps: str = o.EPS, step_size: str = o.STEP_SIZE,
     eps_attr: str = o.EPS_ATTR, seed: int = o.SEED, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE,
@@ -36,7 +34,7 @@ def augment(
     labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
     output: str = o.OUTPUT_TYPE, label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN,
     eye_indices: str = o.EYE_INDICES,
-    force: bool = typer.Option(False, "--force", help="Start over in an --out that holds another augmentation."),
+    force: bool = typer.Option(o.default(AugmentConfig, "force"), "--force", help="Start over in an --out that holds another augmentation."),
     trust_pickle: bool = o.TRUST_PICKLE, no_progress: bool = o.NO_PROGRESS,
     config_file: Path = o.CONFIG,
 ):
@@ -44,16 +42,7 @@ def augment(
     source's class; a rerun of the same command continues where it stopped."""
     if no_protect and protect:
         raise SiaError("--protect and --no-protect contradict each other; give one")
-    config = AugmentConfig(
-        model=model, images=images, out=out, gan=gan, attrs_file=attrs_file,
-        settings=o.attack_settings(steps, eps, step_size, eps_attr, protect_eps, amp, 0.1),
-        protect=o.names(protect), batch_size=batch_size, compile=compile, device=pick_device(device), seed=seed,
-        task=task,
-        input_size=input_size, mean=o.triple(mean, "--mean"), std=o.triple(std, "--std"), labels=labels,
-        output_key=output_key, **o.target_settings(output, label, channels, margin, eye_indices),
-        force=force, command=" ".join(["sia"] + sys.argv[1:]), trust_pickle=trust_pickle,
-        n=n, only_class=only_class, auto_protect=not no_protect, jitter=jitter,
-    )
+    config = o.build(AugmentConfig, locals())
     with rich_progress(progress_enabled(no_progress)) as progress:
         summary = run_augment(config, progress)
     if not main_process():
@@ -90,3 +79,5 @@ def print_summary(summary: dict) -> None:
     say(f"adversaries that changed the model's prediction: {summary['fooled']} of {summary['done']}")
     for item in summary["skipped"]:
         say(f"[yellow]skipped[/] {escape(item['file'])}: {escape(item['reason'])}")
+    for item in summary.get("failed", []):
+        say(f"[yellow]failed[/] {escape(item['file'])} (from {escape(item['source'])}): {escape(item['error'])}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
@@ -12,8 +11,8 @@ from sia_cli.cli import options as o
 from sia_cli.cli.common import (
     console, handle_errors, main_process, print_warnings, progress_enabled, rich_progress,
 )
-from sia_cli.devices import pick_device
-from sia_cli.diagnosis import MEASURES, DiagnoseConfig, diagnose as run_diagnosis
+from sia_cli.diagnosis import DiagnoseConfig, diagnose as run_diagnosis
+from sia_cli.measures import ATTRIBUTE_SHIFT, by_name
 from sia_cli.reports import edit_rate_text, headline_sentence
 
 
@@ -21,10 +20,10 @@ from sia_cli.reports import edit_rate_text, headline_sentence
 def diagnose(
     model: Path = o.MODEL, images: Path = o.IMAGES, out: Path = o.OUT, gan: str = o.GAN,
     attrs_file: Path = o.ATTRS_FILE, protect: list[str] = o.PROTECT, protect_eps: float = o.PROTECT_EPS,
-    mode: str = typer.Option("multi", "--mode", help="multi: SIA as in the paper; single: one attribute at a time (ZOOM-style)."),
-    top_k: int = typer.Option(5, "--top-k", help="Attributes named in the summary."),
+    mode: str = typer.Option(o.default(DiagnoseConfig, "mode"), "--mode", help="multi: SIA as in the paper; single: one attribute at a time (ZOOM-style)."),
+    top_k: int = typer.Option(o.default(DiagnoseConfig, "top_k"), "--top-k", help="Attributes named in the summary."),
     group_by: list[str] = typer.Option(None, "--group-by", help="Repeat the sensitivity for images with and without this starting attribute."),
-    bootstrap: int = typer.Option(200, "--bootstrap", help="Bootstrap resamples for confidence intervals (0: none)."),
+    bootstrap: int = typer.Option(o.default(DiagnoseConfig, "bootstrap"), "--bootstrap", help="Bootstrap resamples for confidence intervals (0: none)."),
     steps: int = o.STEPS, eps: str = o.EPS, step_size: str = o.STEP_SIZE, eps_attr: str = o.EPS_ATTR,
     seed: int = o.SEED, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE, amp: str = o.AMP,
     compile: bool = o.COMPILE,
@@ -35,16 +34,7 @@ def diagnose(
     force: bool = o.FORCE, keep_lost: bool = o.KEEP_LOST, trust_pickle: bool = o.TRUST_PICKLE, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
 ):
     """Find which attributes MODEL is sensitive to: report.json, sensitivity.png, grid.png, report.html."""
-    config = DiagnoseConfig(
-        model=model, images=images, out=out, gan=gan, attrs_file=attrs_file,
-        settings=o.attack_settings(steps, eps, step_size, eps_attr, protect_eps, amp, nme_threshold),
-        protect=o.names(protect), batch_size=batch_size, compile=compile, device=pick_device(device), seed=seed,
-        task=task,
-        input_size=input_size, mean=o.triple(mean, "--mean"), std=o.triple(std, "--std"), labels=labels,
-        output_key=output_key, **o.target_settings(output, label, channels, margin, eye_indices),
-        force=force, keep_lost=keep_lost, command=" ".join(["sia"] + sys.argv[1:]), trust_pickle=trust_pickle,
-        mode=mode, top_k=top_k, group_by=o.names(group_by), bootstrap=bootstrap,
-    )
+    config = o.build(DiagnoseConfig, locals())
     with rich_progress(progress_enabled(no_progress)) as progress:
         report = run_diagnosis(config, progress)
     if not main_process():
@@ -56,8 +46,9 @@ def diagnose(
 
 
 def summary_table(report: dict, top_k: int) -> Table:
-    key = MEASURES[report["settings"]["headline"]]
-    shares, intervals = report[f"{key}_normalized"], report.get("intervals", {})
+    headline = by_name(report["settings"]["headline"])
+    key = headline.key
+    shares, intervals = report[headline.normalized_key], report.get("intervals", {})
     sdar_ci = intervals.get("sdar")
     lost = (report.get("backbone_fit") or {}).get("lost_in_reconstruction")
     title = (f"ASR {100 * report['attack_success_rate']:.1f} %   SDAR {report['sdar']:.4f}"
@@ -71,12 +62,12 @@ def summary_table(report: dict, top_k: int) -> Table:
     total = sum(report[key].values()) or 1.0
     table.caption = (f"share: {key} (headline) as share of total, with its 95% BCa interval; "
                      "edit: the backbone's edit success (* blind spot: a low value there means cannot tell)")
-    for column in ("#", "attribute", "share", "interval", "Eq. 2", "edit"):
+    for column in ("#", "attribute", "share", "interval", ATTRIBUTE_SHIFT.label, "edit"):
         table.add_column(column, no_wrap=column != "attribute")
     for rank, name in enumerate(report["ranking"][:top_k], start=1):
         ci = headline_ci.get(name)
         table.add_row(str(rank), name, f"{shares[name]:.3f}",
                       f"{ci['low'] / total:.2f}-{ci['high'] / total:.2f}" if ci else "",
-                      f"{report['sensitivity_normalized'][name]:.3f}",
+                      f"{report[ATTRIBUTE_SHIFT.normalized_key][name]:.3f}",
                       (edit_rate_text(edit[name]) if name in edit else "?") + ("*" if name in blind else ""))
     return table

@@ -1,13 +1,25 @@
-"""Options shared by the attack commands, declared once so their help reads alike."""
+"""The commands' options, declared once so their help reads alike, and `build`: the one way a
+command's option values become its engine config.
+
+An option's default is the engine dataclass's (`default`), so it lives in one place; an option
+whose default is None means "not given" and leaves its field at the engine's default.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import operator
+import sys
 from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
 
 import typer
 
+from sia_cli.attack import AttackSettings
+from sia_cli.devices import pick_device
 from sia_cli.errors import SiaError
+from sia_cli.runs import RunConfig
 
 
 def load_config(ctx: typer.Context, param, path: Path | None) -> Path | None:
@@ -77,18 +89,41 @@ def names(values: list[str] | None) -> tuple[str, ...]:
     return tuple(n.strip() for v in values or [] for n in v.split(",") if n.strip())
 
 
+def default(config_class: type, name: str) -> Any:
+    """The default of field `name` of an engine dataclass, for an option to show and use."""
+    for field in dataclasses.fields(config_class):
+        if field.name != name:
+            continue
+        if field.default is not dataclasses.MISSING:
+            return field.default
+        if field.default_factory is not dataclasses.MISSING:
+            return field.default_factory()
+        raise ValueError(f"{config_class.__name__}.{name} has no default")
+    raise ValueError(f"{config_class.__name__} has no field {name!r}")
+
+
+def fraction_text(value: float) -> str:
+    """A bound as its option is written: `1.5/255` for a bound set in 8-bit pixel levels, whose
+    decimal form (0.00588235294117647) nobody reads, else the number."""
+    plain = repr(float(value))
+    levels = round(value * 255, 4)
+    if len(plain) > 8 and levels / 255 == value:
+        return f"{levels:g}/255"
+    return plain
+
+
 MODEL = typer.Argument(..., help="Target model: TorchScript file or torch.export archive (.pt2).")
 IMAGES = typer.Option(..., "--images", help="Folder of images to attack.")
 OUT = typer.Option(Path("sia-out"), "--out", help="Output folder.")
 GAN = typer.Option(None, "--gan", help="Backbone: registry name, checkpoint file or folder with setting.txt (default: synth-faces-64).")
 ATTRS_FILE = typer.Option(None, "--attrs-file", help="Starting attributes (CelebA list_attr layout); else the backbone's discriminator predicts them.")
 PROTECT = typer.Option(None, "--protect", help="Attribute held within --protect-eps of its start (repeatable).")
-PROTECT_EPS = typer.Option(0.0, "--protect-eps", help="How far a protected attribute may move.")
-STEPS = typer.Option(200, "--steps", help="Attack iterations T.")
-EPS = typer.Option("1.5/255", "--eps", help="Pixel L-inf bound (number or fraction).")
-STEP_SIZE = typer.Option("0.25/255", "--step-size", help="Step size eta for pixels and attributes.")
-EPS_ATTR = typer.Option("1.0", "--eps-attr", help="Attribute L-inf bound (attributes also stay in [0, 1]).")
-SEED = typer.Option(0, "--seed", help="Random seed.")
+PROTECT_EPS = typer.Option(default(AttackSettings, "protect_eps"), "--protect-eps", help="How far a protected attribute may move.")
+STEPS = typer.Option(default(AttackSettings, "steps"), "--steps", help="Attack iterations T.")
+EPS = typer.Option(fraction_text(default(AttackSettings, "eps")), "--eps", help="Pixel L-inf bound (number or fraction).")
+STEP_SIZE = typer.Option(fraction_text(default(AttackSettings, "step_size")), "--step-size", help="Step size eta for pixels and attributes.")
+EPS_ATTR = typer.Option(fraction_text(default(AttackSettings, "eps_attr")), "--eps-attr", help="Attribute L-inf bound (attributes also stay in [0, 1]).")
+SEED = typer.Option(default(RunConfig, "seed"), "--seed", help="Random seed.")
 
 
 def batch_size(value) -> int | str:
@@ -103,13 +138,14 @@ def batch_size(value) -> int | str:
 
 
 BATCH_SIZE = typer.Option(
-    16, "--batch-size", parser=batch_size, metavar="N|auto",
+    default(RunConfig, "batch_size"), "--batch-size", parser=batch_size, metavar="N|auto",
     help="Images per batch; auto: the largest batch that fits in GPU memory, less 10% headroom (64 on CPU).",
 )
 COMPILE = typer.Option(
-    False, "--compile",
+    default(RunConfig, "compile"), "--compile",
     help="torch.compile the generator (and a torch.export target) before the attack; pays off on long GPU runs.",
 )
+# Not the engine's default (cpu): on the command line the machine decides.
 DEVICE = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda when available).")
 AMP = typer.Option(
     None, "--amp", help="Mixed precision: bf16 (autocast; faster on GPUs with bf16 tensor cores, slower on most CPUs).",
@@ -149,39 +185,149 @@ MEAN = typer.Option(None, "--mean", help="Target normalisation mean, 1 or 3 comm
 STD = typer.Option(None, "--std", help="Target normalisation std, 1 or 3 comma-separated numbers.")
 LABELS = typer.Option(None, "--labels", help="CSV of reference labels (file,label or file,x1,y1,...); default: the model's clean prediction.")
 OUTPUT_KEY = typer.Option(None, "--output-key", help="Which output to use when the model returns a tuple or dict.")
-NME = typer.Option(0.1, "--nme-threshold", help="Keypoint attack success: normalised mean error above this.")
-FORCE = typer.Option(False, "--force", help="Overwrite a finished run in --out.")
+NME = typer.Option(default(AttackSettings, "nme_threshold"), "--nme-threshold", help="Keypoint attack success: normalised mean error above this.")
+FORCE = typer.Option(default(RunConfig, "force"), "--force", help="Overwrite a finished run in --out.")
 KEEP_LOST = typer.Option(
-    False, "--keep-lost",
+    default(RunConfig, "keep_lost"), "--keep-lost",
     help="Count images lost in reconstruction (the backbone's reconstruction alone changes the prediction) "
          "in the success rate and the measures; by default they are listed and left out.",
 )
 TRUST_PICKLE = typer.Option(
-    False, "--trust-pickle",
+    default(RunConfig, "trust_pickle"), "--trust-pickle",
     help="Load a .pt2 archive whose weights or sample inputs are stored as pickles (refused by default: "
          "unpickling can run any code). Only for files you trust.",
 )
 NO_PROGRESS = typer.Option(False, "--no-progress", help="Hide progress bars (also hidden when stderr is not a terminal).")
 
 
-def target_settings(output, label, channels, margin, eye_indices) -> dict:
-    """RunConfig fields of the target options (--output, --label, --channels, --margin, --eye-indices)."""
-    return {"output": output, "label": label, "channels": channels, "margin": margin,
-            "eye_indices": indices(eye_indices, "--eye-indices")}
+
+# ----------------------------------------------------------------------------- options -> config
 
 
-def attack_settings(steps, eps, step_size, eps_attr, protect_eps, amp, nme_threshold):
-    from sia_cli.attack import AttackSettings
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Config field `field` from the command parameters `options`, through `convert`."""
 
-    if steps < 1:
-        raise SiaError(f"--steps must be at least 1 (got {steps})")
-    values = {"--eps": fraction(eps), "--step-size": fraction(step_size), "--eps-attr": fraction(eps_attr),
-              "--protect-eps": protect_eps, "--nme-threshold": nme_threshold}
-    for flag, value in values.items():
-        # A negative or NaN bound would run and report an attack with nonsensical limits.
+    field: str
+    options: tuple[str, ...]
+    convert: Callable[..., Any]
+
+
+def _same(value):
+    return value
+
+
+def at_least_one(flag: str) -> Callable[[int], int]:
+    def check(value: int) -> int:
+        if value < 1:
+            raise SiaError(f"{flag} must be at least 1 (got {value})")
+        return value
+
+    return check
+
+
+def bound(flag: str, parse: Callable[[Any], float] = float) -> Callable[[Any], float]:
+    """A finite non-negative number: a negative or NaN bound would run and report an attack with
+    nonsensical limits."""
+
+    def check(text) -> float:
+        value = parse(text)
         if not math.isfinite(value) or value < 0:
             raise SiaError(f"{flag} must be a finite non-negative number (got {value})")
-    return AttackSettings(
-        steps=steps, eps=values["--eps"], step_size=values["--step-size"], eps_attr=values["--eps-attr"],
-        protect_eps=protect_eps, amp=amp, nme_threshold=nme_threshold,
-    )
+        return value
+
+    return check
+
+
+def command_line() -> str:
+    """The command as typed, recorded in reports so a run can be repeated."""
+    return " ".join(["sia"] + sys.argv[1:])
+
+
+def attribute_names(text: str, attrs_file: Path) -> list[str]:
+    """train-gan's `--attributes`, or when it names none every attribute of the `--attrs` file."""
+    chosen = list(names([text]))
+    if chosen:
+        return chosen
+    from sia_cli.data import read_attributes
+
+    return list(read_attributes(attrs_file).names)
+
+
+def seconds(minutes: float) -> float | None:
+    return minutes * 60 or None  # 0 minutes: no limit
+
+
+# How option values become config fields. A field takes the first rule for it whose options the
+# command has, else the option of its own name unchanged, else its default; a nested config
+# (RunConfig.settings, an AttackSettings) is filled from the same options.
+RULES: tuple[Rule, ...] = (
+    Rule("model", ("source",), _same),  # sdar: SOURCE, when it is a model and not a report
+    Rule("attrs_file", ("attrs",), _same),  # train-gan
+    Rule("attributes", ("attributes", "attrs"), attribute_names),
+    Rule("methods", ("method",), lambda text: names([text])),
+    Rule("protect", ("protect",), names),
+    Rule("group_by", ("group_by",), names),
+    Rule("auto_protect", ("no_protect",), operator.not_),
+    Rule("steps", ("steps",), at_least_one("--steps")),
+    Rule("eps", ("eps",), bound("--eps", fraction)),
+    Rule("step_size", ("step_size",), bound("--step-size", fraction)),
+    Rule("eps_attr", ("eps_attr",), bound("--eps-attr", fraction)),
+    Rule("protect_eps", ("protect_eps",), bound("--protect-eps")),
+    Rule("nme_threshold", ("nme_threshold",), bound("--nme-threshold")),
+    Rule("device", ("device",), pick_device),
+    Rule("mean", ("mean",), lambda text: triple(text, "--mean")),
+    Rule("std", ("std",), lambda text: triple(text, "--std")),
+    Rule("eye_indices", ("eye_indices",), lambda text: indices(text, "--eye-indices")),
+    Rule("command", (), command_line),
+    *(Rule(f"{part}_layers", ("layers",), _same) for part in ("enc", "dec", "dis")),  # train-gan
+    Rule("time_limit", ("time_limit",), seconds),
+)
+
+
+def _nested(field: dataclasses.Field) -> type | None:
+    factory = field.default_factory
+    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
+
+
+def _plan(config_class: type, available) -> Iterator[tuple[dataclasses.Field, Rule | type]]:
+    """Each field of `config_class` that options named in `available` fill: with its rule, or
+    with its own config class when it is a nested config."""
+    for field in dataclasses.fields(config_class):
+        if not field.init:
+            continue
+        rule = next((r for r in RULES if r.field == field.name and set(r.options) <= set(available)), None)
+        if rule is None and field.name in available:
+            rule = Rule(field.name, (field.name,), _same)
+        if rule is not None:
+            yield field, rule
+        elif _nested(field) is not None:
+            yield field, _nested(field)
+
+
+def build(config_class: type, values: Mapping[str, Any]):
+    """The engine config `config_class` built from a command's parsed option values, its
+    parameters by name (`locals()` first thing in the command). Parameters that fill no field
+    (--no-progress, --config) are left out; an option left unset (None) leaves its field at
+    the default. One constructor call: the configs are frozen."""
+    given = {}
+    for field, how in _plan(config_class, values):
+        if isinstance(how, type):
+            given[field.name] = build(how, values)
+            continue
+        raw = [values[name] for name in how.options]
+        if how.options and all(value is None for value in raw):
+            continue
+        given[field.name] = how.convert(*raw)
+    return config_class(**given)
+
+
+def sources(config_class: type, available) -> dict[str, tuple[str, ...]]:
+    """Which options fill which field (`settings.steps` for a nested one): what `build` reads."""
+    found = {}
+    for field, how in _plan(config_class, available):
+        if isinstance(how, type):
+            found.update({f"{field.name}.{k}": v for k, v in sources(how, available).items()})
+        else:
+            found[field.name] = how.options
+    return found

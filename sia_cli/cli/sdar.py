@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import typer
@@ -13,9 +12,9 @@ from rich.table import Table
 
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, print_warnings, progress_enabled, rich_progress
-from sia_cli.devices import pick_device
-from sia_cli.diagnosis import MEASURES, DiagnoseConfig, diagnose
+from sia_cli.diagnosis import DiagnoseConfig, diagnose
 from sia_cli.errors import UNFIT, SiaError
+from sia_cli.measures import report_key
 from sia_cli.sensitivity import attribute_shift, compare, paired_difference
 from sia_cli.sensitivity import sdar as sdar_of
 
@@ -78,13 +77,7 @@ def sdar(
     else:
         if images is None:
             raise SiaError("a model needs --images to diagnose (or pass a report.json)")
-        config = DiagnoseConfig(
-            model=source, images=images, out=out, gan=gan, attrs_file=attrs_file, protect=o.names(protect),
-            settings=o.attack_settings(steps, "1.5/255", "0.25/255", "1.0", 0.0, None, 0.1),
-            batch_size=batch_size, device=pick_device(device), seed=seed, force=force, task=task,
-            output_key=output_key, **o.target_settings(output, label, channels, margin, eye_indices),
-            trust_pickle=trust_pickle, command=" ".join(["sia"] + sys.argv[1:]),
-        )
+        config = o.build(DiagnoseConfig, locals())
         with rich_progress(progress_enabled(no_progress)) as progress:
             report = diagnose(config, progress)
     interval = report.get("intervals", {}).get("sdar")
@@ -126,7 +119,7 @@ def paired_text(before: dict, after: dict) -> str:
 
 
 def change_table(before: dict, after: dict) -> Table:
-    key = MEASURES.get(after.get("settings", {}).get("headline", "attribute_shift"), "sensitivity")
+    key = report_key(after.get("settings", {}).get("headline"))
     table = Table(title=f"{key} share: baseline -> this report   (SDAR {before['sdar']:.5f} -> {after['sdar']:.5f})")
     for column in ("attribute", "baseline", "now", "change"):
         table.add_column(column)

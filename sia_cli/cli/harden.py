@@ -1,0 +1,76 @@
+"""`sia harden`: fine-tune a model on semantic adversaries and report it before and after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from sia_cli.cli import options as o
+from sia_cli.cli.common import console, handle_errors, main_process, progress_enabled, rich_progress
+from sia_cli.harden import EVAL_METHODS, HardenConfig, harden as run_harden
+
+
+@handle_errors
+def harden(
+    model: Path = o.MODEL, images: Path = o.IMAGES,
+    out: Path = typer.Option(..., "--out", help="Output folder: model.pt (or model.pt2), hardening.json, "
+                             "hardening.html, before/, after/, checkpoint/."),
+    labels: Path = o.LABELS, attrs_file: Path = o.ATTRS_FILE, gan: str = o.GAN,
+    method: str = typer.Option(o.default(HardenConfig, "methods")[0], "--method",
+                               help="Attack whose adversaries the model trains on: sia, attr, image, pgd, fgsm, spt."),
+    epochs: int = typer.Option(o.default(HardenConfig, "epochs"), "--epochs", help="Passes over --images."),
+    lr: float = typer.Option(o.default(HardenConfig, "lr"), "--lr", help="Adam learning rate."),
+    mix: float = typer.Option(o.default(HardenConfig, "mix"), "--mix",
+                              help="Weight of the clean images' loss in each step (the adversaries': 1 - mix)."),
+    adversaries: Path = typer.Option(None, "--adversaries",
+                                     help="Offline: train on this fixed set from `sia augment` (images/, labels.csv) "
+                                          "instead of attacking the current weights every step."),
+    eval_images: Path = typer.Option(None, "--eval-images",
+                                     help="Held-out images for the before/after report (never the training images)."),
+    eval_labels: Path = typer.Option(None, "--eval-labels", help="Labels CSV of --eval-images (accuracy against them; "
+                                     "else against each model's own clean prediction)."),
+    eval_attrs_file: Path = typer.Option(None, "--eval-attrs-file", help="Starting attributes of --eval-images."),
+    eval_steps: int = typer.Option(None, "--eval-steps", help="Attack steps of the before/after report (default: --steps)."),
+    save_every: int = typer.Option(None, "--save-every", help="Optimiser steps per checkpoint (default: one epoch)."),
+    protect: list[str] = o.PROTECT, protect_eps: float = o.PROTECT_EPS, steps: int = o.STEPS, eps: str = o.EPS,
+    step_size: str = o.STEP_SIZE, eps_attr: str = o.EPS_ATTR, seed: int = o.SEED, batch_size: int = o.BATCH_SIZE,
+    device: str = o.DEVICE, amp: str = o.AMP, task: str = o.TASK, input_size: int = o.INPUT_SIZE,
+    mean: str = o.MEAN, std: str = o.STD, output_key: str = o.OUTPUT_KEY, output: str = o.OUTPUT_TYPE,
+    label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN, eye_indices: str = o.EYE_INDICES,
+    nme_threshold: float = o.NME,
+    force: bool = typer.Option(False, "--force", help="Redo a finished hardening in --out."),
+    trust_pickle: bool = o.TRUST_PICKLE, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
+):
+    """Fine-tune MODEL on adversaries of its current weights (SIA adversarial training) and
+    compare it before and after on --eval-images; a rerun of the same command resumes."""
+    config = o.build(HardenConfig, locals())
+    with rich_progress(progress_enabled(no_progress)) as progress:
+        summary = run_harden(config, progress)
+    if not main_process():
+        return
+    console.print(summary_table(summary))
+    console.print(f"hardened model: {summary['hardened_model']}", markup=False, highlight=False)
+    console.print(f"wrote {out / 'hardening.html'}", markup=False, highlight=False, soft_wrap=True)
+
+
+def summary_table(summary: dict) -> Table:
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    table = Table(title=f"before and after hardening ({summary['training'].get('steps')} steps, "
+                        f"labels: {summary.get('labels')})")
+    for column in ("", "before", "after"):
+        table.add_column(column, justify="left" if not column else "right")
+
+    def number(value) -> str:
+        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    table.add_row("clean accuracy", number(before.get("clean_accuracy")), number(after.get("clean_accuracy")))
+    for method in EVAL_METHODS:
+        for eps in summary.get("eval_eps") or []:
+            table.add_row(f"accuracy under {method} {eps}",
+                          number((before.get("accuracy_under_attack") or {}).get(method, {}).get(eps)),
+                          number((after.get("accuracy_under_attack") or {}).get(method, {}).get(eps)))
+    table.add_row("SDAR", number(before.get("sdar")), number(after.get("sdar")))
+    table.add_row("stands out", number(before.get("stands_out")), number(after.get("stands_out")))
+    return table
