@@ -32,14 +32,14 @@ from sia_cli import __version__
 from sia_cli.attack import METHODS, attack_batch
 from sia_cli.data import ImageError, load_image
 from sia_cli.distributed import agree, all_gather
-from sia_cli.errors import ModelRaised, SiaError
+from sia_cli.errors import SiaError
 from sia_cli.files import format_list_attr, write_json_atomic, write_text_atomic
 from sia_cli.journal import RUN_STATE, refuse_changed
 from sia_cli.lifecycle import Context, Plan, execute, run_fingerprint
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.reports import save_png_atomic, to_uint8
 from sia_cli.runs import (
-    Batch, Inputs, RunConfig, batches, describe_inputs, load_inputs, protected_names, reference_pass,
+    Inputs, RunConfig, batches, describe_inputs, load_inputs, one_by_one, protected_names, reference_pass,
 )
 from sia_cli.speed import AUTO
 
@@ -175,7 +175,7 @@ class AugmentPlan(Plan):
     def write(self, context: Context, entries: dict[str, dict], complete: bool) -> dict:
         rows = finished_rows(context.out, self.jobs, entries)
         write_tables(context.out, rows, list(context.inputs.backbone.attributes))
-        failed = [failed_rows(self.jobs, entries)[index] for index in sorted(failed_rows(self.jobs, entries))]
+        failed = [row for _, row in sorted(failed_rows(self.jobs, entries).items())]
         summary = write_manifest(context.out, self, context.inputs, rows, complete, failed)
         return {**summary, "already_complete": False, "written": len(rows) - self.already}
 
@@ -232,8 +232,7 @@ def scan_sources(inputs: Inputs, context: Context, images: Path) -> tuple[list[S
     world, progress = context.world, context.progress
     for batch in batches(inputs, context.batch_size, context.device, skipped, world=world):
         labels, failed = one_by_one(lambda b: reference_pass(inputs, b)["reference"].tolist(), batch.files,
-                                    lambda i, j: Batch(batch.files[i:j], batch.x0[i:j], batch.a0[i:j], batch.index,
-                                                       batch.a0_source))
+                                    batch.part)
         for i, (file, a0, label) in enumerate(zip(batch.files, batch.a0.cpu().numpy(), labels)):
             if i in failed:  # the model refuses the image itself: nothing to augment from it
                 skipped.append({"file": file.name, "reason": failed[i]})
@@ -247,25 +246,6 @@ def scan_sources(inputs: Inputs, context: Context, images: Path) -> tuple[list[S
     if not sources:
         raise SiaError(f"no usable image in {images}: {skipped[0]['reason'] if skipped else 'none found'}")
     return sources, skipped
-
-
-def one_by_one(work, items: list, part) -> tuple[list, dict[int, str]]:
-    """`work(part(0, n))` for the n items, a list with one result per item; when the model raises
-    (it checks its input, say), each item alone, so one image it refuses does not stop the run.
-    Returns the results (None where it raised) and the model's message by item index."""
-    try:
-        return work(part(0, len(items))), {}
-    except ModelRaised as exc:
-        if len(items) == 1:
-            return [None], {0: str(exc)}
-    results, failed = [], {}
-    for i in range(len(items)):
-        try:
-            results += work(part(i, i + 1))
-        except ModelRaised as exc:
-            results.append(None)
-            failed[i] = str(exc)
-    return results, failed
 
 
 def class_index(text: str, target) -> int:

@@ -123,6 +123,10 @@ class Batch:
     index: int = 0  # position among the run's fixed blocks of files: seeds and shards follow it
     a0_source: str = "attrs_file"  # or "discriminator": estimated, not known
 
+    def part(self, start: int, stop: int) -> "Batch":
+        """Images start..stop-1 of the batch, with its index and the source of its attributes."""
+        return Batch(self.files[start:stop], self.x0[start:stop], self.a0[start:stop], self.index, self.a0_source)
+
 
 def batches(inputs: Inputs, batch_size: int, device: str, skipped: list, done=frozenset(), world: World = World()):
     """Yield loaded batches of this rank's blocks of the inputs' files, less those in `done`.
@@ -398,22 +402,42 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _work_or_fail(work, batch: Batch, methods: tuple[str, ...]) -> dict[str, list[dict]]:
-    """`work(batch)`; when the model raises (it checks its input, say), the batch again one image
-    at a time, and an image it still raises on becomes a failed record with the model's message,
-    like an image it returns NaN for: the rest of the run goes on, and a rerun does not retry it."""
+def one_by_one(work, items: list, part) -> tuple[list, dict[int, str]]:
+    """`work(part(0, n))` for the n items, a list with one result per item; when the model raises
+    (it checks its input, say), each item alone, so one image it refuses does not stop the run.
+    Returns the results (None where it raised) and the model's message by item index."""
     try:
-        return work(batch)
+        return work(part(0, len(items))), {}
     except ModelRaised as exc:
-        if len(batch.files) == 1:
-            record = {"file": batch.files[0].name, "attrs_start": _plain(batch.a0[0]),
-                      "attrs_source": batch.a0_source, "success": False, "error": str(exc)}
-            return {name: [dict(record)] for name in methods}
+        if len(items) == 1:
+            return [None], {0: str(exc)}
+    results, failed = [], {}
+    for i in range(len(items)):
+        try:
+            results += work(part(i, i + 1))
+        except ModelRaised as exc:
+            results.append(None)
+            failed[i] = str(exc)
+    return results, failed
+
+
+def _work_or_fail(work, batch: Batch, methods: tuple[str, ...]) -> dict[str, list[dict]]:
+    """`work(batch)` through `one_by_one`: an image the model still raises on alone becomes a
+    failed record with the model's message, like an image it returns NaN for: the rest of the
+    run goes on, and a rerun does not retry it."""
+    def per_image(part: Batch) -> list[dict[str, dict]]:
+        rows = work(part)
+        return [{name: rows[name][i] for name in rows} for i in range(len(part.files))]
+
+    images, failed = one_by_one(per_image, batch.files, batch.part)
     results: dict[str, list[dict]] = {name: [] for name in methods}
-    for i in range(len(batch.files)):
-        single = Batch(batch.files[i:i + 1], batch.x0[i:i + 1], batch.a0[i:i + 1], batch.index, batch.a0_source)
-        for name, rows in _work_or_fail(work, single, methods).items():
-            results.setdefault(name, []).extend(rows)
+    for i, image in enumerate(images):
+        if i in failed:
+            image = {name: {"file": batch.files[i].name, "attrs_start": _plain(batch.a0[i]),
+                            "attrs_source": batch.a0_source, "success": False, "error": failed[i]}
+                     for name in methods}
+        for name, record in image.items():
+            results.setdefault(name, []).append(record)
     return results
 
 
