@@ -1,6 +1,6 @@
 """Class imbalance: SIA augmentation against reweighting and resampling (the paper's Table 6 shape).
 
-    python examples/imbalance_study.py                  # a few minutes on 2 CPU cores
+    python examples/imbalance_study.py                  # about 11 minutes on 2 shared CPU cores
     python examples/imbalance_study.py --repeats 5 --n-train 4000
 
 A binary classifier of one synth attribute (default Eyeglasses, which the shipped backbone
@@ -22,16 +22,19 @@ Each is measured on a balanced held-out set (--n-test faces of each class, anoth
 precision, recall and accuracy at probability 0.5, the area under the ROC curve (the ranking,
 whatever the threshold), and the recall on the backbone's reconstructions G(x, a0) of the same
 test positives: the look every SIA adversary has, so a gap between the two recalls is the
-distance between the generator's images and the real ones. With --repeats R every variant is trained R
-times (model seeds 0..R-1, the augmentation redone on each repeat's baseline) and the table
-gives the mean and the spread (min to max). Prints a Markdown table; data and augmentation
-sets are cached in --work.
+distance between the generator's images and the real ones. With --repeats R every variant is
+trained R times (model seeds 0..R-1, the augmentation redone on each repeat's baseline) and the
+table gives the mean and the spread (min to max). Prints a Markdown table; data, augmentation
+sets and each finished repeat's figures are cached in --work, so an interrupted run resumes at
+the repeat it was in.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
 import sys
 import time
 import warnings
@@ -168,6 +171,41 @@ def cell(values: list[float], digits: int = 3) -> str:
     return f"{np.mean(values):.{digits}f} ({min(values):.{short}f}-{max(values):.{short}f})"
 
 
+def one_repeat(seed: int, args, steps: int, images, labels, test, train_dir: Path, positives: int,
+               negatives: int, log) -> dict:
+    """The five variants of one model seed (the augmentation made with this seed's baseline)."""
+    everything = torch.arange(len(images))
+    oversampled = torch.cat([everything, everything[labels > 0.5].repeat(max(0, negatives // positives - 1))])
+    common = dict(arch=args.arch, steps=steps, seed=seed, batch=args.batch_size, lr=args.lr)
+    found = {}
+    baseline = fit(images=images, labels=labels, pool=everything, pos_weight=None, **common)
+    found["baseline"] = scores(baseline, *test)
+    found["reweighting"] = scores(fit(images=images, labels=labels, pool=everything,
+                                      pos_weight=negatives / positives, **common), *test)
+    found["resampling"] = scores(fit(images=images, labels=labels, pool=oversampled, pos_weight=None, **common), *test)
+    log(f"repeat {seed}: baseline, reweighting, resampling trained")
+    model_path = args.work / f"baseline-{args.label}-{args.arch}-seed{seed}.pt"
+    tt.save(baseline, model_path, tt.classifier_yaml(args.label) + "output: logits\n")
+    aug_dir = args.work / f"augment-{args.label}-{args.arch}-seed{seed}-x{args.aug_per_positive}-t{args.steps}"
+    summary = augment(AugmentConfig(
+        model=model_path, images=train_dir / "images", attrs_file=train_dir / "list_attr.txt", out=aug_dir,
+        labels=train_dir / "labels.csv", only_class="1", n=positives * args.aug_per_positive,
+        protect=(args.label,), settings=AttackSettings(steps=args.steps, step_size=args.step_size),
+        batch_size=32, seed=seed, gan=args.gan, force=True))
+    aug_images, aug_labels = load_augmented(aug_dir)
+    log(f"repeat {seed}: {len(aug_images)} SIA adversaries of the positives "
+        f"({summary.get('fooled')} judged wrong by the baseline)")
+    all_images, all_labels = torch.cat([images, aug_images]), torch.cat([labels, aug_labels])
+    pool = torch.arange(len(all_images))
+    found["SIA augmentation"] = scores(fit(images=all_images, labels=all_labels, pool=pool, pos_weight=None,
+                                           **common), *test)
+    weight = negatives / (positives + int((aug_labels > 0.5).sum()))
+    found["SIA + reweighting"] = scores(fit(images=all_images, labels=all_labels, pool=pool, pos_weight=weight,
+                                            **common), *test)
+    log(f"repeat {seed}: SIA variants trained")
+    return {"scores": found, "augmented": len(aug_images), "fooled": summary.get("fooled")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/sia-imbalance"))
@@ -206,40 +244,22 @@ def main() -> None:
     test = (test_images, test_labels, test_reconstructions)
     log(f"training set: {positives} positive, {negatives} negative; test set: {args.n_test} + {args.n_test}")
     steps = max(1, round(args.epochs * len(images) / args.batch_size))
-    everything = torch.arange(len(images))
-    positive_index = everything[labels > 0.5]
-    oversampled = torch.cat([everything, positive_index.repeat(max(0, negatives // positives - 1))])
     results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     augmented_sizes, fooled = [], []
+    settings = {k: str(v) for k, v in sorted(vars(args).items()) if k not in ("work", "repeats", "threads")}
+    key = hashlib.sha256(json.dumps({**settings, "figures": 2}).encode()).hexdigest()[:10]  # 2: AUC, reconstructions
     for seed in range(args.repeats):
-        common = dict(arch=args.arch, steps=steps, seed=seed, batch=args.batch_size, lr=args.lr)
-        baseline = fit(images=images, labels=labels, pool=everything, pos_weight=None, **common)
-        results["baseline"].append(scores(baseline, *test))
-        results["reweighting"].append(scores(fit(images=images, labels=labels, pool=everything,
-                                                 pos_weight=negatives / positives, **common), *test))
-        results["resampling"].append(scores(fit(images=images, labels=labels, pool=oversampled, pos_weight=None,
-                                                **common), *test))
-        log(f"repeat {seed}: baseline, reweighting, resampling trained")
-        model_path = args.work / f"baseline-{args.label}-{args.arch}-seed{seed}.pt"
-        tt.save(baseline, model_path, tt.classifier_yaml(args.label) + "output: logits\n")
-        aug_dir = args.work / f"augment-{args.label}-{args.arch}-seed{seed}-x{args.aug_per_positive}-t{args.steps}"
-        summary = augment(AugmentConfig(
-            model=model_path, images=train_dir / "images", attrs_file=train_dir / "list_attr.txt", out=aug_dir,
-            labels=train_dir / "labels.csv", only_class="1", n=positives * args.aug_per_positive,
-            protect=(args.label,), settings=AttackSettings(steps=args.steps, step_size=args.step_size),
-            batch_size=32, seed=seed, gan=args.gan, force=True))
-        fooled.append(summary.get("fooled"))
-        aug_images, aug_labels = load_augmented(aug_dir)
-        augmented_sizes.append(len(aug_images))
-        log(f"repeat {seed}: {len(aug_images)} SIA adversaries of the positives ({summary.get('fooled')} judged wrong by the baseline)")
-        all_images, all_labels = torch.cat([images, aug_images]), torch.cat([labels, aug_labels])
-        pool = torch.arange(len(all_images))
-        results["SIA augmentation"].append(scores(fit(images=all_images, labels=all_labels, pool=pool,
-                                                      pos_weight=None, **common), *test))
-        weight = negatives / (positives + int((aug_labels > 0.5).sum()))
-        results["SIA + reweighting"].append(scores(fit(images=all_images, labels=all_labels, pool=pool,
-                                                       pos_weight=weight, **common), *test))
-        log(f"repeat {seed}: SIA variants trained")
+        cached = args.work / f"results-{key}-seed{seed}.json"  # one finished repeat: a rerun skips it
+        if cached.is_file():
+            done = json.loads(cached.read_text())
+            log(f"repeat {seed}: read from {cached.name}")
+        else:
+            done = one_repeat(seed, args, steps, images, labels, test, train_dir, positives, negatives, log)
+            cached.write_text(json.dumps(done) + "\n")
+        for name in VARIANTS:
+            results[name].append(done["scores"][name])
+        augmented_sizes.append(done["augmented"])
+        fooled.append(done["fooled"])
 
     spread = " (mean, min-max over the repeats)" if args.repeats > 1 else ""
     out = [f"## Imbalance: {args.label}, {positives}:{negatives} training faces, {args.arch}, {steps} Adam steps of "

@@ -23,8 +23,9 @@ import io
 import json
 import math
 import shutil
+import warnings
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +34,14 @@ import torch.distributed as dist
 
 from sia_cli import __version__
 from sia_cli.attack import attack_batch, get_method, quantize
-from sia_cli.data import ImageError, load_image
+from sia_cli.data import load_image
 from sia_cli.distributed import World, agree, all_gather, barrier, join
 from sia_cli.errors import SiaError
 from sia_cli.files import file_sha256, write_bytes_atomic, write_json_atomic
 from sia_cli.journal import locked, refuse_changed
 from sia_cli.lifecycle import Context, Plan, execute, prepare_out, run_fingerprint
 from sia_cli.progress import ProgressFn, silent
-from sia_cli.runs import Batch, Inputs, RunConfig, batches, load_inputs, reference_pass
+from sia_cli.runs import Batch, Inputs, RunConfig, batches, load_batch, load_inputs, reference_pass
 
 SUMMARY = "hardening.json"
 PAGE = "hardening.html"
@@ -111,10 +112,10 @@ def harden(config: HardenConfig, progress: ProgressFn = silent) -> dict | None:
         if config.force and world.main:
             clear(out)
         barrier(world)
-        before = evaluate(config, Path(config.model), out / "before", progress) if config.eval_images else None
+        before = evaluate(config, Path(config.model), out / "before", world, progress) if config.eval_images else None
         trained = execute(config, HardenPlan(config), progress)
         model_path = Path(all_gather(trained["model"] if trained else None, world)[0])
-        after = evaluate(config, model_path, out / "after", progress) if config.eval_images else None
+        after = evaluate(config, model_path, out / "after", world, progress) if config.eval_images else None
         summary = None
         if world.main:
             summary = _summary(config, trained, before, after)
@@ -246,7 +247,7 @@ class HardenPlan(Plan):
         self.optimizer.zero_grad(set_to_none=True)
         losses = torch.zeros(2, device=context.device)
         if mine:
-            clean = load_batch(inputs, mine, context.device, step.number)
+            clean = training_batch(inputs, mine, context.device, step.number)
             reference = torch.stack([self.labels[name] for name in mine]).to(context.device)
             if self.offline:
                 adversaries, adversary_reference = offline_batch(self.offline, step, len(step.files), world,
@@ -320,22 +321,16 @@ def schedule(files: list[str], batch_size: int, epochs: int, seed: int) -> list[
     return steps
 
 
-def load_batch(inputs: Inputs, names: tuple[str, ...], device: str, index: int) -> Batch:
-    """The named training images as a batch, with their starting attributes."""
-    folder = Path(inputs.files[0]).parent
-    files = [folder / name for name in names]
-    size = inputs.backbone.img_size
-    try:
-        x0 = torch.stack([load_image(file, size) for file in files]).to(device)
-    except ImageError as exc:
-        raise SiaError(f"a training image became unusable during the run: {exc}") from None
-    if inputs.attributes is not None:
-        a0 = torch.from_numpy(np.stack([inputs.attributes.vector(file) for file in files])).float().to(device)
-        source = "attrs_file"
-    else:
-        with torch.no_grad():
-            a0, source = inputs.backbone.predict_attributes(x0 * 2 - 1).float(), "discriminator"
-    return Batch(files, x0, a0, index, source)
+def training_batch(inputs: Inputs, names: tuple[str, ...], device: str, index: int) -> Batch:
+    """The named training images as a batch; an image that became unusable since the run began
+    stops it (its label was made when it was usable)."""
+    by_name = {file.name: file for file in inputs.files}
+    unusable: list[dict] = []
+    batch = load_batch(inputs, [by_name[name] for name in names], device, index, unusable)
+    if unusable:
+        raise SiaError(f"a training image became unusable during the run: {unusable[0]['file']}: "
+                       f"{unusable[0]['reason']}")
+    return batch
 
 
 def read_adversaries(folder: Path, inputs: Inputs) -> list[tuple[Path, int]]:
@@ -402,7 +397,9 @@ def export_model(target, source: Path, out: Path) -> Path:
     model = target.model
     if target.format == "torchscript":
         path = out / "model.pt"
-        torch.jit.save(model, buffer, _extra_files={"sia.yaml": yaml_text})
+        with warnings.catch_warnings():  # torch's deprecation of TorchScript: the user's format is what we save
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(model, buffer, _extra_files={"sia.yaml": yaml_text})
     else:
         path = out / "model.pt2"
         height, width = target.resolved_input_size
@@ -429,10 +426,11 @@ def _read_json(path: Path) -> dict | None:
 # ---------------------------------------------------------------- before and after
 
 
-def evaluate(config: HardenConfig, model: Path, folder: Path, progress: ProgressFn) -> dict:
+def evaluate(config: HardenConfig, model: Path, folder: Path, world: World, progress: ProgressFn) -> dict:
     """Clean accuracy, accuracy under FGSM, PGD and SIA at the paper's eps (Table 4), SDAR and
     the headline sensitivity (Table 5) of `model` on --eval-images, each from a full report
-    (diagnose, attack) under `folder`. A finished report there is read, not redone."""
+    (diagnose, attack) under `folder`. A report there from the same model and evaluation
+    settings is read (or resumed), not redone; one from others is removed first."""
     from sia_cli.diagnosis import DiagnoseConfig, diagnose
     from sia_cli.runs import attack
 
@@ -443,6 +441,7 @@ def evaluate(config: HardenConfig, model: Path, folder: Path, progress: Progress
     base.update(model=model, images=config.eval_images, attrs_file=config.eval_attrs_file, labels=config.eval_labels,
                 command=config.command)
     settings = replace(config.settings, steps=steps)
+    _keep_if_same(folder, _evaluation_key(base, settings), world)
     diagnosis = _finished_or(folder / "diagnosis" / "report.json", lambda: diagnose(
         DiagnoseConfig(**base, out=folder / "diagnosis", settings=settings), progress))
     robust = {}
@@ -478,6 +477,30 @@ def evaluate(config: HardenConfig, model: Path, folder: Path, progress: Progress
         "report": str(folder / "diagnosis" / "report.json"),
         "images": len(diagnosis["images"]) if diagnosis else 0,
     }
+
+
+def _evaluation_key(base: dict, settings) -> dict:
+    """What an evaluation folder's reports depend on: the model's and every input file's bytes,
+    the options, the attack settings."""
+    key = {name: str(value) for name, value in sorted(base.items())}
+    for name in ("model", "attrs_file", "labels"):
+        if base.get(name) is not None:
+            key[f"{name}_sha256"] = file_sha256(Path(base[name]))
+    key["images"] = str(Path(base["images"]).resolve())
+    key["settings"] = json.loads(json.dumps(asdict(settings), default=str))
+    return key
+
+
+def _keep_if_same(folder: Path, key: dict, world: World) -> None:
+    """Remove `folder` when it holds an evaluation made with other settings than `key` (a resumed
+    hardening may change --eval-*), so that before/ and after/ always cover the same faces."""
+    if world.main:
+        record = folder / "evaluation.json"
+        if folder.exists() and _read_json(record) != key:
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, key)
+    barrier(world)
 
 
 def _finished(path: Path) -> dict | None:

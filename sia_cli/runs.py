@@ -135,29 +135,33 @@ def batches(inputs: Inputs, batch_size: int, device: str, skipped: list, done=fr
     the same images, with the same index, whatever the number of processes and whether the
     run was resumed. Unusable files go to `skipped` with the reason.
     """
-    size = inputs.backbone.img_size
     for index, start in enumerate(range(0, len(inputs.files), batch_size)):
         if not world.owns(index):
             continue
-        pending: list[tuple[Path, torch.Tensor, np.ndarray | None]] = []
-        for file in inputs.files[start:start + batch_size]:
-            if file.name in done:
-                continue
-            try:
-                image = load_image(file, size)
-            except ImageError as exc:
-                skipped.append({"file": file.name, "reason": str(exc)})
-                continue
-            vector = inputs.attributes.vector(file) if inputs.attributes is not None else None
-            if inputs.attributes is not None and vector is None:
-                skipped.append({"file": file.name, "reason": f"not listed in {inputs.attributes.path.name}"})
-                continue
-            pending.append((file, image, vector))
-        if pending:
-            yield _stack(pending, inputs, device, index)
+        batch = load_batch(inputs, [f for f in inputs.files[start:start + batch_size] if f.name not in done],
+                           device, index, skipped)
+        if batch is not None:
+            yield batch
 
 
-def _stack(pending, inputs: Inputs, device: str, index: int) -> Batch:
+def load_batch(inputs: Inputs, files: list[Path], device: str, index: int, skipped: list) -> Batch | None:
+    """`files` as one batch with their starting attributes (from the attributes file, else the
+    backbone's estimate); unusable files go to `skipped` with the reason. None when none is usable."""
+    size = inputs.backbone.img_size
+    pending: list[tuple[Path, torch.Tensor, np.ndarray | None]] = []
+    for file in files:
+        try:
+            image = load_image(file, size)
+        except ImageError as exc:
+            skipped.append({"file": file.name, "reason": str(exc)})
+            continue
+        vector = inputs.attributes.vector(file) if inputs.attributes is not None else None
+        if inputs.attributes is not None and vector is None:
+            skipped.append({"file": file.name, "reason": f"not listed in {inputs.attributes.path.name}"})
+            continue
+        pending.append((file, image, vector))
+    if not pending:
+        return None
     x0 = torch.stack([image for _, image, _ in pending]).to(device)
     if inputs.attributes is not None:
         a0, source = torch.from_numpy(np.stack([vector for _, _, vector in pending])).to(device), "attrs_file"

@@ -191,3 +191,24 @@ def test_ddp_keeps_every_rank_on_the_same_weights(clean_faces, tmp_path):
     assert len(digests["after"]) == 2 and digests["after"][0] == digests["after"][1]
     assert digests["after"][0] != digests["before"][0]  # it did train
     assert digests["unsynced"][0] != digests["unsynced"][1]  # the check can tell ranks apart
+
+
+def test_harden_two_processes_train_the_one_process_model(faces, tmp_path):
+    """Each rank attacks and trains on its slice of every batch and the gradients are summed: the
+    hardened weights equal one process's up to float noise."""
+    args = ["harden", MUSTACHE, *common(faces, steps=2), "--step-size", "0.05", "--epochs", 2, "--batch-size", 4,
+            "--lr", "1e-3"]
+    ok(sia(*args, "--out", tmp_path / "one", cwd=tmp_path))
+    ok(torchrun(*args, "--out", tmp_path / "two", cwd=tmp_path))
+    one = torch.jit.load(tmp_path / "one" / "model.pt").state_dict()
+    two = torch.jit.load(tmp_path / "two" / "model.pt").state_dict()
+    original = torch.jit.load(MUSTACHE).state_dict()
+    assert one.keys() == two.keys()
+    assert any(not torch.equal(one[k], original[k]) for k in one)  # it trained
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one), \
+        max(float((one[k] - two[k]).abs().max()) for k in one)
+    training_one = json.loads((tmp_path / "one" / "training.json").read_text())
+    training_two = json.loads((tmp_path / "two" / "training.json").read_text())
+    assert training_one["steps"] == training_two["steps"] == 4  # 6 usable faces, batches of 4, 2 epochs
+    assert training_two["losses"] == pytest.approx(training_one["losses"], abs=1e-4)
+    no_run_state_left(tmp_path / "two")

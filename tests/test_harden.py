@@ -244,3 +244,23 @@ def test_schedule_covers_every_image_once_per_epoch_whatever_the_batch():
         seen = [f for s in steps if s.epoch == epoch for f in s.files]
         assert sorted(seen) == sorted(files)
     assert schedule(files, 4, 3, seed=5) == steps and schedule(files, 4, 3, seed=6) != steps
+
+
+def test_an_evaluation_with_other_eval_settings_is_redone_not_reused(planted, tmp_path):
+    """A resumed hardening may change --eval-*: before/ must then describe the new faces, or
+    before and after would compare different images."""
+    from sia_cli.distributed import World
+    from sia_cli.harden import evaluate
+
+    folder = tmp_path / "before"
+    first = small(planted, tmp_path, eval_images=planted["probe"] / "images",
+                  eval_attrs_file=planted["probe"] / "list_attr.txt", eval_steps=1)
+    assert evaluate(first, planted["model"], folder, World(), lambda *_: None)["images"] == 3
+    made = (folder / "diagnosis" / "report.json").stat().st_mtime_ns
+    assert evaluate(first, planted["model"], folder, World(), lambda *_: None)["images"] == 3
+    assert (folder / "diagnosis" / "report.json").stat().st_mtime_ns == made  # the same settings: read, not redone
+    second = replace(first, eval_images=planted["eval"] / "images", eval_attrs_file=planted["eval"] / "list_attr.txt")
+    figures = evaluate(second, planted["model"], folder, World(), lambda *_: None)
+    assert figures["images"] == 8
+    attack = json.loads((folder / "attack-eps1.5" / "sia" / "report.json").read_text())
+    assert len(attack["images"]) == 8

@@ -50,8 +50,7 @@ def train_gan(
     compile: bool = typer.Option(
         default("compile"), "--compile",
         help="torch.compile the forward passes (the gradient penalty's stays eager): about 1.2x the steps/s on "
-             "this project's CPU, after a minute or more of compiling at the start. One process only (refused "
-             "under torchrun)."),
+             "this project's CPU, after compiling at the start. One process only (refused under torchrun)."),
     # Minutes here, seconds (or None) in the engine: 0 is the command line's "no limit".
     time_limit: float = typer.Option(0, help="Stop after this many minutes with a checkpoint (0: no limit)."),
     judge: Path = typer.Option(
