@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from sia_cli import __version__
+from sia_cli.align import align_inputs
 from sia_cli.attack import METHODS, attack_batch
 from sia_cli.data import ImageError, load_image
 from sia_cli.distributed import agree, all_gather
@@ -83,6 +84,7 @@ def augment(config: AugmentConfig, progress: ProgressFn = silent) -> dict | None
     """Write (or finish writing) the augmentation set in `config.out`; return a summary on
     rank 0 (None on other torchrun ranks, which attack their share of the jobs)."""
     check_config(config)
+    config = align_inputs(config, progress)
     return execute(config, AugmentPlan(config), progress)
 
 

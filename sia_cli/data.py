@@ -91,7 +91,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode(path: Path) -> Image.Image:
+def decode(path: Path) -> Image.Image:
     """The one place that decodes image files: upright (EXIF orientation applied) RGB, or ImageError."""
     try:
         if path.is_symlink() and not path.exists():
@@ -122,7 +122,7 @@ def _broken_link(path: Path) -> str:
 def image_problem(path: Path) -> str | None:
     """Why the image file cannot be used (decoded in full), or None."""
     try:
-        _decode(Path(path))
+        decode(Path(path))
     except ImageError as exc:
         return str(exc)
     return None
@@ -130,7 +130,7 @@ def image_problem(path: Path) -> str | None:
 
 def load_image(path: Path, size: int) -> torch.Tensor:
     """Any readable image -> (3, size, size) float tensor in [0, 1], centre-cropped to a square."""
-    image = _decode(Path(path))
+    image = decode(Path(path))
     side = min(image.size)
     if side < 1:
         raise ImageError("empty image")

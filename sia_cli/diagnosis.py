@@ -16,6 +16,7 @@ from PIL import Image
 
 from sia_cli import measures as measures_table
 from sia_cli import sensitivity as sens
+from sia_cli.align import align_inputs
 from sia_cli.attack import METHODS, ablation_effects, attack_batch
 from sia_cli.data import load_image
 from sia_cli.errors import SiaError
@@ -88,6 +89,7 @@ def diagnose(config: DiagnoseConfig, progress: ProgressFn = silent) -> dict | No
         raise SiaError(f"--top-k must be at least 1 (got {config.top_k})")
     if config.bootstrap < 0:
         raise SiaError(f"--bootstrap must be 0 (no intervals) or a positive number of resamples (got {config.bootstrap})")
+    config = align_inputs(config, progress)
     return execute(config, DiagnosePlan(config), progress)
 
 

@@ -191,6 +191,8 @@ class HardenPlan(Plan):
         previous = _read_json(out / TRAINING)
         if previous is not None and previous.get("complete") and not config.force:
             refuse_changed(out, previous.get("settings", {}), self.settings)
+            if previous.get("unusable"):
+                raise SiaError(_unusable_message(previous) + "; pass --force to train again")
             if Path(previous.get("model", "")).is_file():
                 return {"model": previous["model"], "steps": previous["steps"], "losses": previous["losses"],
                         "already_trained": True}
@@ -286,10 +288,33 @@ class HardenPlan(Plan):
                   "losses": {k: losses.get(k) for k in ("clean_loss", "adversary_loss")},
                   "labels": "--labels" if self.config.labels else "the model's own predictions before hardening",
                   "mode": "offline (--adversaries)" if self.offline else f"adversaries of the current weights ({self.method.name})"}
+        problem = None
         if complete:
             record["model"] = str(export_model(context.inputs.target, Path(self.config.model), out))
+            problem = unusable(context.inputs.target, self.config)
+            if problem:
+                record["unusable"] = problem
         write_json_atomic(out / TRAINING, record)
+        if problem:
+            raise SiaError(_unusable_message(record))
         return record
+
+
+def unusable(target, config: HardenConfig) -> str | None:
+    """Why the trained model fails the checks every model passes on loading (a model whose output
+    no longer depends on its input, NaN outputs: training diverged), or None."""
+    from sia_cli.target.probe import probe
+
+    try:
+        probe(target, target.probe_size, target.output_key)
+    except SiaError as exc:
+        return str(exc)
+    return None
+
+
+def _unusable_message(record: dict) -> str:
+    return (f"the hardened model fails the model checks ({record['unusable']}): the training diverged; it is kept as "
+            f"{record.get('model')} but no report was made; try a lower --lr or fewer --epochs")
 
 
 def trainable(target) -> list[torch.nn.Parameter]:

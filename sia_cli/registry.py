@@ -54,6 +54,7 @@ class RegistryEntry:
     description: str = ""
     card: dict = field(default_factory=dict)
     base: Path = field(default=PACKAGE_DIR)
+    framing: str = "celeba"  # how its training faces were cropped (sia_cli.align.FRAMINGS)
 
     def setting(self) -> dict:
         """The entry in the shape of a public `setting.txt`."""
@@ -127,6 +128,7 @@ def load_registry(path: Path | None = None) -> dict[str, RegistryEntry]:
                 description=item.get("description", ""),
                 card=dict(item.get("card") or {}),
                 base=path.parent,
+                framing=str(item.get("framing", "celeba")),
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise SiaError(f"registry {path}: entry {name!r} is incomplete ({exc})") from None
@@ -241,6 +243,25 @@ def resolve(name_or_path: str | None, progress: ProgressFn = silent) -> Backbone
         return entry_source(registry[name_or_path], progress)
     known = ", ".join(sorted(registry)) or "none"
     raise SiaError(f"--gan {name_or_path!r} is neither a file, a directory nor a registry name (known: {known})")
+
+
+def framing_of(name_or_path: str | None) -> str:
+    """The framing a backbone's training faces had (`sia align`), without loading its weights: the
+    registry entry's `framing`, or a backbone folder's setting.txt `framing`; CelebA's by default,
+    as for the public checkpoints."""
+    name_or_path = name_or_path or DEFAULT_BACKBONE
+    candidate = Path(name_or_path).expanduser()
+    if candidate.exists():
+        folders = [candidate] if candidate.is_dir() else [candidate.parent, candidate.parent.parent]
+        for folder in folders:
+            if (folder / SETTING_FILE).is_file():
+                return str(read_setting(folder / SETTING_FILE).get("framing", "celeba"))
+        return "celeba"
+    registry = load_registry()
+    if name_or_path not in registry:
+        known = ", ".join(sorted(registry)) or "none"
+        raise SiaError(f"--gan {name_or_path!r} is neither a file, a directory nor a registry name (known: {known})")
+    return registry[name_or_path].framing
 
 
 def load_backbone(name_or_path: str | None = None, device: str = "cpu", progress: ProgressFn = silent) -> AttGAN:

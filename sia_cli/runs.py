@@ -28,6 +28,7 @@ from sia_cli.progress import ProgressFn, silent
 from sia_cli.registry import load_backbone
 from sia_cli.reports import image_quality, save_png_atomic, to_uint8
 from sia_cli.lifecycle import Context, Plan, execute
+from sia_cli.align import align_inputs
 from sia_cli.target import load_target, read_labels
 
 SCHEMA_VERSION = 1
@@ -64,6 +65,7 @@ class RunConfig:
     keep_lost: bool = False  # count images lost in reconstruction in the success rate and measures
     command: str = ""
     trust_pickle: bool = False  # load .pt2 archives holding pickles (they can run code)
+    align: bool = False  # find and align the faces of --images first (sia_cli.align.align_inputs)
 
     def describe(self) -> dict:
         data = asdict(self)
@@ -579,6 +581,7 @@ class AttackPlan(ImagePlan):
 def attack(config: RunConfig, progress: ProgressFn = silent) -> dict:
     """Run every requested method over the folder; write adversaries and reports into `out`.
     Returns the reports on rank 0 (None on other torchrun ranks)."""
+    config = align_inputs(config, progress)
     return execute(config, AttackPlan(config), progress)
 
 

@@ -86,12 +86,12 @@ def changed_fields(config, baseline) -> set[str]:
 
 def test_attack_options_fill_every_field(captured):
     args = ["attack", MODEL, "--images", "imgs", "--out", "o", "--method", "sia,pgd", "--protect", "Bangs",
-            "--protect", "Smiling,Eyeglasses", "--nme-threshold", "0.2", "--force", "--keep-lost", *TARGET_ARGS]
+            "--protect", "Smiling,Eyeglasses", "--nme-threshold", "0.2", "--force", "--keep-lost", "--align", *TARGET_ARGS]
     result, config = captured(args)
     assert result.exit_code == 0, result.output
     expected = RunConfig(
         **TARGET_FIELDS, methods=("sia", "pgd"), protect=("Bangs", "Smiling", "Eyeglasses"),
-        settings=AttackSettings(**SETTINGS, nme_threshold=0.2), force=True, keep_lost=True,
+        settings=AttackSettings(**SETTINGS, nme_threshold=0.2), force=True, keep_lost=True, align=True,
         command=" ".join(["sia", *args]),
     )
     assert config == expected
@@ -103,23 +103,23 @@ def test_attack_options_fill_every_field(captured):
 def test_diagnose_options_fill_every_field(captured):
     args = ["diagnose", MODEL, "--images", "imgs", "--out", "o", "--protect", "Bangs", "--mode", "single",
             "--top-k", "3", "--group-by", "Male,Young", "--bootstrap", "0", "--nme-threshold", "0.2", "--force",
-            "--keep-lost", *TARGET_ARGS]
+            "--keep-lost", "--align", *TARGET_ARGS]
     result, config = captured(args)
     assert result.exit_code == 0, result.output
     assert config == DiagnoseConfig(
         **TARGET_FIELDS, protect=("Bangs",), settings=AttackSettings(**SETTINGS, nme_threshold=0.2),
-        force=True, keep_lost=True, command=" ".join(["sia", *args]),
+        force=True, keep_lost=True, align=True, command=" ".join(["sia", *args]),
         mode="single", top_k=3, group_by=("Male", "Young"), bootstrap=0,
     )
 
 
 def test_augment_options_fill_every_field(captured):
     args = ["augment", MODEL, "--images", "imgs", "--out", "o", "--count", "5", "--class", "1", "--jitter",
-            "0.1", "--no-protect", "--force", *TARGET_ARGS]
+            "0.1", "--no-protect", "--force", "--align", *TARGET_ARGS]
     result, config = captured(args)
     assert result.exit_code == 0, result.output
     assert config == AugmentConfig(
-        **TARGET_FIELDS, settings=AttackSettings(**SETTINGS), force=True, command=" ".join(["sia", *args]),
+        **TARGET_FIELDS, settings=AttackSettings(**SETTINGS), force=True, align=True, command=" ".join(["sia", *args]),
         n=5, only_class="1", auto_protect=False, jitter=0.1,
     )
 

@@ -264,3 +264,28 @@ def test_an_evaluation_with_other_eval_settings_is_redone_not_reused(planted, tm
     assert figures["images"] == 8
     attack = json.loads((folder / "attack-eps1.5" / "sia" / "report.json").read_text())
     assert len(attack["images"]) == 8
+
+
+def test_a_diverged_hardening_is_an_error_not_a_model(planted, tmp_path, monkeypatch):
+    """A training that kills the model (here every weight zeroed after each step, as a diverged
+    run can leave it: its output no longer depends on the image) must be an error, not a model
+    that every later command would refuse."""
+    real = HardenPlan.train_step
+
+    def diverge(self, context, step):
+        losses = real(self, context, step)
+        with torch.no_grad():
+            for parameter in context.inputs.target.model.parameters():
+                parameter.zero_()
+        return losses
+
+    monkeypatch.setattr(HardenPlan, "train_step", diverge)
+    out = tmp_path / "diverged"
+    with pytest.raises(SiaError, match="fails the model checks") as caught:
+        harden(small(planted, out, epochs=1))
+    assert "lower --lr" in str(caught.value)
+    training = json.loads((out / "training.json").read_text())
+    assert training["unusable"] and (out / "model.pt").is_file()  # kept, for a look, but never reported on
+    assert not (out / "hardening.json").exists()
+    with pytest.raises(SiaError, match="--force"):
+        harden(small(planted, out, epochs=1))

@@ -82,7 +82,7 @@ def root(
 
 
 # Module `sia_cli.cli.<name>` defines a function of the same name; the command is named with dashes.
-COMMANDS = ["diagnose", "attack", "augment", "harden", "sdar", "synth", "train_gan"]
+COMMANDS = ["diagnose", "attack", "augment", "harden", "align", "sdar", "synth", "train_gan"]
 
 try:
     for _name in COMMANDS:

@@ -25,7 +25,7 @@ def attack(
     mean: str = o.MEAN, std: str = o.STD, labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
     output: str = o.OUTPUT_TYPE, label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN,
     eye_indices: str = o.EYE_INDICES,
-    nme_threshold: float = o.NME, force: bool = o.FORCE, keep_lost: bool = o.KEEP_LOST, trust_pickle: bool = o.TRUST_PICKLE, no_progress: bool = o.NO_PROGRESS,
+    nme_threshold: float = o.NME, force: bool = o.FORCE, keep_lost: bool = o.KEEP_LOST, trust_pickle: bool = o.TRUST_PICKLE, align: bool = o.ALIGN, no_progress: bool = o.NO_PROGRESS,
     config_file: Path = o.CONFIG,
 ):
     """Attack MODEL on every image in --images; write adversaries/, report.json and a summary table."""

@@ -35,7 +35,7 @@ def augment(
     output: str = o.OUTPUT_TYPE, label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN,
     eye_indices: str = o.EYE_INDICES,
     force: bool = typer.Option(o.default(AugmentConfig, "force"), "--force", help="Start over in an --out that holds another augmentation."),
-    trust_pickle: bool = o.TRUST_PICKLE, no_progress: bool = o.NO_PROGRESS,
+    trust_pickle: bool = o.TRUST_PICKLE, align: bool = o.ALIGN, no_progress: bool = o.NO_PROGRESS,
     config_file: Path = o.CONFIG,
 ):
     """Write SIA adversaries of the images in --images as an augmentation set labelled with each

@@ -192,6 +192,10 @@ KEEP_LOST = typer.Option(
     help="Count images lost in reconstruction (the backbone's reconstruction alone changes the prediction) "
          "in the success rate and the measures; by default they are listed and left out.",
 )
+ALIGN = typer.Option(
+    default(RunConfig, "align"), "--align",
+    help="Find, align and crop the faces of --images first, as `sia align` does, into OUT/aligned/ (needs the align "
+         "extra); --attrs-file and --labels rows follow each face's photo.")
 TRUST_PICKLE = typer.Option(
     default(RunConfig, "trust_pickle"), "--trust-pickle",
     help="Load a .pt2 archive whose weights or sample inputs are stored as pickles (refused by default: "
