@@ -217,3 +217,18 @@ def test_align_refuses_coordinate_labels_in_one_line(placed, tmp_path):
     run = sia("attack", MUSTACHE, "--images", root / "photos", "--labels", points, "--align", "--steps", "1",
               "--out", tmp_path / "o", "--no-progress")
     assert run.exit_code == 2 and "class labels (file,label) only" in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_augment_aligns_on_the_fly_and_labels_each_face_by_its_photo(placed, tmp_path):
+    root, truth, _, result = placed
+    attrs, labels = photo_tables(root, truth, 5200)
+    out = tmp_path / "augmented"
+    run = sia("augment", MUSTACHE, "--images", root / "photos", "--attrs-file", attrs, "--labels", labels, "--align",
+              "--count", 4, "--steps", "2", "--out", out, "--no-progress")
+    assert run.exit_code == 0, run.output
+    source = {r["file"]: r["source"] for r in rows(out / "aligned" / "alignment.csv")}
+    photo_label = {r["file"]: r["label"] for r in rows(labels)}
+    made = rows(out / "labels.csv")
+    assert len(made) == 4
+    for row in made:  # each adversary comes from an aligned face and keeps its photo's label
+        assert row["label"] == photo_label[source[row["source"]]]
