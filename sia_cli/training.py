@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
+from typing import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -636,12 +637,40 @@ def judge_columns(judge, attributes: list[str]) -> list[int]:
     return list(range(len(attributes)))
 
 
+HAIR_COLOURS = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")
+
+
+def exclusive_with(name: str) -> tuple[str, ...]:
+    """The attributes no training face has on together with `name`: one hair colour at a time, and
+    Bald and Bangs not together (CelebA's and the renderer's convention; the public AttGAN code
+    turns them off when it turns an attribute on)."""
+    if name in HAIR_COLOURS:
+        return tuple(other for other in HAIR_COLOURS if other != name)
+    return {"Bald": ("Bangs",), "Bangs": ("Bald",)}.get(name, ())
+
+
+def edited(a: torch.Tensor, k: int, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`a` with attribute k flipped, and where that turns it on, the attributes exclusive with it
+    turned off (asking for black and blond hair at once asks for a face no training set holds).
+    Returns the edited attributes and a mask of the ones turned off that way."""
+    flipped = a.clone()
+    flipped[:, k] = 1 - flipped[:, k]
+    implied = torch.zeros_like(a, dtype=torch.bool)
+    turned_on = flipped[:, k] > 0.5
+    for other in exclusive_with(names[k]):
+        if other in names:
+            j = list(names).index(other)
+            implied[:, j] = turned_on & (a[:, j] > 0.5)
+            flipped[implied[:, j], j] = 0
+    return flipped, implied
+
+
 def edit_success(backbone, judge, images: torch.Tensor, attrs: torch.Tensor, batch_size: int = 64) -> dict:
     """How well each attribute input controls the image, as judged by an attribute classifier.
 
     For every image and attribute k, an edit succeeds when `judge` (one logit per attribute,
     on [-1, 1] images) sees a_k in the reconstruction and 1 - a_k once a_k is flipped: the
-    judged attribute must change. (Asking only whether the edit shows 1 - a_k rewards a
+    judged attribute must change. Turning k on turns off what cannot go with it (`edited`). (Asking only whether the edit shows 1 - a_k rewards a
     broken generator whose outputs the judge labels the same way whatever the input.)
 
     And the other way round: an edit of k should change nothing else. `off_target_change[k]`
@@ -663,12 +692,12 @@ def edit_success(backbone, judge, images: torch.Tensor, attrs: torch.Tensor, bat
         seen = judge(reconstruction)[:, columns] > 0
         kept = seen == (a > 0.5)
         for k in range(len(names)):
-            flipped = a.clone()
-            flipped[:, k] = 1 - flipped[:, k]
+            flipped, implied = edited(a, k, names)
             seen_edit = judge(backbone(x, flipped))[:, columns] > 0
             shows = seen_edit[:, k] == (flipped[:, k] > 0.5)
             changed = (seen_edit != seen).cpu()
             changed[:, k] = False
+            changed &= ~implied.cpu()  # turned off because k turned on: part of the edit
             others = changed.any(dim=1)
             hits[k] += (kept[:, k] & shows).sum().cpu()
             clean[k] += (kept[:, k] & shows).cpu().logical_and(~others).sum()

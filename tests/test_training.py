@@ -22,7 +22,7 @@ from sia_cli.distributed import World
 from sia_cli.errors import SiaError
 from sia_cli.faces import make_dataset
 from sia_cli.training import (
-    Prefetched, TrainConfig, Trainer, edit_success, gradient_penalty, judge_accuracy, train_gan,
+    Prefetched, TrainConfig, Trainer, edit_success, edited, gradient_penalty, judge_accuracy, train_gan,
 )
 
 ATTRS = ["Bangs", "Eyeglasses", "Smiling"]
@@ -417,6 +417,38 @@ def test_off_target_change_counts_an_edit_that_flips_another_attribute():
     assert found["edit_success"] == {"A": 1.0, "B": 0.5, "C": 1.0}
     # An edit that shows but changes something else is no clean edit.
     assert found["clean_edit_success"] == {"A": 0.0, "B": 0.5, "C": 1.0}
+
+
+class OneHairColour:
+    """A faithful backbone of a data set where one hair colour at a time exists: asked for two,
+    it draws the first (as the renderer does)."""
+
+    attributes = ["Black_Hair", "Blond_Hair", "Smiling"]
+
+    def __call__(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        shown = a.clone()
+        shown[:, 1] = a[:, 1] * (1 - a[:, 0])
+        image = torch.zeros(len(a), 3, 4, 4)
+        image[:, 0, 0, :3] = shown * 2 - 1
+        return image
+
+
+class HairJudge(PixelJudge):
+    class_names = ["Black_Hair", "Blond_Hair", "Smiling"]
+
+    def __call__(self, image):
+        return image[:, 0, 0, :3] * 5
+
+
+def test_turning_a_hair_colour_on_turns_the_other_off_and_that_is_no_off_target_change():
+    attrs = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])  # black, blond, none
+    found = edit_success(OneHairColour(), HairJudge(), torch.zeros(3, 3, 4, 4), attrs)
+    # Blond on a black-haired face is asked as blond alone, so the faithful backbone shows it.
+    assert found["edit_success"] == {"Black_Hair": 1.0, "Blond_Hair": 1.0, "Smiling": 1.0}
+    assert found["off_target_change"] == {"Black_Hair": 0.0, "Blond_Hair": 0.0, "Smiling": 0.0}
+    flipped, implied = edited(attrs, 1, OneHairColour.attributes)
+    assert flipped.tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0]]
+    assert implied[:, 0].tolist() == [True, False, False]
 
 
 def test_judge_accuracy_per_attribute_and_balanced():
