@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -362,3 +363,34 @@ def _load_strict(module: nn.Module, weights: dict, what: str, setting: dict, pat
             f"{what} weights in {path} do not match its settings "
             f"({len(setting.get('attrs', []))} attributes, img_size {setting.get('img_size')}): {detail}"
         ) from None
+
+
+# ----------------------------------------------------------------------------- editing one attribute
+
+
+HAIR_COLOURS = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")
+
+
+def exclusive_with(name: str) -> tuple[str, ...]:
+    """The attributes no training face has on together with `name`: one hair colour at a time, and
+    Bald and Bangs not together (CelebA's and the renderer's convention; the public AttGAN code
+    turns them off when it turns an attribute on)."""
+    if name in HAIR_COLOURS:
+        return tuple(other for other in HAIR_COLOURS if other != name)
+    return {"Bald": ("Bangs",), "Bangs": ("Bald",)}.get(name, ())
+
+
+def edited(a: torch.Tensor, k: int, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`a` with attribute k flipped, and where that turns it on, the attributes exclusive with it
+    turned off (asking for black and blond hair at once asks for a face no training set holds).
+    Returns the edited attributes and a mask of the ones turned off that way."""
+    flipped = a.clone()
+    flipped[:, k] = 1 - flipped[:, k]
+    implied = torch.zeros_like(a, dtype=torch.bool)
+    turned_on = flipped[:, k] > 0.5
+    for other in exclusive_with(names[k]):
+        if other in names:
+            j = list(names).index(other)
+            implied[:, j] = turned_on & (a[:, j] > 0.5)
+            flipped[implied[:, j], j] = 0
+    return flipped, implied

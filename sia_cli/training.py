@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from sia_cli.backbone import (
     GeneratorConfig,
     build_backbone,
     checkpoint_number,
+    edited,
     latest_checkpoint,
     read_checkpoint,
 )
@@ -635,34 +635,6 @@ def judge_columns(judge, attributes: list[str]) -> list[int]:
         raise SiaError(f"judge {judge.path} has {judge.num_outputs} outputs for {len(attributes)} attributes; "
                        "list its attribute names as class_names in its sia.yaml")
     return list(range(len(attributes)))
-
-
-HAIR_COLOURS = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")
-
-
-def exclusive_with(name: str) -> tuple[str, ...]:
-    """The attributes no training face has on together with `name`: one hair colour at a time, and
-    Bald and Bangs not together (CelebA's and the renderer's convention; the public AttGAN code
-    turns them off when it turns an attribute on)."""
-    if name in HAIR_COLOURS:
-        return tuple(other for other in HAIR_COLOURS if other != name)
-    return {"Bald": ("Bangs",), "Bangs": ("Bald",)}.get(name, ())
-
-
-def edited(a: torch.Tensor, k: int, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`a` with attribute k flipped, and where that turns it on, the attributes exclusive with it
-    turned off (asking for black and blond hair at once asks for a face no training set holds).
-    Returns the edited attributes and a mask of the ones turned off that way."""
-    flipped = a.clone()
-    flipped[:, k] = 1 - flipped[:, k]
-    implied = torch.zeros_like(a, dtype=torch.bool)
-    turned_on = flipped[:, k] > 0.5
-    for other in exclusive_with(names[k]):
-        if other in names:
-            j = list(names).index(other)
-            implied[:, j] = turned_on & (a[:, j] > 0.5)
-            flipped[implied[:, j], j] = 0
-    return flipped, implied
 
 
 def edit_success(backbone, judge, images: torch.Tensor, attrs: torch.Tensor, batch_size: int = 64) -> dict:

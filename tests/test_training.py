@@ -21,8 +21,9 @@ from sia_cli.data import LabelledImages, read_attributes
 from sia_cli.distributed import World
 from sia_cli.errors import SiaError
 from sia_cli.faces import make_dataset
+from sia_cli.backbone import edited
 from sia_cli.training import (
-    Prefetched, TrainConfig, Trainer, edit_success, edited, gradient_penalty, judge_accuracy, train_gan,
+    Prefetched, TrainConfig, Trainer, edit_success, gradient_penalty, judge_accuracy, train_gan,
 )
 
 ATTRS = ["Bangs", "Eyeglasses", "Smiling"]
