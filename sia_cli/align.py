@@ -156,13 +156,12 @@ def _edge_padded(photo: Image.Image, side: int, inverse: np.ndarray) -> tuple[Im
     return Image.fromarray(array), pad
 
 
-@dataclass
+@dataclass(frozen=True)
 class AlignConfig:
     images: Path
     out: Path
     framing: Framing
     largest: bool = False  # only the largest face of each photo
-    min_score: float = 0.0
 
 
 @dataclass
@@ -177,8 +176,12 @@ class Aligned:
         return {row["file"]: row["source"] for row in self.rows}
 
 
-def crop_name(photo: Path, index: int) -> str:
-    return f"{photo.stem}_{index}.png"
+def crop_names(photos: list[Path]) -> dict[Path, str]:
+    """Each photo's crop-name stem: its own stem, or with its extension where two photos share a
+    stem (face.jpg and face.png must not write the same crops)."""
+    stems = [photo.stem for photo in photos]
+    return {photo: photo.stem if stems.count(photo.stem) == 1 else f"{photo.stem}_{photo.suffix.lstrip('.')}"
+            for photo in photos}
 
 
 def align_folder(config: AlignConfig, detector: Detector, progress: ProgressFn = silent) -> Aligned:
@@ -189,6 +192,7 @@ def align_folder(config: AlignConfig, detector: Detector, progress: ProgressFn =
         raise SiaError(f"no images in {config.images}")
     images = Path(config.out) / "images"
     images.mkdir(parents=True, exist_ok=True)
+    stems = crop_names(photos)
     result = Aligned()
     for number, path in enumerate(photos, 1):
         try:
@@ -196,8 +200,7 @@ def align_folder(config: AlignConfig, detector: Detector, progress: ProgressFn =
         except ImageError as exc:
             result.unaligned.append({"source": path.name, "reason": str(exc)})
             continue
-        faces = [f for f in detector.detect(np.asarray(photo)) if f.score >= config.min_score]
-        faces = [f for f in faces if f.points.get("lefteye") and f.points.get("righteye")]
+        faces = [f for f in detector.detect(np.asarray(photo)) if f.points.get("lefteye") and f.points.get("righteye")]
         if not faces:
             result.unaligned.append({"source": path.name, "reason": "no face found"})
         if config.largest and faces:
@@ -205,7 +208,7 @@ def align_folder(config: AlignConfig, detector: Detector, progress: ProgressFn =
         for index, face in enumerate(sorted(faces, key=lambda f: (f.box[0], f.box[1]))):
             matrix = transform_for(face, config.framing)
             crop = warp(photo, matrix, config.framing.side)
-            name = crop_name(path, index)
+            name = f"{stems[path]}_{index}.png"
             buffer = io.BytesIO()
             crop.save(buffer, format="PNG")
             write_bytes_atomic(images / name, buffer.getbuffer())

@@ -240,3 +240,17 @@ def test_without_the_align_extra_it_is_one_line_naming_the_install(photos, tmp_p
     result = sia("align", photos, tmp_path / "o")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "pip install 'sia-cli[align]'" in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_photos_sharing_a_name_write_separate_crops(tmp_path):
+    import skimage.data
+
+    folder = tmp_path / "same"
+    folder.mkdir()
+    astronaut = Image.fromarray(skimage.data.astronaut())
+    astronaut.save(folder / "face.png")
+    astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "face.jpg")
+    result = sia("align", folder, tmp_path / "out", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert {r["file"]: r["source"] for r in rows(tmp_path / "out" / "alignment.csv")} == {
+        "face_jpg_0.png": "face.jpg", "face_png_0.png": "face.png"}
