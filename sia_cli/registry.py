@@ -196,12 +196,11 @@ def path_source(path: Path) -> BackboneSource:
         checkpoint = latest_checkpoint(path)
         if checkpoint is None:
             raise SiaError(f"no weights.<n>.pth checkpoint in {path} or {path / 'checkpoint'}")
-        setting_dirs = [path]
     elif path.is_file():
         checkpoint = path
-        setting_dirs = [path.parent, path.parent.parent]
     else:
         raise SiaError(f"backbone path not found: {path}")
+    setting_dirs = _setting_folders(path)
     for folder in setting_dirs:
         if (folder / SETTING_FILE).is_file():
             return BackboneSource(str(path), checkpoint, read_setting(folder / SETTING_FILE), read_card(folder))
@@ -232,36 +231,42 @@ def read_setting(path: Path) -> dict:
     return setting
 
 
-def resolve(name_or_path: str | None, progress: ProgressFn = silent) -> BackboneSource:
-    """`--gan` value -> weights file and settings. Paths win over registry names."""
+def _setting_folders(path: Path) -> list[Path]:
+    """Where a backbone path's setting.txt may be: the folder itself, or beside a checkpoint file
+    (and one level up, for the public checkpoint/ layout)."""
+    return [path] if path.is_dir() else [path.parent, path.parent.parent]
+
+
+def _lookup(name_or_path: str | None) -> Path | RegistryEntry:
+    """`--gan` value -> an existing path, or else a registry entry. Paths win over registry names."""
     name_or_path = name_or_path or DEFAULT_BACKBONE
     candidate = Path(name_or_path).expanduser()
     if candidate.exists():
-        return path_source(candidate)
+        return candidate
     registry = load_registry()
     if name_or_path in registry:
-        return entry_source(registry[name_or_path], progress)
+        return registry[name_or_path]
     known = ", ".join(sorted(registry)) or "none"
     raise SiaError(f"--gan {name_or_path!r} is neither a file, a directory nor a registry name (known: {known})")
+
+
+def resolve(name_or_path: str | None, progress: ProgressFn = silent) -> BackboneSource:
+    """`--gan` value -> weights file and settings."""
+    found = _lookup(name_or_path)
+    return path_source(found) if isinstance(found, Path) else entry_source(found, progress)
 
 
 def framing_of(name_or_path: str | None) -> str:
     """The framing a backbone's training faces had (`sia align`), without loading its weights: the
     registry entry's `framing`, or a backbone folder's setting.txt `framing`; CelebA's by default,
     as for the public checkpoints."""
-    name_or_path = name_or_path or DEFAULT_BACKBONE
-    candidate = Path(name_or_path).expanduser()
-    if candidate.exists():
-        folders = [candidate] if candidate.is_dir() else [candidate.parent, candidate.parent.parent]
-        for folder in folders:
-            if (folder / SETTING_FILE).is_file():
-                return str(read_setting(folder / SETTING_FILE).get("framing", "celeba"))
-        return "celeba"
-    registry = load_registry()
-    if name_or_path not in registry:
-        known = ", ".join(sorted(registry)) or "none"
-        raise SiaError(f"--gan {name_or_path!r} is neither a file, a directory nor a registry name (known: {known})")
-    return registry[name_or_path].framing
+    found = _lookup(name_or_path)
+    if isinstance(found, RegistryEntry):
+        return found.framing
+    for folder in _setting_folders(found):
+        if (folder / SETTING_FILE).is_file():
+            return str(read_setting(folder / SETTING_FILE).get("framing", "celeba"))
+    return "celeba"
 
 
 def load_backbone(name_or_path: str | None = None, device: str = "cpu", progress: ProgressFn = silent) -> AttGAN:
