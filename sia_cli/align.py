@@ -235,7 +235,7 @@ def align_inputs(config, progress: ProgressFn = silent):
         return config
     from dataclasses import replace
 
-    from sia_cli.distributed import agree, barrier, join
+    from sia_cli.distributed import agree, join
     from sia_cli.registry import framing_of
 
     world, _ = join(config.device)
@@ -257,8 +257,7 @@ def align_inputs(config, progress: ProgressFn = silent):
         if config.labels is not None:
             _aligned_labels(Path(config.labels), result.source_of(), folder / "labels.csv")
 
-    agree(run, world)
-    barrier(world)
+    agree(run, world)  # a collective: no rank goes on before rank 0 has written the crops
     return replace(config, images=folder / "images",
                    attrs_file=folder / "list_attr.txt" if config.attrs_file is not None else None,
                    labels=folder / "labels.csv" if config.labels is not None else None)
