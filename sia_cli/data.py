@@ -130,7 +130,11 @@ def image_problem(path: Path) -> str | None:
 
 def load_image(path: Path, size: int) -> torch.Tensor:
     """Any readable image -> (3, size, size) float tensor in [0, 1], centre-cropped to a square."""
-    image = decode(Path(path))
+    return image_tensor(decode(Path(path)), size)
+
+
+def image_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB image -> (3, size, size) float tensor in [0, 1], centre-cropped to a square."""
     side = min(image.size)
     if side < 1:
         raise ImageError("empty image")

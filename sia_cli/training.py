@@ -38,7 +38,11 @@ from sia_cli.backbone import (
     latest_checkpoint,
     read_checkpoint,
 )
+from sia_cli.counterfactuals import (
+    SynthSource, change_loss, check_labels, one_attribute_edits, render_pairs, synth_source,
+)
 from sia_cli.data import LabelledImages, image_problem, read_attributes
+from sia_cli.faces import MARKER
 from sia_cli.distributed import World, agree, all_gather, barrier, join
 from sia_cli.errors import INTERRUPTED, STOPPED_BY, SiaError
 from sia_cli.files import write_bytes_atomic, write_text_atomic
@@ -91,6 +95,13 @@ class TrainConfig:
     # NHWC weights. No faster on this project's CPU (bench/RESULTS.md); bench/train_bench.py
     # measures it on CUDA, where cuDNN's bf16 kernels want it.
     channels_last: bool = False
+    # The renderer's true counterfactuals (sia_cli.counterfactuals): None uses them when --images
+    # is a `sia synth` folder, which records how to draw its faces again.
+    counterfactuals: bool | None = None
+    lambda_pair: float = 100.0  # L1 between each edit and its true counterfactual
+    lambda_change: float = 100.0  # the change's error over the truly changed pixels (change_loss)
+    change_threshold: float = 0.02  # in [0, 1]: a pixel that moves less is unchanged
+    lr_schedule: str = "constant"  # or "cosine": down to 5% of --lr at --max-steps
 
     def setting(self) -> dict:
         """The run's settings in the keys a public `setting.txt` uses."""
@@ -125,6 +136,11 @@ class TrainConfig:
             "betas": list(self.betas),
             "n_d": self.n_d,
             "thres_int": self.thres_int,
+            "counterfactuals": self.counterfactuals,
+            "lambda_pair": self.lambda_pair,
+            "lambda_change": self.lambda_change,
+            "change_threshold": self.change_threshold,
+            "lr_schedule": self.lr_schedule,
             "data_path": str(self.images),
             "attr_path": str(self.attrs_file),
             "experiment_name": self.out.name,
@@ -193,7 +209,18 @@ class Trainer:
     def autocast(self):
         return amp_context(self.device, self.config.amp)
 
-    def critic_step(self, real: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict:
+    def set_step(self, step: int) -> None:
+        """The learning rate of `step` (1-based): a function of the step alone, so a resumed run
+        continues the schedule where it stopped."""
+        c = self.config
+        lr = c.lr
+        if c.lr_schedule == "cosine":
+            lr = c.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step - 1, c.max_steps) / c.max_steps)))
+        for optimiser in (self.optim_g, self.optim_d):
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+
+    def critic_step(self, real: torch.Tensor, a: torch.Tensor, b: torch.Tensor, truth=None) -> dict:
         c = self.config
         with self.autocast():
             with torch.no_grad():
@@ -211,7 +238,10 @@ class Trainer:
         self.optim_d.step()
         return {"d_wd": wasserstein.detach(), "d_gp": penalty.detach(), "d_cls": cls.detach()}
 
-    def generator_step(self, real: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict:
+    def generator_step(self, real: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       truth: torch.Tensor | None = None) -> dict:
+        """AttGAN's generator losses; given `truth`, each edit's true counterfactual (in [-1, 1]),
+        also the pair and change losses of sia_cli.counterfactuals."""
         c = self.config
         for p in self.critic.parameters():
             p.requires_grad_(False)
@@ -222,12 +252,18 @@ class Trainer:
         cls = F.binary_cross_entropy_with_logits(fake_cls.float(), b)
         rec = F.l1_loss(recon.float(), real)
         loss = adv + c.lambda_2 * cls + c.lambda_1 * rec
+        supervised = {}
+        if truth is not None:
+            pair = F.l1_loss(fake.float(), truth)
+            change = change_loss(fake.float(), recon.float(), real, truth, c.change_threshold)
+            loss = loss + c.lambda_pair * pair + c.lambda_change * change
+            supervised = {"g_pair": pair.detach(), "g_change": change.detach()}
         self.optim_g.zero_grad(set_to_none=True)
         loss.backward()
         self.optim_g.step()
         for p in self.critic.parameters():
             p.requires_grad_(True)
-        return {"g_adv": adv.detach(), "g_cls": cls.detach(), "g_rec": rec.detach()}
+        return {"g_adv": adv.detach(), "g_cls": cls.detach(), "g_rec": rec.detach(), **supervised}
 
     def state(self, step: int, setting: dict) -> dict:
         return {
@@ -329,6 +365,27 @@ class Prefetched:
         self._thread.join(timeout=10)
 
 
+def _pair_batches(dataset: LabelledImages, pairs: torch.Tensor, config: TrainConfig, device: torch.device,
+                  world: World, seed: int):
+    """Shuffled batches from memory, each face with one of its one-attribute edits drawn at
+    random and that edit's true counterfactual: (images, attributes, edited attributes, truth),
+    images in [0, 1]. Every rank draws the same permutation and takes its own stride of it."""
+    names = list(dataset.table.names)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))]).mul_(255).round_().to(torch.uint8).to(device)
+    attrs = torch.stack([dataset[i][1] for i in range(len(dataset))]).float().to(device)
+    pairs = pairs.to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    batch_size = config.batch_size
+    while True:
+        order = torch.randperm(len(dataset), generator=generator, device=device)[world.rank::world.size]
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            index = order[start : start + batch_size]
+            ks = torch.randint(len(names), (len(index),), generator=generator, device=device)
+            a = attrs[index]
+            yield (images[index].float().div_(255), a, one_attribute_edits(a, ks, names),
+                   pairs[index, ks].float().div_(255))
+
+
 def _memory_batches(dataset: LabelledImages, config: TrainConfig, device: torch.device, world: World, seed: int):
     """Shuffled batches from images decoded once: for small data sets the decoding dominates.
     Every rank draws the same permutation and takes its own stride of it."""
@@ -341,6 +398,17 @@ def _memory_batches(dataset: LabelledImages, config: TrainConfig, device: torch.
         for start in range(0, len(order) - batch_size + 1, batch_size):
             index = order[start : start + batch_size]
             yield images[index].float().div_(255), attrs[index]
+
+
+def counterfactual_source(config: TrainConfig) -> SynthSource | None:
+    """Where the true counterfactuals come from, or None to train with AttGAN's losses alone."""
+    if config.counterfactuals is False:
+        return None
+    source = synth_source(Path(config.images))
+    if source is None and config.counterfactuals:
+        raise SiaError(f"--counterfactuals needs a `sia synth` folder: {Path(config.images).parent} has no "
+                       f"{MARKER} saying how its faces were drawn")
+    return source
 
 
 def prepare(config: TrainConfig, world: World = World()) -> tuple[LabelledImages, dict]:
@@ -357,6 +425,9 @@ def prepare(config: TrainConfig, world: World = World()) -> tuple[LabelledImages
         raise SiaError(f"{len(dataset)} images is fewer than one batch ({config.batch_size}) per process "
                        f"({world.size} processes)")
     out = Path(config.out)
+    source = counterfactual_source(config)
+    if source is not None:
+        check_labels(source, dataset.files, [table.rows[f.name] for f in dataset.files], config.attributes)
     existing = latest_checkpoint(out)
     if existing is not None and not config.resume:
         raise SiaError(f"{out} already holds checkpoint {existing.name}: pass --resume to continue or pick another --out")
@@ -415,6 +486,12 @@ def check_config(config: TrainConfig) -> None:
         raise SiaError(f"--lr must be a finite positive number (got {config.lr:g})")
     if config.time_limit is not None and (not math.isfinite(config.time_limit) or config.time_limit < 0):
         raise SiaError(f"--time-limit must be a finite non-negative number of minutes (got {config.time_limit / 60:g})")
+    if config.lr_schedule not in ("constant", "cosine"):
+        raise SiaError(f"--lr-schedule {config.lr_schedule!r}: choose constant or cosine")
+    for flag, value in {"--lambda-pair": config.lambda_pair, "--lambda-change": config.lambda_change,
+                        "--change-threshold": config.change_threshold}.items():
+        if not math.isfinite(value) or value < 0:
+            raise SiaError(f"{flag} must be a finite non-negative number (got {value:g})")
     if config.amp not in AMP_MODES:
         raise SiaError(f"--amp {config.amp!r}: only bf16 is supported")
     if (config.amp and str(config.device).startswith("cuda") and torch.cuda.is_available()
@@ -480,7 +557,13 @@ def _train(config: TrainConfig, world: World, device: str, dataset: LabelledImag
         torch.manual_seed(config.seed + start + 1000 * world.rank)
     if world.main:
         _write_setting(out, setting)
-    if config.preload:
+    source = counterfactual_source(config)
+    if source is not None:
+        # Every rank draws all of them: the ranks share one permutation of the faces.
+        pairs = render_pairs(source, dataset.files, list(dataset.table.names), config.img_size,
+                             config.workers, progress if world.main else silent)
+        batches = _pair_batches(dataset, pairs, config, trainer.device, world, config.seed + start)
+    elif config.preload:
         # On the training device already: drawing a batch is a few tensor operations.
         batches = _memory_batches(dataset, config, trainer.device, world, config.seed + start)
     else:
@@ -496,6 +579,7 @@ def _train(config: TrainConfig, world: World, device: str, dataset: LabelledImag
         for step in range(start + 1, config.max_steps + 1):
             if _should_stop(config, began, world, interrupt.raised):
                 break
+            trainer.set_step(step)
             for _ in range(config.n_d):
                 losses.update(trainer.critic_step(*_draw(batches, trainer.device)))
             losses.update(trainer.generator_step(*_draw(batches, trainer.device)))
@@ -583,11 +667,15 @@ def _resume(trainer: Trainer, checkpoint: Path, setting: dict) -> int:
         ) from None
 
 
-def _draw(batches, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch in [-1, 1], its attributes, and target attributes shuffled across the batch."""
-    images, attrs = next(batches)
+def _draw(batches, device) -> tuple:
+    """A batch in [-1, 1], its attributes, and target attributes: shuffled across the batch, or
+    with counterfactuals the one-attribute edits and their true images (in [-1, 1])."""
+    images, attrs, *pairs = next(batches)
     images = images.to(device, non_blocking=True) * 2 - 1
     attrs = attrs.to(device, non_blocking=True)
+    if pairs:
+        target, truth = pairs
+        return images, attrs, target, truth * 2 - 1
     target = attrs[torch.randperm(attrs.size(0), device=device)]
     return images, attrs, target
 

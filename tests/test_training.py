@@ -249,7 +249,8 @@ def test_gradient_penalty_reaches_the_critic_parameters():
 
 def tiny_config(data: Path, out: Path, **fields) -> TrainConfig:
     values = dict(img_size=32, batch_size=8, enc_dim=8, dec_dim=8, dis_dim=8, dis_fc_dim=16, enc_layers=3,
-                  dec_layers=3, dis_layers=3, n_d=2, max_steps=2, sample_every=100, save_every=100)
+                  dec_layers=3, dis_layers=3, n_d=2, max_steps=2, sample_every=100, save_every=100,
+                  counterfactuals=False)  # the loader paths under test; counterfactual batches live in memory
     values.update(fields)
     return TrainConfig(images=data / "images", attrs_file=data / "list_attr.txt", attributes=ATTRS, out=out, **values)
 

@@ -58,6 +58,18 @@ def train_gan(
         help="Attribute classifier (TorchScript, one logit per attribute, in --attributes order): at the end, "
              "measure per-attribute edit success into card.json, which names the backbone's blind spots, with "
              "each edit's off-target change rate and the judge's own accuracy."),
+    counterfactuals: bool = typer.Option(
+        None, "--counterfactuals/--no-counterfactuals",
+        help="Supervise each one-attribute edit with the face drawn again with that edit (its true "
+             "counterfactual; needs a `sia synth` folder, which records how it drew its faces). "
+             "Default: on for a `sia synth` folder, off elsewhere (AttGAN's losses alone)."),
+    lambda_pair: float = typer.Option(default("lambda_pair"), help="Weight of the L1 between each edit and its counterfactual."),
+    lambda_change: float = typer.Option(
+        default("lambda_change"),
+        help="Weight of the change's error averaged over the pixels the edit truly changes, so small "
+             "features count as much as large ones."),
+    change_threshold: float = typer.Option(default("change_threshold"), help="A pixel that moves less (in [0, 1]) counts as unchanged."),
+    lr_schedule: str = typer.Option(default("lr_schedule"), help="constant, or cosine (down to 5% of --lr at --max-steps)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     config_file: Path = o.CONFIG,
 ):
