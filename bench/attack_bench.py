@@ -3,7 +3,7 @@
 In one process, in interleaved rounds (so machine noise hits all three alike), it times
 
   (a) loop   the engine's batched attack loop (sia_cli.attack.run_loop), final pass included;
-  (b) naive  Algorithm 1 as written: one image at a time, fp32, eager (sia_cli.reference);
+  (b) naive  Algorithm 1 as written: one image at a time, fp32, eager (sia_cli.engine.reference);
   (c) floor  T bare forward+backward passes of f(G(.)) on the same batch, nothing else;
 
 and prints images/s of each, the ratios, the peak memory and the device. The last line is
@@ -35,16 +35,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sia_cli.attack import (
-    METHODS, AttackSettings, AttackState, attribute_radius, gradients, run_loop, working_copy,
+from sia_cli.backbone.attgan import AttGAN, BackboneInfo, Generator, GeneratorConfig
+from sia_cli.backbone.registry import load_backbone
+from sia_cli.engine.attack import (
+    METHODS,
+    AttackSettings,
+    AttackState,
+    attribute_radius,
+    gradients,
+    run_loop,
+    working_copy,
 )
-from sia_cli.backbone import AttGAN, BackboneInfo, Generator, GeneratorConfig
-from sia_cli.data import load_image, read_attributes
-from sia_cli.faces import make_dataset
-from sia_cli.reference import difference, reference_loop
-from sia_cli.registry import load_backbone
-from sia_cli.speed import prepare
-from sia_cli.target import load_target
+from sia_cli.engine.reference import difference, reference_loop
+from sia_cli.engine.speed import prepare
+from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.images import load_image, read_attributes
+from sia_cli.targets import load_target
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_TARGET = REPO / "examples" / "targets" / "eyeglasses_confounded.pt"

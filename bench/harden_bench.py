@@ -37,11 +37,11 @@ from pathlib import Path
 
 import torch
 
-from sia_cli import harden as harden_module
-from sia_cli.attack import AttackSettings
-from sia_cli.faces import make_dataset
-from sia_cli.harden import HardenConfig, HardenPlan, load_batch, schedule
-from sia_cli.runs import batches, load_inputs, reference_pass
+from sia_cli.engine.attack import AttackSettings
+from sia_cli.inputs.faces import make_dataset
+from sia_cli.jobs import harden as harden_module
+from sia_cli.jobs.harden import HardenConfig, HardenPlan, load_batch, schedule
+from sia_cli.runs.inputs import batches, load_inputs, reference_pass
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "examples" / "targets" / "eyeglasses_confounded.pt"

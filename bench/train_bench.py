@@ -31,7 +31,7 @@ Prints a Markdown table and, last, one JSON object.
     python bench/train_bench.py                      # shipped backbone's architecture, 512 faces
     python bench/train_bench.py --device cuda --steps 50 --warmup 10
 
-The defaults are the shipped backbone's architecture (sia_cli/backbones/synth-faces-64:
+The defaults are the shipped backbone's architecture (sia_cli/backbone/builtin/synth-faces-64:
 64x64, 15 attributes, encoder, decoder and critic width 16, 4 layers) at batch 32 and n_d 2,
 as the next default backbone is trained.
 """
@@ -53,10 +53,10 @@ from pathlib import Path
 
 import torch
 
-from sia_cli import training
-from sia_cli.data import LabelledImages, read_attributes
-from sia_cli.faces import ATTRIBUTES, make_dataset
-from sia_cli.training import TrainConfig, Trainer
+from sia_cli.backbone import training
+from sia_cli.backbone.training import TrainConfig, Trainer
+from sia_cli.inputs.faces import ATTRIBUTES, make_dataset
+from sia_cli.inputs.images import LabelledImages, read_attributes
 
 OPTIONS = {"channels-last": {"channels_last": True}, "bf16": {"amp": "bf16"}, "compile": {"compile": True}}
 PLAIN = {"channels_last": False, "amp": None, "compile": False}

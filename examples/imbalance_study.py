@@ -48,12 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure_validity as mv  # noqa: E402  (the small CNN and the pooled-pixel MLP)
 import train_targets as tt  # noqa: E402
 
-from sia_cli.attack import AttackSettings  # noqa: E402
-from sia_cli.augment import AugmentConfig, augment  # noqa: E402
-from sia_cli.data import load_image, read_attributes  # noqa: E402
-from sia_cli.faces import ATTRIBUTES, face_labels, render_index  # noqa: E402
-from sia_cli.files import format_list_attr  # noqa: E402
-from sia_cli.registry import load_backbone  # noqa: E402
+from sia_cli.backbone.registry import load_backbone  # noqa: E402
+from sia_cli.engine.attack import AttackSettings  # noqa: E402
+from sia_cli.inputs.faces import ATTRIBUTES, face_labels, render_index  # noqa: E402
+from sia_cli.inputs.images import load_image, read_attributes  # noqa: E402
+from sia_cli.jobs.augment import AugmentConfig, augment  # noqa: E402
+from sia_cli.runs.files import format_list_attr  # noqa: E402
 
 VARIANTS = ("baseline", "reweighting", "resampling", "SIA augmentation", "SIA + reweighting")
 TRAIN_SEED, TEST_SEED = 7100, 7200  # face streams; no other study draws these

@@ -13,7 +13,7 @@ Printed, as Markdown:
 - landmark error: the detected eyes (and nose, mouth corners) against the true points, in units
   of the true inter-ocular distance; and alignment error: the true eyes mapped by the alignment
   transform against where the framing puts them, in units of the framing's inter-ocular distance;
-- with the shipped backbone, its fit (sia_cli.trust: the share of images in its domain by the
+- with the shipped backbone, its fit (sia_cli.measures.trust: the share of images in its domain by the
   critic margin, and the reconstruction error) on the aligned crops against the centre crops of
   the same photos that the other commands would take without `--align`.
 """
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sia_cli import trust
-from sia_cli.align import LANDMARKS, AlignConfig, align_folder, apply, framing_named
-from sia_cli.data import load_image
-from sia_cli.faces import face_labels, render_index
+from sia_cli.inputs.align import LANDMARKS, AlignConfig, align_folder, apply, framing_named
+from sia_cli.inputs.faces import face_labels, render_index
+from sia_cli.inputs.images import load_image
+from sia_cli.measures import trust
 
 CANVAS = (640, 480)
 
@@ -178,8 +178,8 @@ def main() -> None:
     parser.add_argument("--min-score", type=float, default=0.5)
     parser.add_argument("--gan", default=None)
     args = parser.parse_args()
-    from sia_cli.detectors import RetinaFace
-    from sia_cli.registry import framing_of, load_backbone
+    from sia_cli.backbone.registry import framing_of, load_backbone
+    from sia_cli.inputs.detectors import RetinaFace
 
     detector = RetinaFace(min_score=args.min_score)
     framing = framing_named(framing_of(args.gan))

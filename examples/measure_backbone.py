@@ -1,6 +1,6 @@
 """Measure how well a backbone's attribute inputs control its images (README table).
 
-    python examples/measure_backbone.py --gan synth-faces-64 --n 300 --write-card sia_cli/backbones/synth-faces-64/card.json
+    python examples/measure_backbone.py --gan synth-faces-64 --n 300 --write-card sia_cli/backbone/builtin/synth-faces-64/card.json
 
 Fresh synthetic faces (a seed no training set used) are edited one attribute at a time;
 `examples/targets/attribute_judge.pt`, a classifier of every synth attribute, says whether
@@ -18,7 +18,7 @@ the edit shows. Prints Markdown tables:
 `--write-card` also stores the figures as the backbone's card (`card.json` beside its
 setting.txt): the edit success that names blind spots in every report, the off-target rates
 and judge accuracy behind it, and the critic's domain calibration behind `backbone_fit`
-(sia_cli.trust).
+(sia_cli.measures.trust).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sia_cli.data import load_image, read_attributes
-from sia_cli.faces import make_dataset
-from sia_cli.registry import load_backbone
-from sia_cli.target import load_target
-from sia_cli.training import edit_success, judge_accuracy, judged_card
-from sia_cli.trust import calibrate_domain
+from sia_cli.backbone.judging import edit_success, judge_accuracy, judged_card
+from sia_cli.backbone.registry import load_backbone
+from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.images import load_image, read_attributes
+from sia_cli.measures.trust import calibrate_domain
+from sia_cli.targets import load_target
 
 
 def fresh_faces(n: int, seed: int, size: int, attributes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,10 +13,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from sia_cli.attack import AttackSettings
-from sia_cli.diagnosis import DiagnoseConfig, diagnose
-from sia_cli.faces import make_dataset
-from sia_cli.measures import TABLE
+from sia_cli.engine.attack import AttackSettings
+from sia_cli.inputs.faces import make_dataset
+from sia_cli.jobs.diagnose import DiagnoseConfig, diagnose
+from sia_cli.measures.table import TABLE
 
 TARGETS = Path(__file__).parent / "targets"
 PAIRS = (("Eyeglasses", "Bangs"), ("Smiling", "Blond_Hair"), ("Mustache", "Pale_Skin"))

@@ -6,7 +6,7 @@ For fresh synth faces (in-domain), real faces and non-faces from scikit-image's 
 a few scikit-image photos (the astronaut, coffee, a cat, a rocket, ...), prints per set: the
 reconstruction's mean absolute error and SSIM against the image, the critic margin
 (AttGAN.critic_margin: critic score of the image minus that of its reconstruction) and the
-share of images that sia_cli.trust counts as in the backbone's domain, and the share lost in
+share of images that sia_cli.measures.trust counts as in the backbone's domain, and the share lost in
 reconstruction under three example targets. The starting attributes come from the
 discriminator, as they would for a user's unlabeled photos.
 """
@@ -22,12 +22,12 @@ import skimage.data
 import torch
 from PIL import Image
 
-from sia_cli import trust
-from sia_cli.data import load_image
-from sia_cli.faces import make_dataset
-from sia_cli.registry import load_backbone
-from sia_cli.reports import image_quality
-from sia_cli.target import load_target
+from sia_cli.backbone.registry import load_backbone
+from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.images import load_image
+from sia_cli.measures import trust
+from sia_cli.reports.figures import image_quality
+from sia_cli.targets import load_target
 
 TARGETS = Path(__file__).parent / "targets"
 MODELS = ("mustache_confounded", "smiling_control", "landmarks")

@@ -49,13 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure_validity as mv  # noqa: E402  (the validity study's two small architectures)
 import train_targets as tt  # noqa: E402
 
-from sia_cli.attack import AttackSettings  # noqa: E402
-from sia_cli.data import read_attributes  # noqa: E402
-from sia_cli.distributed import World  # noqa: E402
-from sia_cli.faces import ATTRIBUTES, face_labels  # noqa: E402
-from sia_cli.harden import EVAL_EPS, EVAL_METHODS, HardenConfig, evaluate, harden  # noqa: E402
-from sia_cli.target import load_target  # noqa: E402
-from sia_cli.validity import bank_effects, counterfactual_bank  # noqa: E402
+from sia_cli.engine.attack import AttackSettings  # noqa: E402
+from sia_cli.inputs.faces import ATTRIBUTES, face_labels  # noqa: E402
+from sia_cli.inputs.images import read_attributes  # noqa: E402
+from sia_cli.jobs.harden import EVAL_EPS, EVAL_METHODS, HardenConfig, evaluate, harden  # noqa: E402
+from sia_cli.measures.validity import bank_effects, counterfactual_bank  # noqa: E402
+from sia_cli.runs.distributed import World  # noqa: E402
+from sia_cli.targets import load_target  # noqa: E402
 
 # name -> (method, use the true labels, mix); mix None: --mix
 VARIANTS = {

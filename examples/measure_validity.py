@@ -36,14 +36,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_targets as tt  # noqa: E402  (the training code of the shipped example targets)
 
-from sia_cli.attack import AttackSettings  # noqa: E402
-from sia_cli.data import load_image, read_attributes  # noqa: E402
-from sia_cli.diagnosis import DiagnoseConfig, diagnose  # noqa: E402
-from sia_cli.faces import ATTRIBUTES, HAIR_COLOURS, face_labels, make_dataset  # noqa: E402
-from sia_cli.measures import ABLATION, TABLE  # noqa: E402
-from sia_cli.registry import load_backbone  # noqa: E402
-from sia_cli.target import load_target  # noqa: E402
-from sia_cli.validity import bank_effects, counterfactual_bank, generator_flip_effects, validity  # noqa: E402
+from sia_cli.backbone.registry import load_backbone  # noqa: E402
+from sia_cli.engine.attack import AttackSettings  # noqa: E402
+from sia_cli.inputs.faces import ATTRIBUTES, HAIR_COLOURS, face_labels, make_dataset  # noqa: E402
+from sia_cli.inputs.images import load_image, read_attributes  # noqa: E402
+from sia_cli.jobs.diagnose import DiagnoseConfig, diagnose  # noqa: E402
+from sia_cli.measures.table import ABLATION, TABLE  # noqa: E402
+from sia_cli.measures.validity import bank_effects, counterfactual_bank, generator_flip_effects, validity  # noqa: E402
+from sia_cli.targets import load_target  # noqa: E402
 
 PAIRS = ("Mustache:Pale_Skin", "Smiling:Blond_Hair", "Eyeglasses:Black_Hair")
 # Not a diagnosis: each attribute flipped through the backbone, no attack. What the backbone

@@ -1,6 +1,6 @@
-"""Train the example AttGAN backbone shipped in sia_cli/backbones/synth-faces-64/ (synthetic faces, 64x64).
+"""Train the example AttGAN backbone shipped in sia_cli/backbone/builtin/synth-faces-64/ (synthetic faces, 64x64).
 
-    python examples/train_backbone.py --device cuda --minutes 7 --export sia_cli/backbones/synth-faces-64
+    python examples/train_backbone.py --device cuda --minutes 7 --export sia_cli/backbone/builtin/synth-faces-64
 
 It draws a synthetic data set with `sia synth`'s generator, trains with `sia train-gan`'s
 engine, and exports the generator and critic (no optimiser states, to keep the file small)
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from sia_cli.backbone import SETTING_FILE, latest_checkpoint
-from sia_cli.faces import ATTRIBUTES, make_dataset
-from sia_cli.training import TrainConfig, train_gan
+from sia_cli.backbone.attgan import SETTING_FILE, latest_checkpoint
+from sia_cli.backbone.training import TrainConfig, train_gan
+from sia_cli.inputs.faces import ATTRIBUTES, make_dataset
 
 
 def export(run: Path, dest: Path) -> Path:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from sia_cli.backbone import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
-from sia_cli.data import load_image, read_attributes
-from sia_cli.faces import make_dataset
+from sia_cli.backbone.attgan import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
+from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.images import load_image, read_attributes
 
 TINY_ATTRS = ["Bangs", "Eyeglasses", "Male", "Smiling", "Young"]
 

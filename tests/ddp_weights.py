@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from sia_cli.distributed import all_gather, join
-from sia_cli.training import Trainer, TrainConfig, _draw, _memory_batches, prepare
+from sia_cli.backbone.batches import draw, memory_batches
+from sia_cli.backbone.training import TrainConfig, Trainer, prepare
+from sia_cli.runs.distributed import all_gather, join
 
 
 def digest(trainer: Trainer) -> str:
@@ -24,8 +25,8 @@ def digest(trainer: Trainer) -> str:
 
 
 def step(trainer: Trainer, batches) -> None:
-    trainer.critic_step(*_draw(batches, trainer.device))
-    trainer.generator_step(*_draw(batches, trainer.device))
+    trainer.critic_step(*draw(batches, trainer.device))
+    trainer.generator_step(*draw(batches, trainer.device))
 
 
 def main(faces: Path, out: Path) -> None:
@@ -37,7 +38,7 @@ def main(faces: Path, out: Path) -> None:
     torch.manual_seed(world.rank)  # ranks start apart: DDP must bring them together
     trainer = Trainer(config, setting, world)
     before = all_gather(digest(trainer), world)
-    batches = _memory_batches(dataset, config, trainer.device, world, seed=0)
+    batches = memory_batches(dataset, config.batch_size, trainer.device, world, seed=0)
     for _ in range(3):
         step(trainer, batches)
     after = all_gather(digest(trainer), world)

@@ -13,15 +13,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from sia_cli.align import FRAMINGS, AlignConfig, align_folder, apply, framing_named, similarity, warp
+from sia_cli.backbone.registry import framing_of, load_backbone
 from sia_cli.cli import app
-from sia_cli.faces import face_labels, render_index
-from sia_cli.registry import framing_of, load_backbone
+from sia_cli.inputs.align import FRAMINGS, AlignConfig, align_folder, apply, framing_named, similarity, warp
+from sia_cli.inputs.faces import face_labels, render_index
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 import measure_alignment as ma  # noqa: E402  (the README's measurement: photo builder and errors)
-
 
 
 def sia(*args):
@@ -61,7 +60,7 @@ def test_each_backbone_names_its_framing():
 
 @pytest.fixture(scope="module")
 def placed(tmp_path_factory):
-    from sia_cli.detectors import RetinaFace
+    from sia_cli.inputs.detectors import RetinaFace
 
     root = tmp_path_factory.mktemp("align")
     truth = ma.make_photos(root / "photos", 12, seed=5200)
@@ -173,8 +172,8 @@ MUSTACHE = EXAMPLES / "targets" / "mustache_confounded.pt"
 
 def photo_tables(root: Path, truth: dict, seed: int) -> tuple[Path, Path]:
     """list_attr.txt and labels.csv keyed by photo: each photo's first face's attributes."""
-    from sia_cli.faces import ATTRIBUTES
-    from sia_cli.files import format_list_attr
+    from sia_cli.inputs.faces import ATTRIBUTES
+    from sia_cli.runs.files import format_list_attr
 
     names = sorted(truth)
     labels = [face_labels(seed, int(name[5:8]) * 3) for name in names]

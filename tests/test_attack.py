@@ -1,4 +1,4 @@
-"""The attack engine (`sia_cli.attack`): every method as configuration of one loop.
+"""The attack engine (`sia_cli.engine.attack`): every method as configuration of one loop.
 
 Real tensors throughout: the shipped 64x64 backbone, the shipped TorchScript eyeglasses
 classifier loaded with `load_target`, and a few synthetic faces. Numbers such as the
@@ -13,16 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import synth_batch
 
-from sia_cli import attack as engine
-from sia_cli.attack import (
-    METHODS, AttackSettings, ablation_effects, attribute_radius, get_method, quantize, render, run_loop,
+from sia_cli.backbone.registry import load_backbone
+from sia_cli.engine import attack as engine
+from sia_cli.engine.attack import (
+    METHODS,
+    AttackSettings,
+    ablation_effects,
+    attribute_radius,
+    get_method,
+    quantize,
+    render,
+    run_loop,
 )
 from sia_cli.errors import SiaError
-from sia_cli.registry import load_backbone
-from sia_cli.target import load_target
-
-from conftest import synth_batch
+from sia_cli.targets import load_target
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
 

@@ -19,18 +19,18 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-import sia_cli.augment as engine
-from sia_cli.attack import AttackSettings, attribute_radius, shifted_start
+import sia_cli.jobs.augment as engine
 from sia_cli.cli import app
-from sia_cli.data import load_image, read_attributes
-from sia_cli.faces import make_dataset
-from sia_cli.target import load_target
+from sia_cli.engine.attack import AttackSettings, attribute_radius, shifted_start
+from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.images import load_image, read_attributes
+from sia_cli.targets import load_target
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
 
 REPO = Path(__file__).resolve().parents[1]
 EYEGLASSES = REPO / "examples" / "targets" / "eyeglasses_confounded.pt"
-ATTRIBUTES = yaml.safe_load((REPO / "sia_cli" / "weights.yaml").read_text())["synth-faces-64"]["attributes"]
+ATTRIBUTES = yaml.safe_load((REPO / "sia_cli" / "backbone" / "weights.yaml").read_text())["synth-faces-64"]["attributes"]
 SIZE = 64
 FAST = ["--steps", "3", "--step-size", "0.2", "--batch-size", "3", "--no-progress"]
 

@@ -9,9 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from sia_cli import registry
-from sia_cli.backbone import (
-    AttGAN, BackboneInfo, Discriminator, DiscriminatorConfig, Generator, GeneratorConfig, latest_checkpoint,
+from sia_cli.backbone import registry
+from sia_cli.backbone.attgan import (
+    AttGAN,
+    BackboneInfo,
+    Discriminator,
+    DiscriminatorConfig,
+    Generator,
+    GeneratorConfig,
+    latest_checkpoint,
 )
 from sia_cli.errors import SiaError
 

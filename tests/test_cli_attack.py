@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CLI_FACES
 from PIL import Image
 from typer.testing import CliRunner
 
-from sia_cli.attack import METHODS
-from conftest import CLI_FACES
 from sia_cli.cli import app
-from sia_cli.data import load_image
-from sia_cli.faces import ATTRIBUTES
-from sia_cli.target import load_target
+from sia_cli.engine.attack import METHODS
+from sia_cli.inputs.faces import ATTRIBUTES
+from sia_cli.inputs.images import load_image
+from sia_cli.targets import load_target
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
 

@@ -17,13 +17,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from sia_cli.attack import AttackSettings
-from sia_cli.augment import AugmentConfig
+from sia_cli.backbone.training import TrainConfig
 from sia_cli.cli import app
 from sia_cli.cli import options as o
-from sia_cli.diagnosis import DiagnoseConfig
-from sia_cli.runs import RunConfig
-from sia_cli.training import TrainConfig
+from sia_cli.engine.attack import AttackSettings
+from sia_cli.jobs.augment import AugmentConfig
+from sia_cli.jobs.diagnose import DiagnoseConfig
+from sia_cli.runs.inputs import RunConfig
 
 MODEL = "model.pt"  # never loaded: the engine call is replaced
 
@@ -227,9 +227,9 @@ CHANGED_DEFAULTS = r'''
 import json, sys
 import typer
 from typer.testing import CliRunner
-from sia_cli.attack import AttackSettings
-from sia_cli.diagnosis import DiagnoseConfig
-from sia_cli.training import TrainConfig
+from sia_cli.engine.attack import AttackSettings
+from sia_cli.jobs.diagnose import DiagnoseConfig
+from sia_cli.backbone.training import TrainConfig
 
 AttackSettings.__dataclass_fields__["steps"].default = 7
 AttackSettings.__dataclass_fields__["eps"].default = 2 / 255

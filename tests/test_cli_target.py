@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CLI_FACES
+from test_target_tasks import LABELS_40, FlatBatch, Landmarks, Pooled, save_script
 from typer.testing import CliRunner
 
-from conftest import CLI_FACES
 from sia_cli.cli import app
-from sia_cli.data import load_image
-
-from test_target_tasks import LABELS_40, FlatBatch, Landmarks, Pooled, save_script
+from sia_cli.inputs.images import load_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
 

@@ -1,4 +1,4 @@
-"""The renderer's true counterfactuals as `sia train-gan`'s supervision (sia_cli.counterfactuals)."""
+"""The renderer's true counterfactuals as `sia train-gan`'s supervision (sia_cli.backbone.counterfactuals)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,21 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sia_cli import faces
-from sia_cli.backbone import edited
-from sia_cli.cli import app
-from sia_cli.counterfactuals import (
-    SynthSource, change_loss, check_labels, one_attribute_edits, render_pairs, synth_source,
+from sia_cli.backbone.attgan import edited
+from sia_cli.backbone.counterfactuals import (
+    SynthSource,
+    change_loss,
+    check_labels,
+    one_attribute_edits,
+    render_pairs,
+    synth_source,
 )
-from sia_cli.data import load_image, read_attributes
+from sia_cli.backbone.registry import load_backbone
+from sia_cli.cli import app
 from sia_cli.errors import SiaError
-from sia_cli.faces import make_dataset
-from sia_cli.registry import load_backbone
+from sia_cli.inputs import faces
+from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.images import load_image, read_attributes
 
 ATTRS = ["Black_Hair", "Blond_Hair", "Eyeglasses", "Mustache"]
 

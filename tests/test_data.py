@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sia_cli.data import ImageError, LabelledImages, list_images, load_image, read_attributes
 from sia_cli.errors import SiaError
+from sia_cli.inputs.images import ImageError, LabelledImages, list_images, load_image, read_attributes
 
 RED, BLUE, WHITE = (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (1.0, 1.0, 1.0)
 

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from sia_cli.cli import app
 from sia_cli.errors import UNFIT
-from sia_cli.faces import make_dataset
-from sia_cli.measures import by_name
-from sia_cli.reports import headline_sentence
+from sia_cli.inputs.faces import make_dataset
+from sia_cli.measures.table import by_name
+from sia_cli.reports.html import headline_sentence
 
 TARGETS = Path(__file__).parents[1] / "examples" / "targets"
 # The label is subtler than its confounder in both pairs, so the confounded models really
@@ -187,7 +187,7 @@ def test_unlabeled_images_with_a_backbone_without_discriminator_is_a_clear_error
 
     import torch
 
-    backbone = Path(__file__).parents[1] / "sia_cli" / "backbones" / "synth-faces-64"
+    backbone = Path(__file__).parents[1] / "sia_cli" / "backbone" / "builtin" / "synth-faces-64"
     copy = tmp_path / "no-critic"
     shutil.copytree(backbone, copy)
     checkpoint = next((copy / "checkpoint").glob("weights.*.pth"))

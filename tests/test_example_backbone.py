@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from sia_cli.data import load_image, read_attributes
-from sia_cli.faces import make_dataset
-from sia_cli.registry import load_backbone
-from sia_cli.target import load_target
-from sia_cli.training import edit_success, judge_accuracy
+from sia_cli.backbone.judging import edit_success, judge_accuracy
+from sia_cli.backbone.registry import load_backbone
+from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.images import load_image, read_attributes
+from sia_cli.targets import load_target
 
 JUDGE = Path(__file__).parents[1] / "examples" / "targets" / "attribute_judge.pt"
 # Measured with examples/measure_backbone.py (300 faces): the shipped backbone 0.24 mean edit

@@ -12,8 +12,13 @@ from typer.testing import CliRunner
 
 from sia_cli.cli import app
 from sia_cli.errors import SiaError
-from sia_cli.faces import (
-    ATTRIBUTES, HAIR_COLOURS, make_dataset, parse_correlation, render_face, resolve_conflicts,
+from sia_cli.inputs.faces import (
+    ATTRIBUTES,
+    HAIR_COLOURS,
+    make_dataset,
+    parse_correlation,
+    render_face,
+    resolve_conflicts,
     sample_attributes,
 )
 

@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from sia_cli.attack import AttackSettings
 from sia_cli.cli import app
+from sia_cli.engine.attack import AttackSettings
 from sia_cli.errors import SiaError
-from sia_cli.faces import ATTRIBUTES, make_dataset
-from sia_cli.files import file_sha256
-from sia_cli.harden import EVAL_METHODS, HardenConfig, HardenPlan, harden, schedule
-from sia_cli.target import load_target
-from sia_cli.validity import bank_effects, counterfactual_bank
+from sia_cli.inputs.faces import ATTRIBUTES, make_dataset
+from sia_cli.jobs.harden import EVAL_METHODS, HardenConfig, HardenPlan, harden, schedule
+from sia_cli.measures.validity import bank_effects, counterfactual_bank
+from sia_cli.runs.files import file_sha256
+from sia_cli.targets import load_target
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script/save are deprecated
@@ -249,8 +249,8 @@ def test_schedule_covers_every_image_once_per_epoch_whatever_the_batch():
 def test_an_evaluation_with_other_eval_settings_is_redone_not_reused(planted, tmp_path):
     """A resumed hardening may change --eval-*: before/ must then describe the new faces, or
     before and after would compare different images."""
-    from sia_cli.distributed import World
-    from sia_cli.harden import evaluate
+    from sia_cli.jobs.harden import evaluate
+    from sia_cli.runs.distributed import World
 
     folder = tmp_path / "before"
     first = small(planted, tmp_path, eval_images=planted["probe"] / "images",

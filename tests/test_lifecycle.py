@@ -1,4 +1,4 @@
-"""The run lifecycle (sia_cli.lifecycle) with a plan of its own: no models, so every rule of a
+"""The run lifecycle (sia_cli.runs.lifecycle) with a plan of its own: no models, so every rule of a
 run's life (resume, interruption, --force, lock, fingerprint) is checked in milliseconds. The
 commands' own runs through it are tested end to end in test_cli_attack, test_augment,
 test_reliability and test_distributed."""
@@ -13,12 +13,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sia_cli import lifecycle
+from sia_cli.engine.speed import CPU_BATCH
 from sia_cli.errors import INTERRUPTED, SiaError
-from sia_cli.journal import JOURNAL_PREFIX, RUN_STATE, OutputLock
-from sia_cli.lifecycle import LOCK, Context, Plan, execute
-from sia_cli.runs import RunConfig
-from sia_cli.speed import CPU_BATCH
+from sia_cli.runs import lifecycle
+from sia_cli.runs.inputs import RunConfig
+from sia_cli.runs.journal import JOURNAL_PREFIX, RUN_STATE, OutputLock
+from sia_cli.runs.lifecycle import LOCK, Context, Plan, execute
 
 FILES = [f"{i:02d}.png" for i in range(10)]
 

@@ -1,11 +1,11 @@
-"""The table of measures (sia_cli.measures) against what diagnosis writes and the readers read."""
+"""The table of measures (sia_cli.measures.table) against what diagnosis writes and the readers read."""
 
 import numpy as np
 import pytest
 
-from sia_cli import measures as M
-from sia_cli.diagnosis import DiagnoseConfig, diagnose, measures
 from sia_cli.errors import SiaError
+from sia_cli.jobs.diagnose import DiagnoseConfig, diagnose, measures
+from sia_cli.measures import table as M
 
 ATTRS = ["a", "b", "c"]
 PROTECTED = ["c"]
@@ -107,7 +107,7 @@ def test_readers_show_eq2_for_an_unknown_headline():
     from rich.console import Console
 
     from sia_cli.cli.sdar import change_table
-    from sia_cli.reports import headline_sentence
+    from sia_cli.reports.html import headline_sentence
 
     report = {"settings": {"headline": "bogus"}, "sdar": 0.1, "stands_out": "b",
               "sensitivity_normalized": {"a": 0.25, "b": 0.75}, "sensitivity_ablation_normalized": {"a": 0.9, "b": 0.1}}

@@ -20,10 +20,10 @@ pytest.importorskip("setuptools", minversion="70.1")  # `pip wheel --no-build-is
 REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "examples" / "targets" / "mustache_confounded.pt"
 BACKBONE_FILES = [
-    "sia_cli/weights.yaml",
-    "sia_cli/backbones/synth-faces-64/setting.txt",
-    "sia_cli/backbones/synth-faces-64/card.json",
-    "sia_cli/backbones/synth-faces-64/checkpoint/weights.1600.pth",
+    "sia_cli/backbone/weights.yaml",
+    "sia_cli/backbone/builtin/synth-faces-64/setting.txt",
+    "sia_cli/backbone/builtin/synth-faces-64/card.json",
+    "sia_cli/backbone/builtin/synth-faces-64/checkpoint/weights.1600.pth",
 ]
 
 
@@ -73,7 +73,7 @@ def test_wheel_holds_the_builtin_registry_and_default_backbone(wheel):
     assert max(sizes.values()) < 5_000_000
     # The packaged registry is the one in the source tree, byte for byte.
     with zipfile.ZipFile(wheel) as archive:
-        assert archive.read("sia_cli/weights.yaml") == (REPO / "sia_cli" / "weights.yaml").read_bytes()
+        assert archive.read("sia_cli/backbone/weights.yaml") == (REPO / "sia_cli" / "backbone" / "weights.yaml").read_bytes()
 
 
 def test_installed_package_resolves_builtins_and_user_entries_outside_the_checkout(site, tmp_path, make_experiment,
@@ -88,7 +88,7 @@ def test_installed_package_resolves_builtins_and_user_entries_outside_the_checko
     code = """
 import json, sys
 import sia_cli
-from sia_cli import registry
+from sia_cli.backbone import registry
 backbone = registry.load_backbone(None)
 print(json.dumps({"package": sia_cli.__file__, "checkout": str(registry.checkout_registry()),
                   "known": sorted(registry.load_registry()), "default": backbone.info.path,

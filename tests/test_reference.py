@@ -7,7 +7,7 @@ same seed:
 * run on one image at a time, the engine gives bit for bit the reference's adversaries: the
   two loops do the same arithmetic (spt's attributes agree to 1e-6: fused RMSProp kernels);
 * run on a batch, and on models prepared as a run prepares them (channels-last layout,
-  sia_cli.speed), it may differ where batching or layout alone changes the floats.
+  sia_cli.engine.speed), it may differ where batching or layout alone changes the floats.
   Convolution kernels sum in another order for a batch, or for NHWC, than for one NCHW
   image, so a gradient entry that is zero or at rounding level (about 1e-9) for one image can
   take the other sign. The signed update then moves that pixel by eta where the reference
@@ -27,14 +27,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from sia_cli.attack import METHODS, AttackSettings, attribute_radius, get_method, run_loop
-from sia_cli.reference import difference, reference_loop
-from sia_cli.registry import load_backbone
-from sia_cli.speed import prepare
-from sia_cli.target import load_target
-
 from conftest import synth_batch
+
+from sia_cli.backbone.registry import load_backbone
+from sia_cli.engine.attack import METHODS, AttackSettings, attribute_radius, get_method, run_loop
+from sia_cli.engine.reference import difference, reference_loop
+from sia_cli.engine.speed import prepare
+from sia_cli.targets import load_target
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
 

@@ -19,7 +19,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = None
 
-from sia_cli import registry
+from sia_cli.backbone import registry
 from sia_cli.errors import SiaError
 
 
@@ -252,12 +252,12 @@ def test_package_data_patterns_cover_the_builtin_registry_and_backbones():
                if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
     assert shipped, "no package data found"
     for path in shipped:
-        rel = path.relative_to(registry.PACKAGE_DIR)
+        rel = path.relative_to(REPO / "sia_cli")  # package-data patterns are relative to the package
         assert any(rel.match(pattern) for pattern in patterns), f"{rel} is not in [tool.setuptools.package-data]"
 
 
 def test_repository_weights_yaml_adds_to_the_builtins_without_copying_them():
-    # The top-level file holds the user-editable extras; each built-in lives only in sia_cli/weights.yaml.
+    # The top-level file holds the user-editable extras; each built-in lives only in sia_cli/backbone/weights.yaml.
     top = registry.load_registry(REPO / "weights.yaml")
     builtins = registry.load_registry(registry.BUILTIN_REGISTRY)
     assert not set(top) & set(builtins), "an entry is kept in both weights.yaml files"
@@ -336,4 +336,4 @@ def test_sia_weights_naming_a_missing_file_is_a_clear_error(monkeypatch, tmp_pat
     with pytest.raises(SiaError, match="SIA_WEIGHTS names .*typo.yaml, which is not a file"):
         registry.resolve("synth-faces-64")
     # A path given as --gan does not need the registry at all.
-    assert registry.resolve(str(registry.PACKAGE_DIR / "backbones" / "synth-faces-64")).checkpoint.is_file()
+    assert registry.resolve(str(registry.PACKAGE_DIR / "builtin" / "synth-faces-64")).checkpoint.is_file()

@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_registry import entry, env, server, write_registry  # noqa: F401 - fixtures reused by name
 from typer.testing import CliRunner
 
 from sia_cli.cli import app
-from sia_cli.faces import make_dataset
-from test_registry import entry, env, server, write_registry  # noqa: F401 - fixtures reused by name
+from sia_cli.inputs.faces import make_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
 

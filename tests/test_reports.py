@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sia_cli import files as F
-from sia_cli import reports as R
 from sia_cli.errors import SiaError
+from sia_cli.reports import figures as R
+from sia_cli.reports import html as H
+from sia_cli.runs import files as F
 
 # ---------------------------------------------------------------- atomic writes
 
@@ -208,7 +209,7 @@ def render(tmp_path, report, with_grid=True):
     if with_grid:
         R.grid_png(tmp_path / "grid.png", grid_rows(1))
         grid = tmp_path / "grid.png"
-    R.report_html(tmp_path / "report.html", report, tmp_path / "sensitivity.png", grid)
+    H.report_html(tmp_path / "report.html", report, tmp_path / "sensitivity.png", grid)
     return (tmp_path / "report.html").read_text(encoding="utf-8")
 
 
@@ -257,7 +258,7 @@ def test_report_html_falls_back_to_attribute_shift_without_ablation(tmp_path):
     report = sample_report(sensitivity_ablation=None, sensitivity_ablation_normalized=None,
                            settings={"headline": "ablation"})
     R.sensitivity_png(tmp_path / "s.png", report["sensitivity_normalized"])
-    R.report_html(tmp_path / "r.html", report, tmp_path / "s.png", None)
+    H.report_html(tmp_path / "r.html", report, tmp_path / "s.png", None)
     page = (tmp_path / "r.html").read_text()
     assert "most sensitive to Smiling: 0.60 of total" in page
     assert "headline measure: attribute_shift" in page
@@ -273,7 +274,7 @@ def test_report_html_has_a_column_per_measure_the_report_holds(tmp_path):
         settings={"headline": "single"}, sensitivity_ablation=None, sensitivity_ablation_normalized=None,
         sensitivity_single={"Bangs": 0.5, "Smiling": 0.25}, sensitivity_single_normalized={"Bangs": 0.67, "Smiling": 0.33},
     )
-    R.report_html(tmp_path / "single.html", report, tmp_path / "sensitivity.png", None)
+    H.report_html(tmp_path / "single.html", report, tmp_path / "sensitivity.png", None)
     single = (tmp_path / "single.html").read_text(encoding="utf-8")
     assert headers[1] not in single and "<th class='headline'>single attribute raw</th>" in single
     assert "most sensitive to Smiling: 0.33 of total (single;" in single

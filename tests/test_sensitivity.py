@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from sia_cli import sensitivity as S
 from sia_cli.errors import SiaError
+from sia_cli.measures import sensitivity as S
 
 ATTRS = ["Bangs", "Eyeglasses", "Smiling", "Pale_Skin"]
 

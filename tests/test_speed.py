@@ -16,15 +16,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sia_cli import speed
-from sia_cli.attack import AttackSettings, attribute_radius, get_method, quantize, run_loop
+from sia_cli.backbone.registry import load_backbone
 from sia_cli.cli import app
+from sia_cli.engine import speed
+from sia_cli.engine.attack import AttackSettings, attribute_radius, get_method, quantize, run_loop
+from sia_cli.engine.reference import difference
 from sia_cli.errors import SiaError
-from sia_cli.faces import make_dataset
-from sia_cli.reference import difference
-from sia_cli.runs import RunConfig
-from sia_cli.registry import load_backbone
-from sia_cli.target import load_target
+from sia_cli.inputs.faces import make_dataset
+from sia_cli.runs.inputs import RunConfig
+from sia_cli.targets import load_target
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
 

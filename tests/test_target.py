@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from sia_cli.errors import SiaError
-from sia_cli.target import gaussian_heatmaps, load_target, read_labels
+from sia_cli.targets import gaussian_heatmaps, load_target, read_labels
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.* deprecation notices
 

@@ -16,7 +16,7 @@ import torch
 
 import sia_cli
 from sia_cli.errors import SiaError
-from sia_cli.target import TASKS, Task, load_target, read_labels
+from sia_cli.targets import TASKS, Task, load_target, read_labels
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.* deprecation notices
 

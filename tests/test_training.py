@@ -14,17 +14,21 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from sia_cli import registry, training
-from sia_cli.backbone import Generator, GeneratorConfig
-from sia_cli.cli import app
-from sia_cli.data import LabelledImages, read_attributes
-from sia_cli.distributed import World
-from sia_cli.errors import SiaError
-from sia_cli.faces import make_dataset
-from sia_cli.backbone import edited
-from sia_cli.training import (
-    Prefetched, TrainConfig, Trainer, edit_success, gradient_penalty, judge_accuracy, train_gan,
+from sia_cli.backbone import registry, training
+from sia_cli.backbone.attgan import Generator, GeneratorConfig, edited
+from sia_cli.backbone.judging import edit_success, judge_accuracy
+from sia_cli.backbone.training import (
+    Prefetched,
+    TrainConfig,
+    Trainer,
+    gradient_penalty,
+    train_gan,
 )
+from sia_cli.cli import app
+from sia_cli.errors import SiaError
+from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.images import LabelledImages, read_attributes
+from sia_cli.runs.distributed import World
 
 ATTRS = ["Bangs", "Eyeglasses", "Smiling"]
 
@@ -270,8 +274,8 @@ def test_prefetched_batches_are_the_loaders_in_its_order(data, tmp_path):
     """Across an epoch boundary (40 images, batches of 8): the same batches, in the same order."""
     config = tiny_config(data, tmp_path / "g")
     dataset = LabelledImages(config.images, read_attributes(config.attrs_file).select(ATTRS), 32)
-    inline = list(itertools.islice(training._loader_batches(dataset, config, World(), 3), 7))
-    prefetched = Prefetched(training._loader_batches(dataset, config, World(), 3))
+    inline = list(itertools.islice(training.loader_batches(dataset, config.batch_size, config.workers, World(), 3), 7))
+    prefetched = Prefetched(training.loader_batches(dataset, config.batch_size, config.workers, World(), 3))
     ahead = list(itertools.islice(prefetched, 7))
     prefetched.close()
     assert not prefetched._thread.is_alive()  # closed early, with batches still to draw

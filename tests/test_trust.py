@@ -15,10 +15,10 @@ import skimage.data
 from PIL import Image
 from typer.testing import CliRunner
 
-from sia_cli import trust
 from sia_cli.cli import app
 from sia_cli.errors import UNFIT
-from sia_cli.faces import make_dataset
+from sia_cli.inputs.faces import make_dataset
+from sia_cli.measures import trust
 
 TARGETS = Path(__file__).parents[1] / "examples" / "targets"
 CARD = {"domain": {"critic_margin_median": 4.0}, "edit_success": {"A": 0.9, "B": 0.2, "C": 0.6}}

@@ -11,15 +11,22 @@ import torch
 from PIL import Image
 from torch import nn
 
-from sia_cli.attack import AttackSettings
-from sia_cli.diagnosis import DiagnoseConfig, diagnose
+from sia_cli.engine.attack import AttackSettings
 from sia_cli.errors import SiaError
-from sia_cli.faces import ATTRIBUTES, HAIR_COLOURS, face_labels, make_dataset, render_index
-from sia_cli.measures import by_name
-from sia_cli.target import load_target
-from sia_cli.validity import (
-    counterfactual_bank, counterfactual_faces, cosine, flip, generator_flip_effects, spearman, true_effects, validity,
+from sia_cli.inputs.faces import ATTRIBUTES, HAIR_COLOURS, face_labels, make_dataset, render_index
+from sia_cli.jobs.diagnose import DiagnoseConfig, diagnose
+from sia_cli.measures.table import by_name
+from sia_cli.measures.validity import (
+    cosine,
+    counterfactual_bank,
+    counterfactual_faces,
+    flip,
+    generator_flip_effects,
+    spearman,
+    true_effects,
+    validity,
 )
+from sia_cli.targets import load_target
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "targets"
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script/save are deprecated
@@ -307,7 +314,7 @@ def planted(tmp_path_factory):
     for arch, label, confounder, strength in PLANTED:
         path = _train_planted(folder, arch, label, confounder, strength)
         target = load_target(path)
-        from sia_cli.validity import bank_effects
+        from sia_cli.measures.validity import bank_effects
 
         truth = dict(zip(ATTRIBUTES, bank_effects(target, bank).mean(axis=0).tolist()))
         report = diagnose(DiagnoseConfig(
@@ -323,7 +330,7 @@ def planted(tmp_path_factory):
 def test_headline_names_the_true_top_or_reports_it_as_a_blind_spot(planted, case):
     """Wherever the truth has a clear top (a third of the total or more), the headline's top is
     that attribute, or the report names it as a blind spot and the headline sentence says so."""
-    from sia_cli.reports import headline_sentence
+    from sia_cli.reports.html import headline_sentence
 
     arch, label, confounder, _ = case
     truth, report = planted[arch, label, confounder]

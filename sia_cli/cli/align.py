@@ -7,11 +7,11 @@ from typing import Optional
 
 import typer
 
-from sia_cli.align import FRAMINGS, AlignConfig, align_folder, framing_named
+from sia_cli.backbone.registry import framing_of
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, progress_enabled, rich_progress
 from sia_cli.errors import SiaError
-from sia_cli.registry import framing_of
+from sia_cli.inputs.align import FRAMINGS, AlignConfig, align_folder, framing_named
 
 
 @handle_errors
@@ -32,7 +32,7 @@ def align(
     if not 0 <= min_score <= 1:
         raise SiaError(f"--min-score must be within [0, 1] (got {min_score:g})")
     chosen = framing_named(framing or framing_of(gan))
-    from sia_cli.detectors import RetinaFace  # onnxruntime only where faces are detected
+    from sia_cli.inputs.detectors import RetinaFace  # onnxruntime only where faces are detected
 
     detector = RetinaFace(min_score=min_score)
     config = AlignConfig(images=images, out=out, framing=chosen, largest=largest)

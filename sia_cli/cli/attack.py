@@ -10,7 +10,8 @@ from rich.table import Table
 
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, main_process, print_warnings, progress_enabled, rich_progress
-from sia_cli.runs import RunConfig, attack as run_attack
+from sia_cli.jobs.attack import attack as run_attack
+from sia_cli.runs.inputs import RunConfig
 
 
 @handle_errors

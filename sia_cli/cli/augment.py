@@ -7,10 +7,11 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from sia_cli.augment import AugmentConfig, augment as run_augment
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, main_process, progress_enabled, rich_progress
 from sia_cli.errors import SiaError
+from sia_cli.jobs.augment import AugmentConfig
+from sia_cli.jobs.augment import augment as run_augment
 
 
 @handle_errors

@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from sia_cli.distributed import launched_rank
 from sia_cli.errors import INTERRUPTED, SiaError, interrupted_code
+from sia_cli.runs.distributed import launched_rank
 
 console = Console()
 err_console = Console(stderr=True)

@@ -9,11 +9,18 @@ from rich.table import Table
 
 from sia_cli.cli import options as o
 from sia_cli.cli.common import (
-    console, handle_errors, main_process, print_warnings, progress_enabled, rich_progress,
+    console,
+    handle_errors,
+    main_process,
+    print_warnings,
+    progress_enabled,
+    rich_progress,
 )
-from sia_cli.diagnosis import DiagnoseConfig, diagnose as run_diagnosis
-from sia_cli.measures import ATTRIBUTE_SHIFT, by_name
-from sia_cli.reports import edit_rate_text, headline_sentence
+from sia_cli.jobs.diagnose import DiagnoseConfig
+from sia_cli.jobs.diagnose import diagnose as run_diagnosis
+from sia_cli.measures.table import ATTRIBUTE_SHIFT, by_name
+from sia_cli.reports.figures import edit_rate_text
+from sia_cli.reports.html import headline_sentence
 
 
 @handle_errors

@@ -9,7 +9,8 @@ from rich.table import Table
 
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, main_process, progress_enabled, rich_progress
-from sia_cli.harden import EVAL_METHODS, HardenConfig, harden as run_harden
+from sia_cli.jobs.harden import EVAL_METHODS, HardenConfig
+from sia_cli.jobs.harden import harden as run_harden
 
 
 @handle_errors

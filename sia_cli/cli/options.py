@@ -16,10 +16,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 import typer
 
-from sia_cli.attack import AttackSettings
-from sia_cli.devices import pick_device
+from sia_cli.engine.attack import AttackSettings
 from sia_cli.errors import SiaError
-from sia_cli.runs import RunConfig
+from sia_cli.runs.devices import pick_device
+from sia_cli.runs.inputs import RunConfig
 
 
 def load_config(ctx: typer.Context, param, path: Path | None) -> Path | None:
@@ -253,7 +253,7 @@ def attribute_names(text: str, attrs_file: Path) -> list[str]:
     chosen = list(names([text]))
     if chosen:
         return chosen
-    from sia_cli.data import read_attributes
+    from sia_cli.inputs.images import read_attributes
 
     return list(read_attributes(attrs_file).names)
 

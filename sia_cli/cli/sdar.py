@@ -12,11 +12,11 @@ from rich.table import Table
 
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, print_warnings, progress_enabled, rich_progress
-from sia_cli.diagnosis import DiagnoseConfig, diagnose
 from sia_cli.errors import UNFIT, SiaError
-from sia_cli.measures import report_key
-from sia_cli.sensitivity import attribute_shift, compare, paired_difference
-from sia_cli.sensitivity import sdar as sdar_of
+from sia_cli.jobs.diagnose import DiagnoseConfig, diagnose
+from sia_cli.measures.sensitivity import attribute_shift, compare, paired_difference
+from sia_cli.measures.sensitivity import sdar as sdar_of
+from sia_cli.measures.table import report_key
 
 
 def read_report(path: Path) -> dict:

@@ -9,11 +9,11 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from sia_cli.errors import SiaError
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, progress_enabled, rich_progress
-from sia_cli.faces import make_dataset, parse_correlation
-from sia_cli.validity import write_counterfactuals
+from sia_cli.errors import SiaError
+from sia_cli.inputs.faces import make_dataset, parse_correlation
+from sia_cli.measures.validity import write_counterfactuals
 
 
 @handle_errors

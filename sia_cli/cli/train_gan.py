@@ -4,9 +4,10 @@ from pathlib import Path
 
 import typer
 
+from sia_cli.backbone.training import TrainConfig
+from sia_cli.backbone.training import train_gan as run_training
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, main_process, progress_enabled, rich_progress
-from sia_cli.training import TrainConfig, train_gan as run_training
 
 
 def default(name: str):

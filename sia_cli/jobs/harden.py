@@ -1,0 +1,529 @@
+"""`sia harden`: fine-tune a target so that semantic edits stop moving it, and measure it before
+and after on held-out images.
+
+Each step attacks the batch with the model's *current* weights (iterative adversarial
+training, SIA paper 4.4; any engine method) and takes one optimiser step on a mix of the clean
+images and their adversaries, both labelled with the reference label: `--labels`, or the
+model's own prediction on the clean image made once, before training, with the original
+weights (counterfactual training, thesis 3.3.5: the attack searches for edits that move the
+prediction while the label stays, and the model learns not to move). `--adversaries DIR`
+trains on a fixed set of adversaries instead (the paper's offline variant, e.g. from
+`sia augment`).
+
+Training keeps the model in eval mode: batch-norm statistics and dropout stay as the file
+has them. An exported program cannot switch mode at all, and frozen statistics make a
+torchrun run the same model as one process (each rank sees a slice of every batch; the
+gradients are summed across ranks) and keep adversaries out of the population statistics.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sia_cli import __version__
+from sia_cli.engine.attack import attack_batch, get_method, quantize
+from sia_cli.errors import SiaError
+from sia_cli.inputs.images import load_image
+from sia_cli.progress import ProgressFn, silent
+from sia_cli.runs.distributed import World, agree, all_gather, barrier, join
+from sia_cli.runs.files import file_sha256, write_bytes_atomic, write_json_atomic
+from sia_cli.runs.inputs import Batch, Inputs, RunConfig, batches, load_batch, load_inputs, reference_pass
+from sia_cli.runs.journal import locked, refuse_changed
+from sia_cli.runs.lifecycle import Context, Plan, execute, prepare_out, run_fingerprint
+from sia_cli.targets.export import export_model
+
+SUMMARY = "hardening.json"
+PAGE = "hardening.html"
+TRAINING = "training.json"
+CHECKPOINTS = "checkpoint"
+LOCK = ".harden.lock"  # the whole command; the training run inside takes the lifecycle's own lock
+EVAL_METHODS = ("fgsm", "pgd", "sia")  # the paper's Table 4 columns
+EVAL_EPS = (1.5 / 255, 4 / 255)  # and its two pixel budgets
+# Settings of the before/after report, not of the training: changing them must not refuse a resume.
+EVALUATION_ONLY = ("eval_images", "eval_labels", "eval_attrs_file", "eval_steps")
+
+
+@dataclass(frozen=True)
+class HardenConfig(RunConfig):
+    epochs: int = 3
+    lr: float = 1e-4
+    mix: float = 0.5  # weight of the clean images' loss in each step; the adversaries' is 1 - mix
+    adversaries: Path | None = None  # offline: a `sia augment` set (images/, labels.csv) to train on
+    eval_images: Path | None = None  # held-out images of the before/after report
+    eval_labels: Path | None = None
+    eval_attrs_file: Path | None = None
+    eval_steps: int | None = None  # attack steps of the evaluation (default: --steps)
+    save_every: int | None = None  # optimiser steps per checkpoint (default: one epoch)
+
+
+def check_config(config: HardenConfig) -> None:
+    """The options, before any work."""
+    if len(config.methods) != 1:
+        raise SiaError(f"--method takes one method for hardening (got {','.join(config.methods)})")
+    get_method(config.methods[0])
+    if config.epochs < 1:
+        raise SiaError(f"--epochs must be at least 1 (got {config.epochs})")
+    if not math.isfinite(config.lr) or config.lr <= 0:
+        raise SiaError(f"--lr must be a finite positive number (got {config.lr:g})")
+    if not math.isfinite(config.mix) or not 0 <= config.mix <= 1:
+        raise SiaError(f"--mix must be within [0, 1] (got {config.mix:g})")
+    if config.save_every is not None and config.save_every < 1:
+        raise SiaError(f"--save-every must be at least 1 (got {config.save_every})")
+    if config.eval_steps is not None and config.eval_steps < 1:
+        raise SiaError(f"--eval-steps must be at least 1 (got {config.eval_steps})")
+    if config.eval_images is not None:
+        if not Path(config.eval_images).is_dir():
+            raise SiaError(f"--eval-images {config.eval_images}: no such folder")
+        if Path(config.eval_images).resolve() == Path(config.images).resolve():
+            raise SiaError("--eval-images is the training folder: the before/after report must use held-out images")
+    if config.adversaries is not None and not (Path(config.adversaries) / "labels.csv").is_file():
+        raise SiaError(f"--adversaries {config.adversaries} holds no labels.csv: give the --out of `sia augment`")
+    if Path(config.out).resolve() == Path(config.model).resolve().parent and \
+            Path(config.model).name in ("model.pt", "model.pt2"):
+        raise SiaError("--out holds the input model's file name: pick another --out (the input is never overwritten)")
+
+
+def harden(config: HardenConfig, progress: ProgressFn = silent) -> dict | None:
+    """Evaluate, fine-tune, evaluate again; write hardening.json and hardening.html into --out.
+    Returns the summary on rank 0 (None on other torchrun ranks)."""
+    check_config(config)
+    world, _ = join(config.device)
+    out = Path(config.out)
+
+    def check_out() -> None:
+        summary = out / SUMMARY
+        if summary.exists() and _complete(summary) and not config.force:
+            raise SiaError(f"{out} holds a finished hardening ({SUMMARY}); pass --force to redo it or pick another --out")
+        prepare_out(out)
+
+    agree(check_out, world)
+    with locked(out, LOCK, "sia harden", world):
+        if config.force and world.main:
+            clear(out)
+        barrier(world)
+        before = evaluate(config, Path(config.model), out / "before", world, progress) if config.eval_images else None
+        trained = all_gather(execute(config, HardenPlan(config), progress), world)[0]  # rank 0's, on every rank
+        if trained.get("unusable"):
+            raise SiaError(_unusable_message(trained))  # on every rank at once: none waits for the others
+        model_path = Path(trained["model"])
+        after = evaluate(config, model_path, out / "after", world, progress) if config.eval_images else None
+        summary = None
+        if world.main:
+            summary = _summary(config, trained, before, after)
+            write_json_atomic(out / SUMMARY, summary)
+            from sia_cli.reports.html import hardening_html  # matplotlib and the page only where written
+
+            hardening_html(out / PAGE, summary, out)
+        barrier(world)
+    return summary
+
+
+def clear(out: Path) -> None:
+    """--force: what an earlier hardening wrote into `out`, nothing else."""
+    for name in ("before", "after", CHECKPOINTS):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (SUMMARY, PAGE, TRAINING, "model.pt", "model.pt2"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _complete(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: never overwrite it without --force
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class Step:
+    number: int  # 1-based over the whole run
+    epoch: int
+    files: tuple[str, ...]  # the global batch, in order; each rank takes its slice
+
+    @property
+    def key(self) -> str:
+        return f"step-{self.number:07d}"
+
+
+class HardenPlan(Plan):
+    """The fine-tuning as a lifecycle plan: units are blocks of optimiser steps, each ending with
+    a checkpoint, so the journal never records a step the saved weights do not hold. Every
+    rank works every unit (on its slice of each batch)."""
+
+    what = "sia harden"
+    task = "harden"
+    shared_units = True
+
+    def __init__(self, config: HardenConfig):
+        self.config = config
+        self.method = get_method(config.methods[0])
+        self.labels: dict[str, torch.Tensor] = {}  # file name -> reference label made before training
+        self.steps: list[Step] = []
+        self.offline: list[tuple[Path, int]] = []  # (adversary image, label) of --adversaries
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.settings: dict = {}
+        self.resumed_from = 0
+
+    def load(self, config: HardenConfig, device: str, progress: ProgressFn) -> Inputs:
+        inputs = load_inputs(config, device, progress)
+        trainable = [p for p in inputs.target.model.parameters() if p.is_floating_point()]
+        if not trainable:
+            raise SiaError(f"{config.model} has no trainable parameters (its weights are constants of the graph): "
+                           "it cannot be fine-tuned; export it with its weights as parameters")
+        if config.adversaries is not None:
+            self.offline = read_adversaries(Path(config.adversaries), inputs)
+        return inputs
+
+    def begin(self, context: Context):
+        config, out = self.config, context.out
+        self.settings = {k: v for k, v in run_fingerprint(config, context.inputs).items() if k not in EVALUATION_ONLY}
+        previous = _read_json(out / TRAINING)
+        if previous is not None and previous.get("complete") and not config.force:
+            refuse_changed(out, previous.get("settings", {}), self.settings)
+            if previous.get("unusable"):
+                raise SiaError(_unusable_message(previous) + "; pass --force to train again")
+            if Path(previous.get("model", "")).is_file():
+                return {"model": previous["model"], "steps": previous["steps"], "losses": previous["losses"],
+                        "already_trained": True}
+        self.labels = reference_labels(context)
+        files = sorted(self.labels)
+        if not files:
+            raise SiaError(f"no usable image in {config.images}")
+        self.steps = schedule(files, context.batch_size, config.epochs, config.seed)
+        self.optimizer = torch.optim.Adam(trainable(context.inputs.target), lr=config.lr)
+        return None
+
+    def clear(self, out: Path) -> None:
+        """--force: the training's own outputs; `harden` has cleared the rest and may already
+        have written the new before/ report."""
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        for name in (TRAINING, "model.pt", "model.pt2"):
+            (out / name).unlink(missing_ok=True)
+
+    def fingerprint(self, context: Context) -> dict:
+        return self.settings
+
+    def total(self, context: Context) -> int:
+        return len(self.steps)
+
+    def units(self, context: Context, done: dict[str, dict]):
+        per_unit = self.config.save_every or math.ceil(len(self.steps) / self.config.epochs)
+        blocks = [self.steps[i:i + per_unit] for i in range(0, len(self.steps), per_unit)]
+        finished = 0
+        for block in blocks:
+            if all(step.key in done for step in block):
+                finished = block[-1].number
+            else:
+                break
+        if finished:
+            load_checkpoint(context.out, finished, context.inputs.target, self.optimizer)
+            self.resumed_from = finished
+        for block in blocks:
+            if block[-1].number > finished:
+                yield block
+
+    def work(self, context: Context, block: list[Step]) -> list[dict]:
+        entries = [{"file": step.key, "epoch": step.epoch, **self.train_step(context, step)} for step in block]
+        if context.world.main:
+            save_checkpoint(context.out, block[-1].number, context.inputs.target, self.optimizer)
+        barrier(context.world)  # the checkpoint is on disk before any rank journals the block
+        return entries
+
+    def train_step(self, context: Context, step: Step) -> dict:
+        """One optimiser step on this rank's slice of the batch; gradients summed over ranks."""
+        config, inputs, world = self.config, context.inputs, context.world
+        target = inputs.target
+        mine = step.files[world.rank::world.size]  # empty on some ranks when the last batch is short
+        parameters = trainable(target)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = torch.zeros(2, device=context.device)
+        if mine:
+            clean = training_batch(inputs, mine, context.device, step.number)
+            reference = torch.stack([self.labels[name] for name in mine]).to(context.device)
+            if self.offline:
+                adversaries, adversary_reference = offline_batch(self.offline, step, len(step.files), world,
+                                                                 inputs.backbone.img_size, target, context.device)
+            else:
+                state = attack_batch(inputs.backbone, target, self.method, clean.x0, clean.a0, reference,
+                                     config.settings, inputs.protected, seed=config.seed + step.number)
+                adversaries, adversary_reference = quantize(state.adversary).detach(), reference
+            for parameter in parameters:
+                parameter.requires_grad_(True)
+            try:
+                total = len(step.files)  # the global batch: the sum over ranks is the one-process mean
+                clean_loss = target.loss(target(clean.x0 * 2 - 1), reference).float().sum() / total
+                adversary_loss = target.loss(target(adversaries), adversary_reference).float().sum() / total
+                (config.mix * clean_loss + (1 - config.mix) * adversary_loss).backward()
+            finally:
+                for parameter in parameters:
+                    parameter.requires_grad_(False)  # the attack needs input gradients only
+            losses = torch.stack([clean_loss.detach(), adversary_loss.detach()])
+        if world.size > 1:
+            for parameter in parameters:  # every rank reduces every parameter, used or not, in one order
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
+                dist.all_reduce(parameter.grad)
+        self.optimizer.step()
+        if world.size > 1:
+            dist.all_reduce(losses)
+        return {"clean_loss": round(float(losses[0]), 6), "adversary_loss": round(float(losses[1]), 6)}
+
+    def write(self, context: Context, entries: dict[str, dict], complete: bool):
+        out = context.out
+        done = sorted(entries)
+        losses = entries[done[-1]] if done else {}
+        record = {"version": __version__, "settings": self.settings, "complete": complete, "steps": len(done),
+                  "of": len(self.steps), "resumed_from": self.resumed_from,
+                  "losses": {k: losses.get(k) for k in ("clean_loss", "adversary_loss")},
+                  "labels": "--labels" if self.config.labels else "the model's own predictions before hardening",
+                  "mode": "offline (--adversaries)" if self.offline else f"adversaries of the current weights ({self.method.name})"}
+        if complete:
+            record["model"] = str(export_model(context.inputs.target, Path(self.config.model), out))
+            problem = unusable(context.inputs.target)
+            if problem:
+                record["unusable"] = problem  # `harden` stops on it, on every rank
+        write_json_atomic(out / TRAINING, record)
+        return record
+
+
+def unusable(target) -> str | None:
+    """Why the trained model fails the checks every model passes on loading (a model whose output
+    no longer depends on its input, NaN outputs: training diverged), or None."""
+    from sia_cli.targets.probe import probe
+
+    try:
+        probe(target, target.probe_size, target.output_key)
+    except SiaError as exc:
+        return str(exc)
+    return None
+
+
+def _unusable_message(record: dict) -> str:
+    return (f"the hardened model fails the model checks ({record['unusable']}): the training diverged; it is kept as "
+            f"{record.get('model')} but no report was made; try a lower --lr or fewer --epochs")
+
+
+def trainable(target) -> list[torch.nn.Parameter]:
+    return [p for p in target.model.parameters() if p.is_floating_point()]
+
+
+def reference_labels(context: Context) -> dict[str, torch.Tensor]:
+    """Every training image's reference label, with the weights the run started from: --labels,
+    or the model's own prediction on the clean image (counterfactual training)."""
+    found: dict[str, torch.Tensor] = {}
+    skipped: list[dict] = []
+    for batch in batches(context.inputs, context.batch_size, context.device, skipped, world=context.world):
+        reference = reference_pass(context.inputs, batch)["reference"].cpu()
+        found.update(zip((file.name for file in batch.files), reference))
+    merged: dict[str, torch.Tensor] = {}
+    for part in all_gather(found, context.world):
+        merged.update(part)
+    return merged
+
+
+def schedule(files: list[str], batch_size: int, epochs: int, seed: int) -> list[Step]:
+    """Every step of the run: per epoch a seeded permutation in batches (the last may be short),
+    the same whatever the number of processes and wherever a run resumes."""
+    steps = []
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(files))
+        for start in range(0, len(files), batch_size):
+            steps.append(Step(len(steps) + 1, epoch, tuple(files[i] for i in order[start:start + batch_size])))
+    return steps
+
+
+def training_batch(inputs: Inputs, names: tuple[str, ...], device: str, index: int) -> Batch:
+    """The named training images as a batch; an image that became unusable since the run began
+    stops it (its label was made when it was usable)."""
+    by_name = {file.name: file for file in inputs.files}
+    skipped: list[dict] = []
+    batch = load_batch(inputs, [by_name[name] for name in names], device, index, skipped)
+    if skipped:
+        raise SiaError(f"a training image became unusable during the run: {skipped[0]['file']}: "
+                       f"{skipped[0]['reason']}")
+    return batch
+
+
+def read_adversaries(folder: Path, inputs: Inputs) -> list[tuple[Path, int]]:
+    """`sia augment`'s set: each adversary with its label (the source's, as labels.csv says)."""
+    rows = []
+    with open(folder / "labels.csv", newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            path = folder / "images" / row.get("file", "")
+            if not path.is_file():
+                raise SiaError(f"--adversaries {folder}: labels.csv names {row.get('file')!r}, which is not in images/")
+            try:
+                rows.append((path, int(row["label"])))
+            except (KeyError, TypeError, ValueError):
+                raise SiaError(f"--adversaries {folder}: labels.csv row {row} has no whole-number label") from None
+    if not rows:
+        raise SiaError(f"--adversaries {folder}: labels.csv lists no image")
+    if not inputs.target.task.writes_class_labels:
+        raise SiaError(f"--adversaries holds class labels; this model is {inputs.target.kind}")
+    return rows
+
+
+def offline_batch(adversaries: list[tuple[Path, int]], step: Step, size: int, world: World, img_size: int,
+                  target, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's slice of a batch of the fixed adversaries, cycling through them in step order."""
+    picks = [adversaries[((step.number - 1) * size + i) % len(adversaries)] for i in range(size)][world.rank::world.size]
+    images = torch.stack([load_image(path, img_size) for path, _ in picks]).to(device) * 2 - 1
+    labels = target.reference_from_labels(torch.tensor([label for _, label in picks])).to(device)
+    return images, labels
+
+
+def save_checkpoint(out: Path, step: int, target, optimizer) -> None:
+    buffer = io.BytesIO()
+    torch.save({"model": target.model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, buffer)
+    folder = out / CHECKPOINTS
+    write_bytes_atomic(folder / f"step-{step:07d}.pt", buffer.getbuffer())
+    for old in sorted(folder.glob("step-*.pt"))[:-2]:  # the newest two: one may be ahead of the journal
+        old.unlink(missing_ok=True)
+
+
+def load_checkpoint(out: Path, step: int, target, optimizer) -> None:
+    path = out / CHECKPOINTS / f"step-{step:07d}.pt"
+    if not path.is_file():
+        raise SiaError(f"{out} records step {step} but holds no checkpoint of it; pass --force to start over")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    target.model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+
+
+
+
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# ---------------------------------------------------------------- before and after
+
+
+def evaluate(config: HardenConfig, model: Path, folder: Path, world: World, progress: ProgressFn) -> dict:
+    """Clean accuracy, accuracy under FGSM, PGD and SIA at the paper's eps (Table 4), SDAR and
+    the headline sensitivity (Table 5) of `model` on --eval-images, each from a full report
+    (diagnose, attack) under `folder`. A report there from the same model and evaluation
+    settings is read (or resumed), not redone; one from others is removed first."""
+    from sia_cli.jobs.attack import attack
+    from sia_cli.jobs.diagnose import DiagnoseConfig, diagnose
+
+    steps = config.eval_steps or config.settings.steps
+    base = {name: getattr(config, name) for name in (
+        "gan", "protect", "batch_size", "device", "seed", "task", "input_size", "mean", "std", "output_key",
+        "output", "label", "channels", "margin", "eye_indices", "trust_pickle", "keep_lost")}
+    base.update(model=model, images=config.eval_images, attrs_file=config.eval_attrs_file, labels=config.eval_labels,
+                command=config.command)
+    settings = replace(config.settings, steps=steps)
+    _keep_if_same(folder, _evaluation_key(base, settings), world)
+    diagnosis = _finished_or(folder / "diagnosis" / "report.json", lambda: diagnose(
+        DiagnoseConfig(**base, out=folder / "diagnosis", settings=settings), progress))
+    robust = {}
+    clean_accuracy = None
+    for eps in EVAL_EPS:
+        name = f"{eps * 255:g}/255"
+        where = folder / f"attack-eps{eps * 255:g}"
+        reports = {}
+        for method in EVAL_METHODS:
+            reports[method] = _finished(where / method / "report.json")
+        if any(report is None for report in reports.values()):
+            result = attack(RunConfig(**base, out=where, methods=EVAL_METHODS, settings=replace(settings, eps=eps)),
+                            progress)
+            reports = (result or {}).get("reports") or {m: _read_json(where / m / "report.json") for m in EVAL_METHODS}
+        for method, report in reports.items():
+            if report is None:
+                continue
+            usable = [r for r in report["images"] if "error" not in r]
+            robust.setdefault(method, {})[name] = (
+                float(np.mean([not r["success_vs_label"] for r in usable])) if usable else None)
+            if clean_accuracy is None and config.eval_labels and usable:
+                clean_accuracy = float(np.mean([not r["already_wrong"] for r in usable]))
+    return {
+        "model": str(model), "model_sha256": file_sha256(model),
+        "clean_accuracy": clean_accuracy,
+        "accuracy_under_attack": robust,
+        "reference": "--eval-labels" if config.eval_labels else "each model's own clean prediction",
+        "sdar": diagnosis.get("sdar") if diagnosis else None,
+        "headline": diagnosis.get("settings", {}).get("headline") if diagnosis else None,
+        "sensitivity": _headline_shares(diagnosis),
+        "stands_out": diagnosis.get("stands_out") if diagnosis else None,
+        "backbone_fit_ok": (diagnosis.get("backbone_fit") or {}).get("ok") if diagnosis else None,
+        "report": str(folder / "diagnosis" / "report.json"),
+        "images": len(diagnosis["images"]) if diagnosis else 0,
+    }
+
+
+def _evaluation_key(base: dict, settings) -> dict:
+    """What an evaluation folder's reports depend on: the model's and every input file's bytes,
+    the options, the attack settings."""
+    key = {name: str(value) for name, value in sorted(base.items())}
+    for name in ("model", "attrs_file", "labels"):
+        if base.get(name) is not None:
+            key[f"{name}_sha256"] = file_sha256(Path(base[name]))
+    key["images"] = str(Path(base["images"]).resolve())
+    key["settings"] = json.loads(json.dumps(asdict(settings), default=str))
+    return key
+
+
+def _keep_if_same(folder: Path, key: dict, world: World) -> None:
+    """Remove `folder` when it holds an evaluation made with other settings than `key` (a resumed
+    hardening may change --eval-*), so that before/ and after/ always cover the same faces."""
+    if world.main:
+        record = folder / "evaluation.json"
+        if folder.exists() and _read_json(record) != key:
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, key)
+    barrier(world)
+
+
+def _finished(path: Path) -> dict | None:
+    report = _read_json(path)
+    return report if report is not None and report.get("complete", True) is not False else None
+
+
+def _finished_or(path: Path, run):
+    """The finished report at `path`, or `run()`'s (None on other torchrun ranks: read it then)."""
+    report = _finished(path)
+    if report is not None:
+        return report
+    made = run()
+    return made if made is not None else _read_json(path)
+
+
+def _headline_shares(report: dict | None) -> dict | None:
+    if not report:
+        return None
+    from sia_cli.measures.table import report_key
+
+    return report.get(f"{report_key(report.get('settings', {}).get('headline'))}_normalized")
+
+
+def _summary(config: HardenConfig, trained: dict | None, before: dict | None, after: dict | None) -> dict:
+    return {
+        "version": __version__, "command": config.command, "complete": True,
+        "model": str(config.model), "hardened_model": (trained or {}).get("model"),
+        "method": config.methods[0], "epochs": config.epochs, "lr": config.lr, "mix": config.mix,
+        "labels": (trained or {}).get("labels", "--labels" if config.labels else "the model's own predictions"),
+        "mode": (trained or {}).get("mode"),
+        "training": {k: (trained or {}).get(k) for k in ("steps", "losses", "resumed_from")},
+        "eval_eps": [f"{eps * 255:g}/255" for eps in EVAL_EPS],
+        "before": before, "after": after,
+    }
