@@ -22,7 +22,7 @@ Every model is then measured on the SAME held-out faces, drawn WITHOUT the confo
   with their true labels: clean accuracy, accuracy under FGSM, PGD and SIA at eps 1.5/255 and
   4/255, SDAR and the headline (ablation) sensitivity of a diagnosis, LABEL protected;
 * against the truth on --n-truth other faces, each re-rendered with one attribute flipped
-  (`sia_cli.validity.counterfactual_bank`): clean accuracy, the true effect (mean change of
+  (`sia_cli.measures.validity.counterfactual_bank`): clean accuracy, the true effect (mean change of
   P(LABEL)) of flipping the confounder and of flipping the label itself, and the true top
   attribute with its share of the total over the attributes the diagnosis ranks (all but LABEL).
 

@@ -8,7 +8,7 @@ Trains small binary classifiers on synth faces whose label co-occurs with a plan
 examples/train_targets.py and an MLP on 16x16 downsampled pixels. For every model it measures
 
 * the truth: on fresh faces, the mean |change of P(label)| when one attribute is flipped in the
-  renderer and nothing else changes (`sia_cli.validity.true_effects`);
+  renderer and nothing else changes (`sia_cli.measures.validity.true_effects`);
 * the diagnosis: `sia diagnose` on other fresh faces with the label attribute protected, multi
   mode (Eq. 2 `sensitivity`, ablation `sensitivity_ablation`) and single mode
   (`sensitivity_single`);
