@@ -3,6 +3,7 @@
 INTERRUPTED = 130  # the shell's exit code for Ctrl-C
 TERMINATED = 143  # 128 + SIGTERM: a run stopped by SIGTERM (CI cancellation, docker stop, Slurm)
 UNFIT = 4  # `sia sdar`: the report's backbone does not fit its images, so the gate cannot pass
+FEW_IMAGES = 5  # `sia sdar`: the report counted too few images for a finding (sensitivity.MIN_COUNTED_IMAGES)
 STOPPED_BY: dict = {"signal": None}  # set by the CLI's SIGTERM handler, which then raises KeyboardInterrupt
 
 

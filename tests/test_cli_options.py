@@ -37,7 +37,7 @@ COMMANDS = {
 }
 # Parameters that are no config field: how a command prints, gates or reads its options.
 NOT_CONFIG = {"no_progress", "config_file"}
-SDAR_GATE = {"max_sdar", "baseline", "allow_unfit"}
+SDAR_GATE = {"max_sdar", "baseline", "allow_unfit", "allow_few_images"}
 
 TARGET_ARGS = [
     "--gan", "g", "--attrs-file", "a.txt", "--protect-eps", "0.01", "--steps", "7", "--eps", "2/255",

@@ -17,7 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sia_cli.cli import app
-from sia_cli.errors import UNFIT
+from sia_cli.errors import FEW_IMAGES, UNFIT
 from sia_cli.inputs.faces import make_dataset
 from sia_cli.measures.table import by_name
 from sia_cli.reports.html import headline_sentence
@@ -180,6 +180,32 @@ def test_sdar_gate_fails_closed(reports, tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old))
     result = runner.invoke(app, ["sdar", str(tmp_path / "old.json"), "--max", "1"])
     assert result.exit_code == UNFIT and "no backbone_fit" in result.output
+    few = {"evidence": {"counted_images": 3, "minimum_images": 10, "enough": False}}
+    assert gate(few, "--max", "1") == FEW_IMAGES
+    assert gate(few, "--max", "1", "--allow-few-images") == 0
+    assert gate({"evidence": None}, "--max", "1") == FEW_IMAGES  # an older report never said: fail closed
+
+
+def test_one_face_names_no_attribute_and_the_gate_refuses_it(faces, tmp_path):
+    """One counted image gives every attribute an interval of width 0, which 'cleared' the
+    runner-up's: the report must say it measured too few images and name nobody."""
+    one = tmp_path / "one"
+    (one / "images").mkdir(parents=True)
+    name = sorted((faces / "images").iterdir())[0].name
+    (one / "images" / name).write_bytes((faces / "images" / name).read_bytes())
+    result = CliRunner().invoke(app, [
+        "diagnose", str(TARGETS / "mustache_confounded.pt"), "--images", str(one / "images"), "--protect", "Mustache",
+        "--steps", "5", "--bootstrap", "20", "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["evidence"] == {"counted_images": report["measured_images"], "minimum_images": 10, "enough": False}
+    assert report["stands_out"] is None
+    text = " ".join(result.output.split())
+    assert "Too few images to name an attribute" in text and "most sensitive to" not in text
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Too few images to name an attribute" in page and "<ol>" not in page.split("Too few images")[1][:300]
+    gate = CliRunner().invoke(app, ["sdar", str(tmp_path / "run" / "report.json"), "--max", "1", "--allow-unfit"])
+    assert gate.exit_code == FEW_IMAGES and "--allow-few-images" in gate.output
 
 
 def test_unlabeled_images_with_a_backbone_without_discriminator_is_a_clear_error(faces, tmp_path):

@@ -267,3 +267,11 @@ def test_paired_difference_finds_a_real_change_and_not_noise():
     assert same["difference"] == 0 and not same["significant"]
     with pytest.raises(SiaError, match="same images"):
         S.paired_difference(base, [{**r, "file": "other" + r["file"]} for r in base], statistic)
+
+
+def test_nothing_stands_out_from_too_few_images_or_a_zero_width_interval():
+    values = {"a": 0.9, "b": 0.1}
+    apart = {"a": {"low": 0.8, "high": 1.0}, "b": {"low": 0.0, "high": 0.2}}
+    assert S.stands_out(values, apart, counted=S.MIN_COUNTED_IMAGES) == "a"
+    assert S.stands_out(values, apart, counted=S.MIN_COUNTED_IMAGES - 1) is None
+    assert S.stands_out(values, {"a": {"low": 0.9, "high": 0.9}, "b": {"low": 0.1, "high": 0.1}}, counted=50) is None

@@ -1,5 +1,6 @@
 """`sia sdar`: the bias score as a CI gate (exit 0 at or under --max, 1 above, 2 on errors,
-4 when the report's backbone does not fit its images and --allow-unfit is not given)."""
+4 when the report's backbone does not fit its images and --allow-unfit is not given, 5 when it
+counted too few images for a finding and --allow-few-images is not given)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from rich.table import Table
 
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, print_warnings, progress_enabled, rich_progress
-from sia_cli.errors import UNFIT, SiaError
+from sia_cli.errors import FEW_IMAGES, UNFIT, SiaError
 from sia_cli.jobs.diagnose import DiagnoseConfig, diagnose
 from sia_cli.measures.sensitivity import attribute_shift, compare, paired_difference
 from sia_cli.measures.sensitivity import sdar as sdar_of
@@ -51,6 +52,18 @@ def refuse_unfit(report: dict, path: Path | str) -> None:
                        "backbone as much as the model; pass --allow-unfit to gate on it anyway", UNFIT)
 
 
+def refuse_few(report: dict, path: Path | str) -> None:
+    """Nor can a report whose SDAR rests on too few images (or that never said how many)."""
+    evidence = report.get("evidence")
+    if not isinstance(evidence, dict):
+        raise SiaError(f"{path} does not say how many images it counted (written by an older sia?): rerun "
+                       "`sia diagnose`, or pass --allow-few-images to gate on it anyway", FEW_IMAGES)
+    if evidence.get("enough") is not True:
+        raise SiaError(f"{path} counted {evidence.get('counted_images')} image(s), fewer than the "
+                       f"{evidence.get('minimum_images')} a finding needs: diagnose more images, or pass "
+                       "--allow-few-images to gate on it anyway", FEW_IMAGES)
+
+
 @handle_errors
 def sdar(
     source: Path = typer.Argument(..., help="A report.json from `sia diagnose`, or a model to diagnose now."),
@@ -62,6 +75,9 @@ def sdar(
     allow_unfit: bool = typer.Option(
         False, "--allow-unfit",
         help=f"Gate even when the report's backbone_fit is not ok (otherwise exit {UNFIT})."),
+    allow_few_images: bool = typer.Option(
+        False, "--allow-few-images",
+        help=f"Gate even when the report counted fewer images than a finding needs (otherwise exit {FEW_IMAGES})."),
     images: Path = typer.Option(None, "--images", help="With a model: images to diagnose."),
     out: Path = o.OUT, gan: str = o.GAN, attrs_file: Path = o.ATTRS_FILE, protect: list[str] = o.PROTECT,
     steps: int = o.STEPS, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE, seed: int = o.SEED,
@@ -92,6 +108,8 @@ def sdar(
         return
     if not allow_unfit:
         refuse_unfit(report, source)
+    if not allow_few_images:
+        refuse_few(report, source)
     above = report["sdar"] > max_sdar
     console.print(f"{text} {'>' if above else '<='} max {max_sdar}: {'FAIL' if above else 'ok'}", highlight=False)
     raise typer.Exit(1 if above else 0)

@@ -169,7 +169,9 @@ def _report(config: DiagnoseConfig, context: Context, run: MethodRun, skipped: l
     report["measured_images"] = sum("error" not in r for r in measured)
     report["ranking"] = sens.ranking(found[headline_key])
     report["intervals"] = _intervals(measured, attributes, protected, config)
-    report["stands_out"] = sens.stands_out(found[headline_key], report["intervals"].get(headline_key))
+    report["evidence"] = {"counted_images": len(counted), "minimum_images": sens.MIN_COUNTED_IMAGES,
+                          "enough": sens.enough_images(len(counted))}
+    report["stands_out"] = sens.stands_out(found[headline_key], report["intervals"].get(headline_key), len(counted))
     report["groups"] = _groups(measured, attributes, protected, config)
     report.update(findings_trust(inputs, run.records, grouped=bool(config.group_by),
                                  measures_include_lost=not counted))

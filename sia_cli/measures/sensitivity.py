@@ -232,14 +232,32 @@ def bootstrap(records: Sequence[Record], statistic: Statistic, n: int = 200, see
     return intervals if isinstance(estimate, dict) else intervals[None]
 
 
-def stands_out(values: dict[str, float], intervals: dict[str, dict] | None) -> str | None:
+# No attribute is named from fewer counted images than this. A bootstrap over n images has
+# at most n distinct values of a mean; below about ten its intervals are as narrow as the few
+# values it can draw (one image: an interval of width 0 that "clears" everything), not as
+# narrow as the evidence. Reports carry it (`evidence`), and `sia sdar` refuses to gate below it.
+MIN_COUNTED_IMAGES = 10
+
+
+def enough_images(counted: int, minimum: int = MIN_COUNTED_IMAGES) -> bool:
+    return counted >= minimum
+
+
+def stands_out(values: dict[str, float], intervals: dict[str, dict] | None, counted: int | None = None,
+               minimum: int = MIN_COUNTED_IMAGES) -> str | None:
     """The top attribute when its interval lies wholly above the runner-up's, else None.
 
     Without intervals nothing can be said to stand out: a ranking of point values alone
-    names a winner even when the images cannot tell the leaders apart.
+    names a winner even when the images cannot tell the leaders apart. Nor from fewer than
+    `minimum` counted images, nor from an interval of width 0 (every resample drew the same).
     """
     order = ranking(values)
     if not order or not intervals:
+        return None
+    if counted is not None and not enough_images(counted, minimum):
+        return None
+    top = intervals.get(order[0]) or {}
+    if top.get("low") is not None and top.get("low") == top.get("high"):
         return None
     if len(order) == 1:
         return order[0]

@@ -102,7 +102,13 @@ def headline_sentence(report: dict, top_k: int = 3) -> str:
     if not order:
         return "No attribute sensitivities were measured."
     winner = report.get("stands_out")
-    if winner in shares:
+    evidence = report.get("evidence") or {}
+    if evidence.get("enough") is False:
+        counted, minimum = evidence.get("counted_images"), evidence.get("minimum_images")
+        text = (f"Too few images to name an attribute: {counted} counted image{'s' if counted != 1 else ''} "
+                f"measured, and a finding needs at least {minimum}. Diagnose more images.")
+        winner = None
+    elif winner in shares:
         text = f"The model is most sensitive to {winner}: {shares[winner]:.2f} of total ({name}; its interval clears the runner-up's)."
     else:
         leaders = ", ".join(f"{a} {shares[a]:.2f}" for a in order[:top_k])
@@ -135,6 +141,8 @@ def _top_attributes(report: dict, top_k: int) -> str:
         return f"<li>{_e(attribute)}: {shares[attribute]:.2f} of total{note}</li>"
 
     lead = f"<p class='lead'>{_e(headline_sentence(report))}</p>"
+    if (report.get("evidence") or {}).get("enough") is False:
+        return lead  # the sentence says why nothing is ranked
     return f"{lead}<p class='muted'>headline measure: {_e(name)}</p><ol>{''.join(item(a) for a in order)}</ol>"
 
 
