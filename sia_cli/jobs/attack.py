@@ -1,10 +1,9 @@
-"""Running an attack over a folder: inputs, batches, records, adversary files and the report.
-
-`attack()` is the engine behind `sia attack`: an `ImagePlan` run by `sia_cli.runs.lifecycle`.
-`diagnose` builds on the same pieces.
-"""
+"""`sia attack`'s engine: every requested method on every batch, one report per method (and a
+comparison), run by `sia_cli.runs.lifecycle` as an `ImagePlan`."""
 
 from __future__ import annotations
+
+import time
 
 from sia_cli.engine.attack import METHODS, attack_batch, get_method
 from sia_cli.errors import SiaError
@@ -23,8 +22,8 @@ class AttackPlan(ImagePlan):
     what = "sia attack"
     task = "attack"
 
-    def __init__(self, config: RunConfig):
-        super().__init__(config)
+    def __init__(self, config: RunConfig, began: float | None = None):
+        super().__init__(config, began)
         # Each method once: `sia,sia` would otherwise record every image twice.
         self.chosen = [get_method(name) for name in dict.fromkeys(config.methods)]
         if not self.chosen:
@@ -62,8 +61,9 @@ class AttackPlan(ImagePlan):
 def attack(config: RunConfig, progress: ProgressFn = silent) -> dict:
     """Run every requested method over the folder; write adversaries and reports into `out`.
     Returns the reports on rank 0 (None on other torchrun ranks)."""
+    began = time.perf_counter()
     config = align_inputs(config, progress)
-    return execute(config, AttackPlan(config), progress)
+    return execute(config, AttackPlan(config, began), progress)
 
 
 def _method_report(config: RunConfig, context: Context, run: MethodRun, skipped: list, seconds: float,

@@ -7,6 +7,7 @@ one attribute move at a time and measures the change in the model's output and f
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,7 @@ def _attach(records: list[dict], extras: dict) -> None:
 def diagnose(config: DiagnoseConfig, progress: ProgressFn = silent) -> dict | None:
     """Diagnose the model on the folder; write report.json, sensitivity.png, grid.png and report.html.
     Returns the report on rank 0 (None on other torchrun ranks)."""
+    began = time.perf_counter()
     if config.mode not in measures_table.MODES:
         raise SiaError(f"--mode must be {' or '.join(measures_table.MODES)}, not {config.mode!r}")
     if not measures_table.may_rank(config.chosen_headline(), config.mode):
@@ -91,7 +93,7 @@ def diagnose(config: DiagnoseConfig, progress: ProgressFn = silent) -> dict | No
     if config.bootstrap < 0:
         raise SiaError(f"--bootstrap must be 0 (no intervals) or a positive number of resamples (got {config.bootstrap})")
     config = align_inputs(config, progress)
-    return execute(config, DiagnosePlan(config), progress)
+    return execute(config, DiagnosePlan(config, began), progress)
 
 
 class DiagnosePlan(ImagePlan):
@@ -101,8 +103,8 @@ class DiagnosePlan(ImagePlan):
     what = "sia diagnose"
     task = "diagnose"
 
-    def __init__(self, config: DiagnoseConfig):
-        super().__init__(config)
+    def __init__(self, config: DiagnoseConfig, began: float | None = None):
+        super().__init__(config, began)
         self.run = MethodRun(METHODS["sia"] if config.mode == "multi" else METHODS["attr"], config.out)
         self.methods = (self.run.method.name,)
 
@@ -133,7 +135,7 @@ class DiagnosePlan(ImagePlan):
         if not any("error" not in r for r in self.run.records):
             return None
         report = _report(self.config, context, self.run, skipped, self.seconds(), complete)
-        write_outputs(self.config, report, _telling(context.inputs, self.config.out, self.run.records))
+        write_outputs(self.config, report, _telling(context.inputs, self.config.out, self.run.records), self.seconds)
         return report
 
 
@@ -240,8 +242,9 @@ def _short(value) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)[:24]
 
 
-def write_outputs(config: DiagnoseConfig, report: dict, telling: list[dict]) -> None:
-    """report.json, the histogram, the grid of the most telling images and the HTML page."""
+def write_outputs(config: DiagnoseConfig, report: dict, telling: list[dict], seconds=None) -> None:
+    """report.json, the histogram, the grid of the most telling images and the HTML page.
+    `seconds()`, when given, times the run once the figures are drawn, into report.json."""
     out = config.out
     headline = measures_table.by_name(report["settings"]["headline"])
     intervals = report.get("intervals", {}).get(headline.key)
@@ -250,6 +253,8 @@ def write_outputs(config: DiagnoseConfig, report: dict, telling: list[dict]) -> 
                     title=f"{headline.key} (share of total)",
                     edit_success=report["backbone"].get("edit_success"), blind_spots=report.get("blind_spots") or ())
     grid_png(out / "grid.png", telling)
+    if seconds is not None:
+        report["timing"]["total_s"] = round(seconds(), 3)
     write_json_atomic(out / REPORT, report)
     report_html(out / "report.html", report, out / "sensitivity.png", out / "grid.png", top_k=config.top_k)
 

@@ -1,8 +1,5 @@
-"""Running an attack over a folder: inputs, batches, records, adversary files and the report.
-
-`attack()` is the engine behind `sia attack`: an `ImagePlan` run by `sia_cli.runs.lifecycle`.
-`diagnose` builds on the same pieces.
-"""
+"""What every image run starts from: the run config, the loaded inputs (backbone, target, files,
+attributes, labels), the batches, and the clean and reference passes over a batch."""
 
 from __future__ import annotations
 
