@@ -8,6 +8,7 @@ larger SDAR.
 """
 
 import json
+import time
 from html import escape
 from pathlib import Path
 
@@ -193,11 +194,15 @@ def test_one_face_names_no_attribute_and_the_gate_refuses_it(faces, tmp_path):
     (one / "images").mkdir(parents=True)
     name = sorted((faces / "images").iterdir())[0].name
     (one / "images" / name).write_bytes((faces / "images" / name).read_bytes())
+    began = time.perf_counter()
     result = CliRunner().invoke(app, [
         "diagnose", str(TARGETS / "mustache_confounded.pt"), "--images", str(one / "images"), "--protect", "Mustache",
         "--steps", "5", "--bootstrap", "20", "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"])
+    elapsed = time.perf_counter() - began
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
+    # timing covers the run, loading and the figures included (only the HTML is written after it)
+    assert 0.8 * elapsed <= report["timing"]["total_s"] <= elapsed
     assert report["evidence"] == {"counted_images": report["measured_images"], "minimum_images": 10, "enough": False}
     assert report["stands_out"] is None
     text = " ".join(result.output.split())
