@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import http.server
 import socket
 import threading
@@ -176,13 +177,24 @@ def test_manual_entry_says_where_to_put_the_file_then_loads_it(env, tiny_setting
     write_registry(weights, {"by-hand": entry(tiny_setting, {"manual": "Download weights.199.pth from the site."})})
     with pytest.raises(SiaError) as exc:
         registry.load_backbone("by-hand")
-    assert "Download weights.199.pth from the site." in str(exc.value)
-    assert str(cache / "by-hand") in str(exc.value)
-    # The user follows the message: the file placed there loads with the registry's settings.
-    (cache / "by-hand").mkdir(parents=True)
-    torch.save(tiny_state(tiny_setting, 0), cache / "by-hand" / "weights.199.pth")
+    message = str(exc.value)
+    assert "Download weights.199.pth from the site." in message
+    # The user follows the message: the file placed at the path it names loads with the registry's settings.
+    example = Path(re.search(r"for example (\S+\.pth)", message).group(1))
+    assert example == cache / "by-hand" / "weights.199.pth"
+    example.parent.mkdir(parents=True)
+    torch.save(tiny_state(tiny_setting, 0), example)
     backbone = registry.load_backbone("by-hand")
     assert backbone.attributes == tiny_setting["attrs"] and backbone.discriminator is not None
+
+
+def test_the_public_celeba_backbone_says_which_project_which_file_and_where(env):
+    _, cache = env
+    with pytest.raises(SiaError) as exc:
+        registry.load_backbone("attgan-celeba-128")
+    message = " ".join(str(exc.value).split())
+    assert "AttGAN-PyTorch" in message and "128_shortcut1_inject1_none" in message
+    assert f"for example {cache / 'attgan-celeba-128' / 'weights.199.pth'}" in message
 
 
 # ----------------------------------------------------------------------------- names and the registry file

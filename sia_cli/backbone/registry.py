@@ -185,7 +185,9 @@ def entry_source(entry: RegistryEntry, progress: ProgressFn = silent) -> Backbon
         folder = cache_dir() / entry.name
         found = latest_checkpoint(folder)
         if found is None:
-            raise SiaError(f"backbone {entry.name!r} is not downloaded: {entry.manual.strip()} Put it in {folder}/")
+            raise SiaError(f"backbone {entry.name!r} is not downloaded: {entry.manual.strip()} Put the file at "
+                           f"{folder / 'weights.<epoch>.pth'}, for example {folder / 'weights.199.pth'} "
+                           f"({folder / 'checkpoint'}/ works too)")
         return BackboneSource(entry.name, found, entry.setting(), {**read_card(found.parent), **entry.card})
     raise SiaError(f"registry entry {entry.name!r} names no source (path, url or manual)")
 
