@@ -253,3 +253,51 @@ def test_photos_sharing_a_name_write_separate_crops(tmp_path):
     assert result.exit_code == 0, result.output
     assert {r["file"]: r["source"] for r in rows(tmp_path / "out" / "alignment.csv")} == {
         "face_jpg_0.png": "face.jpg", "face_png_0.png": "face.png"}
+
+
+def test_every_photo_is_accounted_for_in_the_report_and_padded_crops_are_flagged(tmp_path):
+    """A face, a face too small for its photo's edge (upscaled from LFW's size and put in a
+    corner), a coffee cup and a broken file: the report lists the two dropped photos with their
+    reasons, the terminal says how many photos became how many faces, and the cornered face's
+    crop is flagged as mostly padding."""
+    import json
+
+    import skimage.data
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    astronaut = Image.fromarray(skimage.data.astronaut())
+    astronaut.save(photos / "astronaut.png")
+    corner = astronaut.crop((120, 20, 320, 220)).resize((150, 150))  # the face fills the photo: no margin
+    corner.save(photos / "tight.png")
+    Image.fromarray(skimage.data.coffee()).save(photos / "coffee.png")
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "run"
+    run = sia("diagnose", MUSTACHE, "--images", photos, "--align", "--steps", "2", "--bootstrap", "10",
+              "--out", out, "--no-progress")
+    assert run.exit_code == 0, run.output
+    report = json.loads((out / "report.json").read_text())
+    aligned = report["alignment"]
+    faces = len(rows(out / "aligned" / "alignment.csv"))
+    assert aligned["photos"] == 4 and aligned["faces"] == faces >= 1
+    skipped = {item["file"]: item["reason"] for item in report["skipped"]}
+    assert skipped["coffee.png"] == "--align: no face found" and "broken.jpg" in skipped
+    text = " ".join(run.output.split())
+    assert f"--align: 4 photos -> {faces} faces, {len(aligned['skipped'])} skipped" in text
+    assert "--align skipped" in text and "coffee.png" in text
+    table = {r["file"]: float(r["padding"]) for r in rows(out / "aligned" / "alignment.csv")}
+    assert all(0.0 <= share <= 1.0 for share in table.values())
+    flagged = {item["file"] for item in aligned["padded"]}
+    assert flagged == {name for name, share in table.items() if share > aligned["padded_threshold"]}
+    # The tight face's crop reaches past the photo's edges (measured 0.28 of it; the astronaut's 0.075).
+    assert "tight_0.png" in flagged and "astronaut_0.png" not in flagged
+    assert any("edge padding" in w and "tight_0.png" in w for w in report["warnings"])
+
+
+def test_padding_share_counts_the_crop_pixels_outside_the_photo():
+    from sia_cli.inputs.align import padding_share
+
+    identity = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    assert padding_share(identity, 64, 64, 64) == 0.0
+    shifted = np.array([[1.0, 0, 32], [0, 1.0, 0]])  # crop x = photo x + 32: the left half lies outside
+    assert padding_share(shifted, 64, 64, 64) == pytest.approx(0.5)

@@ -64,7 +64,12 @@ def handle_errors(command: Callable) -> Callable:
 
 
 def print_warnings(report: dict) -> None:
-    """A report's warnings, one line each, on stderr where a CI log shows them beside errors."""
+    """A report's warnings, one line each, on stderr where a CI log shows them beside errors;
+    after --align, first what it made of the photos."""
+    aligned = report.get("alignment")
+    if aligned:
+        console.print(f"--align: {aligned['photos']} photos -> {aligned['faces']} faces, "
+                      f"{len(aligned['skipped'])} skipped", markup=False, highlight=False)
     for line in report.get("warnings") or []:
         err_console.print("warning: " + line, style="yellow", markup=False, emoji=False, highlight=False,
                           soft_wrap=True)

@@ -28,7 +28,7 @@ from sia_cli.runs.files import write_json_atomic
 from sia_cli.runs.inputs import Batch, Inputs, RunConfig, clean_pass, load_inputs
 from sia_cli.runs.lifecycle import Context, execute
 from sia_cli.runs.plan import ImagePlan
-from sia_cli.runs.records import REPORT, MethodRun, base_report, findings_trust
+from sia_cli.runs.records import REPORT, MethodRun, account_for_alignment, base_report, findings_trust
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,7 @@ def _report(config: DiagnoseConfig, context: Context, run: MethodRun, skipped: l
     report.update(findings_trust(inputs, run.records, grouped=bool(config.group_by),
                                  measures_include_lost=not counted))
     report.update(images=run.records, skipped=skipped, timing={"total_s": round(seconds, 3)}, complete=complete)
+    account_for_alignment(report, config)
     return report
 
 
