@@ -141,7 +141,7 @@ def test_no_module_switches_on_the_task_kind():
     switch = re.compile(r"\bkind\s*(==|!=|\bin\b|\bnot in\b)\s*[\"'(\[]")
     offenders = [
         f"{path.relative_to(root)}:{number}: {line.strip()}"
-        for path in sorted(root.rglob("*.py")) if path.name != "backbone.py"  # norm/activation kinds, not tasks
+        for path in sorted(root.rglob("*.py")) if path.name != "attgan.py"  # norm/activation kinds, not tasks
         for number, line in enumerate(path.read_text().splitlines(), start=1) if switch.search(line)
     ]
     assert not offenders, offenders
@@ -263,6 +263,38 @@ def test_forty_sigmoids_without_task_say_they_look_independent(models):
     target = load_target(models["multilabel_sigmoid"], probe_size=SIZE)
     assert target.kind == "multiclass"
     assert any("do not sum to 1" in line and "--task multilabel" in line for line in target.assumptions)
+
+
+class Softmax(torch.nn.Module):
+    """A two-class softmax head, as MTCNN's ONet and many exported classifiers end."""
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.inner = Pooled(2, scale=5)
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.inner(x) / self.temperature).softmax(dim=1)
+
+
+def test_a_softmax_head_is_refused_without_output_like_a_sigmoid_one(tmp_path):
+    torch.manual_seed(0)
+    path = save_script(Softmax(), tmp_path / "softmax.pt")
+    with pytest.raises(SiaError) as error:
+        load_target(path, probe_size=SIZE)
+    line = one_line(error)
+    assert "sums to 1" in line and "softmax probabilities" in line and "--output probability" in line
+    target = load_target(path, output="probability", probe_size=SIZE)
+    assert target.kind == "multiclass" and target.output_is_probability
+
+
+def test_the_refusal_shows_the_range_with_digits_that_mean_something(tmp_path):
+    torch.manual_seed(0)
+    path = save_script(Pooled(1, scale=0.01, offset=-9, sigmoid=True), tmp_path / "tiny.pt")  # p about 1.2e-4
+    with pytest.raises(SiaError) as error:
+        load_target(path, probe_size=SIZE)
+    line = one_line(error)
+    assert re.search(r"\(0\.000\d{3}\.\.0\.000\d{3}\)", line), line  # three significant digits, never 0.00..0.00
 
 
 @pytest.mark.parametrize("kwargs, words", [

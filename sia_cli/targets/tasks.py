@@ -259,7 +259,7 @@ def _output_type_check(task: Task, values: torch.Tensor) -> None:
     settings = task.settings
     if settings.output is None and low >= 0 and high <= 1:
         raise SiaError(
-            f"model outputs all lie in [0, 1] ({low:.2f}..{high:.2f}): they look like probabilities; "
+            f"model outputs all lie in [0, 1] ({low:.3g}..{high:.3g}): they look like probabilities; "
             "pass --output probability (or --output logits if they are logits)"
         )
     if task.output_is_probability and (low < 0 or high > 1):
@@ -397,15 +397,19 @@ class Multiclass(Task):
         low, high = _value_range(values)
         if low < 0 or high > 1:
             return []
+        # Outputs that look like probabilities are refused alike, whatever the head: reading
+        # softmax probabilities as logits would flatten every loss and every measured effect.
         sums = values.float().sum(dim=1)
         if (sums - 1).abs().max().item() < 1e-3:
-            return [
-                "output rows lie in [0, 1] and sum to 1, like softmax probabilities, but are read as logits; "
-                "pass --output probability if they are probabilities"
-            ]
+            raise SiaError(
+                f"model outputs lie in [0, 1] ({low:.3g}..{high:.3g}) and each row sums to 1: they look like "
+                "softmax probabilities; pass --output probability (or --output logits if they are logits)"
+            )
+        # Rows in [0, 1] that do not sum to 1 may be sigmoids, or small logits (a model with
+        # random weights gives them): said, not refused.
         if inferred:
             return [
-                f"output values all lie in [0, 1] ({low:.2f}..{high:.2f}) and rows do not sum to 1, as "
+                f"output values all lie in [0, 1] ({low:.3g}..{high:.3g}) and rows do not sum to 1, as "
                 f"{self.num_outputs} independent sigmoids would: pass --task multilabel --label NAME "
                 "--output probability if that is what they are"
             ]
