@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -230,3 +231,40 @@ def test_unlabeled_images_with_a_backbone_without_discriminator_is_a_clear_error
     ])
     assert result.exit_code == 2
     assert "no starting attributes: pass --attrs-file" in result.output
+
+
+class Corner(torch.nn.Module):
+    """A binary model that reads only the top-left 6x6 pixels: background, which no attribute
+    edit touches, but which the reconstruction redraws a little. It hardly moves under any edit."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, :, :6, :6].mean(dim=(1, 2, 3)) - 0.5) * 20
+
+
+def test_a_model_that_hardly_moves_is_said_to_and_ranks_nothing(faces, tmp_path):
+    path = tmp_path / "corner.pt"
+    torch.jit.save(torch.jit.script(Corner().eval()), str(path), _extra_files={"sia.yaml": "output: logits\n"})
+    result = CliRunner().invoke(app, [
+        "diagnose", str(path), "--images", str(faces / "images"), "--attrs-file", str(faces / "list_attr.txt"),
+        "--steps", "20", "--step-size", "0.02", "--bootstrap", "20", "--out", str(tmp_path / "run"),
+        "--no-progress", "--device", "cpu", "--keep-lost"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    effect = report["effect"]
+    assert effect["unit"] == "probability" and effect["measure"] == "ablation"
+    assert effect["moves"] is False and effect["total"] < effect["floor"], effect
+    assert report["stands_out"] is None
+    text = " ".join(result.output.split())
+    assert "hardly moves under any edit" in text and "most sensitive to" not in text
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "hardly moves under any edit" in page
+
+
+def test_a_model_that_moves_carries_its_effect_size_beside_every_share(reports):
+    report = reports["smiling", "confounded"]
+    effect = report["effect"]
+    assert effect["moves"] is True and effect["total"] > effect["floor"] > 0, effect
+    assert effect["total"] == pytest.approx(sum(report["sensitivity_ablation"].values()))
+    page = (Path(report["_folder"]) / "report.html").read_text()
+    top = report["ranking"][0]
+    assert f"{report['sensitivity_ablation'][top]:.3g} probability" in page

@@ -20,7 +20,7 @@ from sia_cli.jobs.diagnose import DiagnoseConfig
 from sia_cli.jobs.diagnose import diagnose as run_diagnosis
 from sia_cli.measures.table import ATTRIBUTE_SHIFT, by_name
 from sia_cli.reports.figures import edit_rate_text
-from sia_cli.reports.html import headline_sentence
+from sia_cli.reports.html import headline_sentence, significant
 
 
 @handle_errors
@@ -67,14 +67,19 @@ def summary_table(report: dict, top_k: int) -> Table:
     blind = set(report.get("blind_spots") or [])
     headline_ci = intervals.get(key, {})
     total = sum(report[key].values()) or 1.0
-    table.caption = (f"share: {key} (headline) as share of total, with its 95% BCa interval; "
+    effect = report.get("effect") or {}
+    unit = effect.get("unit") or "attribute units"
+    floor = f", floor {significant(effect['floor'])} from the reconstruction alone" if effect.get("floor") is not None else ""
+    table.caption = (f"share: {key} (headline) as share of total, with its 95% BCa interval; size: its raw "
+                     f"value in {unit} (all attributes {significant(sum(report[key].values()))}{floor}); "
                      "edit: the backbone's edit success (* blind spot: a low value there means cannot tell)")
-    for column in ("#", "attribute", "share", "interval", ATTRIBUTE_SHIFT.label, "edit"):
+    for column in ("#", "attribute", "share", "interval", "size", ATTRIBUTE_SHIFT.label, "edit"):
         table.add_column(column, no_wrap=column != "attribute")
     for rank, name in enumerate(report["ranking"][:top_k], start=1):
         ci = headline_ci.get(name)
         table.add_row(str(rank), name, f"{shares[name]:.3f}",
                       f"{ci['low'] / total:.2f}-{ci['high'] / total:.2f}" if ci else "",
+                      significant(report[key][name]),
                       f"{report[ATTRIBUTE_SHIFT.normalized_key][name]:.3f}",
                       (edit_rate_text(edit[name]) if name in edit else "?") + ("*" if name in blind else ""))
     return table

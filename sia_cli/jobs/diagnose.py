@@ -173,13 +173,29 @@ def _report(config: DiagnoseConfig, context: Context, run: MethodRun, skipped: l
     report["intervals"] = _intervals(measured, attributes, protected, config)
     report["evidence"] = {"counted_images": len(counted), "minimum_images": sens.MIN_COUNTED_IMAGES,
                           "enough": sens.enough_images(len(counted))}
-    report["stands_out"] = sens.stands_out(found[headline_key], report["intervals"].get(headline_key), len(counted))
+    report["effect"] = _effect(measured, found, headline, inputs)
+    report["stands_out"] = None
+    if report["effect"].get("moves") is not False:  # a model that hardly moves has no leader
+        report["stands_out"] = sens.stands_out(found[headline_key], report["intervals"].get(headline_key),
+                                               len(counted))
     report["groups"] = _groups(measured, attributes, protected, config)
     report.update(findings_trust(inputs, run.records, grouped=bool(config.group_by),
                                  measures_include_lost=not counted))
     report.update(images=run.records, skipped=skipped, timing={"total_s": round(seconds, 3)}, complete=complete)
     account_for_alignment(report, config)
     return report
+
+
+def _effect(records: list[dict], found: dict, headline: str, inputs) -> dict:
+    """How much the headline measure moves the model, in its output units, against the floor
+    the reconstruction alone sets (sensitivity.effect_size); Eq. 2 moves attributes, so it has
+    neither a unit of the model nor a floor."""
+    measure = measures_table.by_name(headline)
+    if not measure.in_output_units:
+        return {"measure": measure.name, "unit": "attribute units", "moves": None}
+    size = sens.effect_size(found[measure.key], sens.reconstruction_floor(records))
+    return {"measure": measure.name, "unit": inputs.target.task.effect_unit, **size,
+            "floor_source": "mean change of the model's output under the reconstruction G(x0, a0) alone"}
 
 
 def _intervals(records, attributes, protected, config: DiagnoseConfig) -> dict:

@@ -239,6 +239,25 @@ def bootstrap(records: Sequence[Record], statistic: Statistic, n: int = 200, see
 MIN_COUNTED_IMAGES = 10
 
 
+def reconstruction_floor(records: Records) -> float | None:
+    """The mean change of the model's output that the reconstruction G(x0, a0) alone causes,
+    over the usable images: an attribute edit is a generator output too, so a total effect of all
+    edits below it cannot be told from what passing through the backbone does to any image.
+    None when the records do not carry it."""
+    values = [r["reconstruction_effect"] for r in usable_records(records)
+              if isinstance(r.get("reconstruction_effect"), (int, float)) and math.isfinite(r["reconstruction_effect"])]
+    return float(np.mean(values)) if values else None
+
+
+def effect_size(values: dict[str, float], floor: float | None) -> dict:
+    """The absolute size of a measure in the model's output units: its total over attributes,
+    the largest, and whether the total clears `floor` (None: no floor to compare with)."""
+    finite = [v for v in values.values() if math.isfinite(v)]
+    total = float(sum(finite)) if finite else 0.0
+    return {"total": total, "largest": max(finite) if finite else 0.0, "floor": floor,
+            "moves": None if floor is None else bool(total > floor)}
+
+
 def enough_images(counted: int, minimum: int = MIN_COUNTED_IMAGES) -> bool:
     return counted >= minimum
 

@@ -26,6 +26,7 @@ class Measure:
     modes: tuple[str, ...]  # the diagnosis modes whose reports carry it
     ranks_in: str  # the one mode where it may be the headline
     default: bool = False  # the headline of `ranks_in` when none is chosen
+    in_output_units: bool = True  # a change of the model's output (Task.effect_unit); Eq. 2 moves attributes
 
     @property
     def normalized_key(self) -> str:
@@ -37,7 +38,7 @@ ATTRIBUTE_SHIFT = Measure(
     # Single mode reports it too because SDAR is defined on it; it may not rank there, as
     # each image keeps only its best one-attribute attack, so it shows which attribute won
     # rather than how far an attack that could move all of them moved each.
-    modes=("multi", "single"), ranks_in="multi",
+    modes=("multi", "single"), ranks_in="multi", in_output_units=False,
 )
 # The headline of multi mode: it recovered planted confounders best (README, "Validity against the truth").
 ABLATION = Measure(

@@ -33,6 +33,13 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def significant(value: Any, digits: int = 3) -> str:
+    """A raw effect with `digits` significant digits: 0.00042, never 0.000."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.{digits}g}"
+    return "—"
+
+
 def _number(value: Any, digits: int = 3) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return f"{value:.{digits}f}"
@@ -42,7 +49,7 @@ def _number(value: Any, digits: int = 3) -> str:
 def _interval_text(interval: dict | None, digits: int = 3) -> str:
     if not interval:
         return ""
-    return f"[{_number(interval.get('low'), digits)}, {_number(interval.get('high'), digits)}]"
+    return f"[{significant(interval.get('low'), digits)}, {significant(interval.get('high'), digits)}]"
 
 
 def _mean(value: Any) -> float | None:
@@ -103,13 +110,23 @@ def headline_sentence(report: dict, top_k: int = 3) -> str:
         return "No attribute sensitivities were measured."
     winner = report.get("stands_out")
     evidence = report.get("evidence") or {}
+    effect = report.get("effect") or {}
     if evidence.get("enough") is False:
         counted, minimum = evidence.get("counted_images"), evidence.get("minimum_images")
         text = (f"Too few images to name an attribute: {counted} counted image{'s' if counted != 1 else ''} "
                 f"measured, and a finding needs at least {minimum}. Diagnose more images.")
         winner = None
+    elif effect.get("moves") is False:
+        text = (f"The model hardly moves under any edit: all attributes together change its output by "
+                f"{significant(effect['total'])} ({effect['unit']}), less than the reconstruction alone does "
+                f"({significant(effect['floor'])}); no attribute is ranked.")
+        winner = None
     elif winner in shares:
-        text = f"The model is most sensitive to {winner}: {shares[winner]:.2f} of total ({name}; its interval clears the runner-up's)."
+        size = ""
+        if effect.get("moves") is not None and winner in (report.get(key) or {}):
+            size = f", {significant(report[key][winner])} {effect['unit']}"
+        text = (f"The model is most sensitive to {winner}: {shares[winner]:.2f} of total{size} ({name}; its interval "
+                "clears the runner-up's).")
     else:
         leaders = ", ".join(f"{a} {shares[a]:.2f}" for a in order[:top_k])
         text = f"No single attribute stands out (the leaders' intervals overlap); leaders by {name}: {leaders}."
@@ -135,14 +152,19 @@ def _top_attributes(report: dict, top_k: int) -> str:
     edit = (report.get("backbone") or {}).get("edit_success") or {}
     blind = set(report.get("blind_spots") or [])
 
+    lead = f"<p class='lead'>{_e(headline_sentence(report))}</p>"
+    if (report.get("evidence") or {}).get("enough") is False or (report.get("effect") or {}).get("moves") is False:
+        return lead  # the sentence says why nothing is ranked
+    effect = report.get("effect") or {}
+    raw = report.get(key) or {}
+
     def item(attribute: str) -> str:
         note = f" <span class='muted'>(blind spot: backbone edit success {edit_rate_text(edit[attribute])})</span>" \
             if attribute in blind and attribute in edit else ""
-        return f"<li>{_e(attribute)}: {shares[attribute]:.2f} of total{note}</li>"
+        size = f" ({significant(raw[attribute])} {_e(effect['unit'])})" if effect.get("unit") and attribute in raw \
+            and effect.get("moves") is not None else ""
+        return f"<li>{_e(attribute)}: {shares[attribute]:.2f} of total{size}{note}</li>"
 
-    lead = f"<p class='lead'>{_e(headline_sentence(report))}</p>"
-    if (report.get("evidence") or {}).get("enough") is False:
-        return lead  # the sentence says why nothing is ranked
     return f"{lead}<p class='muted'>headline measure: {_e(name)}</p><ol>{''.join(item(a) for a in order)}</ol>"
 
 
@@ -188,7 +210,7 @@ def _measures_table(report: dict) -> str:
         for _, key in columns:
             raw, shares = report.get(key) or {}, report.get(key + "_normalized") or {}
             interval = _interval_text((intervals.get(key) or {}).get(attribute))
-            cells.append(f"<td>{_number(raw.get(attribute))}</td><td>{_e(interval)}</td>"
+            cells.append(f"<td>{significant(raw.get(attribute))}</td><td>{_e(interval)}</td>"
                          f"<td>{_number(shares.get(attribute), 2)}</td>")
         if flips:
             cells.append(f"<td>{_number(flips.get(attribute), 2)}</td>")

@@ -116,6 +116,7 @@ class Task:
     inferred: ClassVar[bool] = False  # may be read off the output shape without --task
     writes_class_labels: ClassVar[bool] = False  # its reference is a class index `sia augment` can write
     reads_output_type: ClassVar[bool] = False  # --output logits|probability applies
+    effect_unit: ClassVar[str] = "output units"  # what `distance` measures in (each kind says)
     label_layout: ClassVar[str] = "file,label"
 
     def __init__(self, output_shape: Sequence[int], settings: Any, input_hw: Sequence[int]):
@@ -274,6 +275,7 @@ class Binary(Task):
     BCE; success when the thresholded prediction (p > 0.5) changes."""
 
     name = "binary"
+    effect_unit = "probability"
     shapes = "(B,) or (B, 1) for binary"
     inferred = True
     writes_class_labels = True
@@ -357,6 +359,7 @@ class Multiclass(Task):
     success when the arg-max changes."""
 
     name = "multiclass"
+    effect_unit = "total variation of the class probabilities"
     shapes = "(B, C) with C >= 2 for multiclass"
     inferred = True
     writes_class_labels = True
@@ -578,6 +581,7 @@ class Keypoints(_Points):
     given, else over the heatmap diagonal."""
 
     name = "keypoints"
+    effect_unit = "NME"
     shapes = "(B, K, H, W) heatmaps for keypoints"
     inferred = True
 
@@ -641,6 +645,7 @@ class Landmarks(_Points):
     read as landmarks without --task; (B, 2K) needs --task landmarks."""
 
     name = "landmarks"
+    effect_unit = "NME"
     shapes = "(B, K, 2) or (B, 2K) (x, y) points for landmarks"
     inferred = True
 
@@ -716,6 +721,7 @@ class Regression(Task):
     in the output's own units)."""
 
     name = "regression"
+    effect_unit = "margins"
     shapes = "(B,) or (B, 1) for regression (with --task regression)"
 
     @classmethod
