@@ -53,8 +53,8 @@ def test_config_values_take_the_command_line_conversions(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     built = seen[0]
     assert built.settings.eps == 2 / 255 and built.methods == ("sia", "pgd") and built.batch_size == "auto"
-    assert built.protect == ("Bangs", "Smiling", "Young") and built.mean == (0.5, 0.5, 0.5)
-    assert built.eye_indices == (0, 1) and built.device == "cpu"
+    assert built.protect == ("Bangs", "Smiling", "Young") and built.model_options.mean == (0.5, 0.5, 0.5)
+    assert built.model_options.eye_indices == (0, 1) and built.device == "cpu"
 
 
 def test_unknown_config_key_is_refused(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from sia_cli.engine.attack import AttackSettings
 from sia_cli.jobs.augment import AugmentConfig
 from sia_cli.jobs.diagnose import DiagnoseConfig
 from sia_cli.runs.inputs import RunConfig
+from sia_cli.targets.options import ModelOptions
 
 MODEL = "model.pt"  # never loaded: the engine call is replaced
 
@@ -44,14 +46,17 @@ TARGET_ARGS = [
     "--step-size", "0.5/255", "--eps-attr", "0.5", "--seed", "3", "--batch-size", "auto", "--compile",
     "--device", "cpu", "--amp", "bf16", "--task", "multilabel", "--input-size", "32", "--mean", "0.5",
     "--std", "0.1,0.2,0.3", "--labels", "l.csv", "--output-key", "logits", "--output", "probability",
-    "--label", "Smiling", "--channels", "1", "--margin", "2.5", "--eye-indices", "0,1", "--trust-pickle",
+    "--label", "Smiling", "--channels", "1", "--margin", "2.5", "--eye-indices", "0,1", "--landmark-layout", "xxyy",
+    "--trust-pickle",
     "--no-progress",
 ]
 TARGET_FIELDS = dict(
     model=Path(MODEL), images=Path("imgs"), out=Path("o"), gan="g", attrs_file=Path("a.txt"),
-    batch_size="auto", compile=True, device="cpu", seed=3, task="multilabel", input_size=32,
-    mean=(0.5, 0.5, 0.5), std=(0.1, 0.2, 0.3), labels=Path("l.csv"), output_key="logits", output="probability",
-    label="Smiling", channels=1, margin=2.5, eye_indices=(0, 1), trust_pickle=True,
+    batch_size="auto", compile=True, device="cpu", seed=3, labels=Path("l.csv"),
+    model_options=ModelOptions(
+        task="multilabel", input_size=32, mean=(0.5, 0.5, 0.5), std=(0.1, 0.2, 0.3), output_key="logits",
+        output="probability", label="Smiling", channels=1, margin=2.5, eye_indices=(0, 1), landmark_layout="xxyy",
+        trust_pickle=True),
 )
 SETTINGS = dict(steps=7, eps=2 / 255, step_size=0.5 / 255, eps_attr=0.5, protect_eps=0.01, amp="bf16")
 
@@ -124,19 +129,26 @@ def test_augment_options_fill_every_field(captured):
     )
 
 
-def test_sdar_diagnoses_a_model_with_defaults_for_what_it_has_no_option_for(captured):
-    args = ["sdar", MODEL, "--images", "imgs", "--out", "o", "--gan", "g", "--attrs-file", "a.txt",
-            "--protect", "Bangs", "--steps", "4", "--batch-size", "2", "--device", "cpu", "--seed", "5",
-            "--task", "binary", "--output-key", "y", "--output", "logits", "--label", "0", "--channels", "3",
-            "--margin", "0.5", "--eye-indices", "2,3", "--trust-pickle", "--force", "--max", "0.1"]
+def test_sdar_with_a_model_takes_the_same_model_and_attack_options(captured):
+    args = ["sdar", MODEL, "--images", "imgs", "--out", "o", "--nme-threshold", "0.2", "--force", "--keep-lost",
+            "--align", "--max", "0.1", *TARGET_ARGS]
     result, config = captured(args)
     assert result.exit_code == 0, result.output
     assert config == DiagnoseConfig(
-        model=Path(MODEL), images=Path("imgs"), out=Path("o"), gan="g", attrs_file=Path("a.txt"),
-        protect=("Bangs",), settings=AttackSettings(steps=4), batch_size=2, device="cpu", seed=5, task="binary",
-        output_key="y", output="logits", label="0", channels=3, margin=0.5, eye_indices=(2, 3),
-        trust_pickle=True, force=True, command=" ".join(["sia", *args]),
+        **TARGET_FIELDS, settings=AttackSettings(**SETTINGS, nme_threshold=0.2), force=True, keep_lost=True,
+        align=True, command=" ".join(["sia", *args]),
     )
+
+
+def test_every_command_that_loads_a_model_lists_the_same_model_options():
+    from sia_cli.cli.options import MODEL_OPTIONS
+
+    runner = CliRunner()
+    wanted = {"--" + name.replace("_", "-") for name, _, _ in MODEL_OPTIONS}
+    for command in ("attack", "diagnose", "augment", "harden", "sdar"):
+        text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        listed = set(re.findall(r"(--[a-z][a-z-]+)", text))
+        assert wanted <= listed, (command, wanted - listed)
 
 
 def test_train_gan_options_fill_every_field(captured):

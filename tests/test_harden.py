@@ -289,3 +289,39 @@ def test_a_diverged_hardening_is_an_error_not_a_model(planted, tmp_path, monkeyp
     assert not (out / "hardening.json").exists()
     with pytest.raises(SiaError, match="--force"):
         harden(small(planted, out, epochs=1))
+
+
+class LogitAndFeatures(torch.nn.Module):
+    """A binary classifier that returns (logit, features), as many detectors and multi-head models do."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit = self.inner(x)
+        return logit, x.mean(dim=(2, 3))
+
+
+def test_a_hardened_model_keeps_the_options_it_was_loaded_with(planted, tmp_path):
+    """--output-key given on the command line travels into the hardened file's sia.yaml: the
+    hardened model is diagnosed without repeating it, and reads the same outputs."""
+    mv, _ = examples()
+    inner = mv.ARCHS["mlp"]()
+    inner.load_state_dict(load_target(planted["model"]).model.state_dict())
+    source = tmp_path / "tuple.pt"
+    torch.jit.save(torch.jit.script(LogitAndFeatures(inner).eval()), str(source), _extra_files={"sia.yaml": ""})
+    out = tmp_path / "hardened"
+    result = sia("harden", source, "--images", planted["eval"] / "images", "--attrs-file", planted["eval"] / "list_attr.txt",
+                 "--out", out, "--protect", "Mustache", "--steps", "2", "--step-size", "0.05", "--epochs", "1",
+                 "--batch-size", "4", "--output-key", "0", "--output", "logits", "--no-progress")
+    assert result.exit_code == 0, result.output
+    given = load_target(out / "model.pt", output_key=0, output="logits")
+    alone = load_target(out / "model.pt")  # nothing repeated
+    assert alone.output_key == 0 and alone.kind == "binary" and alone.output_is_probability is False
+    faces = torch.rand(3, 3, 64, 64) * 2 - 1
+    assert torch.equal(alone(faces), given(faces))
+    diagnosed = sia("diagnose", out / "model.pt", "--images", planted["eval"] / "images", "--attrs-file",
+                    planted["eval"] / "list_attr.txt", "--protect", "Mustache", "--steps", "2", "--bootstrap", "5",
+                    "--out", tmp_path / "after", "--no-progress")
+    assert diagnosed.exit_code == 0, diagnosed.output

@@ -15,6 +15,7 @@ from sia_cli.runs.inputs import RunConfig
 
 
 @handle_errors
+@o.with_model_options
 def attack(
     model: Path = o.MODEL, images: Path = o.IMAGES, out: Path = o.OUT, gan: str = o.GAN,
     attrs_file: Path = o.ATTRS_FILE,
@@ -22,12 +23,10 @@ def attack(
     protect: list[str] = o.PROTECT, protect_eps: float = o.PROTECT_EPS, steps: int = o.STEPS, eps: str = o.EPS,
     step_size: str = o.STEP_SIZE, eps_attr: str = o.EPS_ATTR, seed: int = o.SEED, batch_size: int = o.BATCH_SIZE,
     compile: bool = o.COMPILE,
-    device: str = o.DEVICE, amp: str = o.AMP, task: str = o.TASK, input_size: int = o.INPUT_SIZE,
-    mean: str = o.MEAN, std: str = o.STD, labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
-    output: str = o.OUTPUT_TYPE, label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN,
-    eye_indices: str = o.EYE_INDICES,
-    nme_threshold: float = o.NME, force: bool = o.FORCE, keep_lost: bool = o.KEEP_LOST, trust_pickle: bool = o.TRUST_PICKLE, align: bool = o.ALIGN, no_progress: bool = o.NO_PROGRESS,
+    device: str = o.DEVICE, amp: str = o.AMP, labels: Path = o.LABELS,
+    nme_threshold: float = o.NME, force: bool = o.FORCE, keep_lost: bool = o.KEEP_LOST, align: bool = o.ALIGN, no_progress: bool = o.NO_PROGRESS,
     config_file: Path = o.CONFIG,
+    model_options: dict = None,
 ):
     """Attack MODEL on every image in --images; write adversaries/, report.json and a summary table."""
     config = o.build(RunConfig, locals())

@@ -15,6 +15,7 @@ from sia_cli.jobs.augment import augment as run_augment
 
 
 @handle_errors
+@o.with_model_options
 def augment(
     model: Path = o.MODEL, images: Path = o.IMAGES,
     out: Path = typer.Option(..., "--out", help="Output folder: images/, list_attr.txt, labels.csv, augment.json."),
@@ -31,13 +32,11 @@ def augment(
     protect_eps: float = o.PROTECT_EPS, steps: int = o.STEPS, eps: str = o.EPS, step_size: str = o.STEP_SIZE,
     eps_attr: str = o.EPS_ATTR, seed: int = o.SEED, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE,
     compile: bool = o.COMPILE,
-    amp: str = o.AMP, task: str = o.TASK, input_size: int = o.INPUT_SIZE, mean: str = o.MEAN, std: str = o.STD,
-    labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
-    output: str = o.OUTPUT_TYPE, label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN,
-    eye_indices: str = o.EYE_INDICES,
-    force: bool = typer.Option(o.default(AugmentConfig, "force"), "--force", help="Start over in an --out that holds another augmentation."),
-    trust_pickle: bool = o.TRUST_PICKLE, align: bool = o.ALIGN, no_progress: bool = o.NO_PROGRESS,
+    amp: str = o.AMP,
+    labels: Path = o.LABELS,
+    force: bool = typer.Option(o.default(AugmentConfig, "force"), "--force", help="Start over in an --out that holds another augmentation."), align: bool = o.ALIGN, no_progress: bool = o.NO_PROGRESS,
     config_file: Path = o.CONFIG,
+    model_options: dict = None,
 ):
     """Write SIA adversaries of the images in --images as an augmentation set labelled with each
     source's class; a rerun of the same command continues where it stopped."""

@@ -24,6 +24,7 @@ from sia_cli.reports.html import headline_sentence, significant
 
 
 @handle_errors
+@o.with_model_options
 def diagnose(
     model: Path = o.MODEL, images: Path = o.IMAGES, out: Path = o.OUT, gan: str = o.GAN,
     attrs_file: Path = o.ATTRS_FILE, protect: list[str] = o.PROTECT, protect_eps: float = o.PROTECT_EPS,
@@ -34,11 +35,9 @@ def diagnose(
     steps: int = o.STEPS, eps: str = o.EPS, step_size: str = o.STEP_SIZE, eps_attr: str = o.EPS_ATTR,
     seed: int = o.SEED, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE, amp: str = o.AMP,
     compile: bool = o.COMPILE,
-    task: str = o.TASK, input_size: int = o.INPUT_SIZE, mean: str = o.MEAN, std: str = o.STD,
-    labels: Path = o.LABELS, output_key: str = o.OUTPUT_KEY,
-    output: str = o.OUTPUT_TYPE, label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN,
-    eye_indices: str = o.EYE_INDICES, nme_threshold: float = o.NME,
-    force: bool = o.FORCE, keep_lost: bool = o.KEEP_LOST, trust_pickle: bool = o.TRUST_PICKLE, align: bool = o.ALIGN, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
+    labels: Path = o.LABELS, nme_threshold: float = o.NME,
+    force: bool = o.FORCE, keep_lost: bool = o.KEEP_LOST, align: bool = o.ALIGN, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
+    model_options: dict = None,
 ):
     """Find which attributes MODEL is sensitive to: report.json, sensitivity.png, grid.png, report.html."""
     config = o.build(DiagnoseConfig, locals())

@@ -14,6 +14,7 @@ from sia_cli.jobs.harden import harden as run_harden
 
 
 @handle_errors
+@o.with_model_options
 def harden(
     model: Path = o.MODEL, images: Path = o.IMAGES,
     out: Path = typer.Option(..., "--out", help="Output folder: model.pt (or model.pt2), hardening.json, "
@@ -37,12 +38,10 @@ def harden(
     save_every: int = typer.Option(None, "--save-every", help="Optimiser steps per checkpoint (default: one epoch)."),
     protect: list[str] = o.PROTECT, protect_eps: float = o.PROTECT_EPS, steps: int = o.STEPS, eps: str = o.EPS,
     step_size: str = o.STEP_SIZE, eps_attr: str = o.EPS_ATTR, seed: int = o.SEED, batch_size: int = o.BATCH_SIZE,
-    device: str = o.DEVICE, amp: str = o.AMP, task: str = o.TASK, input_size: int = o.INPUT_SIZE,
-    mean: str = o.MEAN, std: str = o.STD, output_key: str = o.OUTPUT_KEY, output: str = o.OUTPUT_TYPE,
-    label: str = o.LABEL, channels: int = o.CHANNELS, margin: float = o.MARGIN, eye_indices: str = o.EYE_INDICES,
+    device: str = o.DEVICE, amp: str = o.AMP,
     nme_threshold: float = o.NME,
-    force: bool = typer.Option(False, "--force", help="Redo a finished hardening in --out."),
-    trust_pickle: bool = o.TRUST_PICKLE, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
+    force: bool = typer.Option(False, "--force", help="Redo a finished hardening in --out."), no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
+    model_options: dict = None,
 ):
     """Fine-tune MODEL on adversaries of its current weights (SIA adversarial training) and
     compare it before and after on --eval-images; a rerun of the same command resumes."""

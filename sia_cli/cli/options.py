@@ -8,6 +8,8 @@ whose default is None means "not given" and leaves its field at the engine's def
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 import operator
 import sys
@@ -20,6 +22,7 @@ from sia_cli.engine.attack import AttackSettings
 from sia_cli.errors import SiaError
 from sia_cli.runs.devices import pick_device
 from sia_cli.runs.inputs import RunConfig
+from sia_cli.targets.options import ModelOptions
 
 
 def load_config(ctx: typer.Context, param, path: Path | None) -> Path | None:
@@ -197,11 +200,47 @@ ALIGN = typer.Option(
     help="Find, align and crop the faces of --images first, as `sia align` does, into OUT/aligned/ (needs the align "
          "extra); --attrs-file and --labels rows follow each face's photo.")
 TRUST_PICKLE = typer.Option(
-    default(RunConfig, "trust_pickle"), "--trust-pickle",
+    default(ModelOptions, "trust_pickle"), "--trust-pickle",
     help="Load a .pt2 archive whose weights or sample inputs are stored as pickles (refused by default: "
          "unpickling can run any code). Only for files you trust.",
 )
 NO_PROGRESS = typer.Option(False, "--no-progress", help="Hide progress bars (also hidden when stderr is not a terminal).")
+LANDMARK_LAYOUT = typer.Option(
+    None, "--landmark-layout", metavar="xyxy|xxyy",
+    help="Landmarks given as (B, 2K): xyxy is x1, y1, x2, y2, ... (the default); xxyy is x1, ..., xK, y1, ..., yK, "
+         "as MTCNN-style heads emit. (B, K, 2) outputs need none.",
+)
+
+# The options that load and read a model (sia_cli.targets.options.ModelOptions), declared once:
+# `with_model_options` gives them to every command that loads a model, alike.
+MODEL_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
+    ("task", str, TASK), ("input_size", int, INPUT_SIZE), ("mean", str, MEAN), ("std", str, STD),
+    ("channels", int, CHANNELS), ("output", str, OUTPUT_TYPE), ("output_key", str, OUTPUT_KEY),
+    ("label", str, LABEL), ("margin", float, MARGIN), ("eye_indices", str, EYE_INDICES),
+    ("landmark_layout", str, LANDMARK_LAYOUT), ("trust_pickle", bool, TRUST_PICKLE),
+)
+
+
+def with_model_options(command: Callable) -> Callable:
+    """Add the model options to `command`'s parameters (before --no-progress and --config, so
+    `--help` lists them together) and hand them to it as one dict, `model_options`, which the
+    command merges into what `build` reads."""
+    signature = inspect.signature(command)
+    own = [p for p in signature.parameters.values() if p.name != "model_options"]
+    added = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=kind)
+             for name, kind, option in MODEL_OPTIONS]
+    tail = [p for p in own if p.name in ("no_progress", "config_file")]
+    head = [p for p in own if p not in tail]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        given = {name: kwargs.pop(name, None) for name, _, _ in MODEL_OPTIONS}
+        return command(*args, model_options=given, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=head + added + tail)
+    wrapper.__annotations__ = {**getattr(command, "__annotations__", {}),
+                               **{name: kind for name, kind, _ in MODEL_OPTIONS}}
+    return wrapper
 
 
 
@@ -313,7 +352,11 @@ def build(config_class: type, values: Mapping[str, Any]):
     """The engine config `config_class` built from a command's parsed option values, its
     parameters by name (`locals()` first thing in the command). Parameters that fill no field
     (--no-progress, --config) are left out; an option left unset (None) leaves its field at
-    the default. One constructor call: the configs are frozen."""
+    the default. One constructor call: the configs are frozen. The model options a command got
+    from `with_model_options` (one dict, `model_options`) count as its own."""
+    if isinstance(values.get("model_options"), dict):
+        values = {**values, **values["model_options"]}
+        values.pop("model_options")
     given = {}
     for field, how in _plan(config_class, values):
         if isinstance(how, type):
@@ -328,6 +371,8 @@ def build(config_class: type, values: Mapping[str, Any]):
 
 def sources(config_class: type, available) -> dict[str, tuple[str, ...]]:
     """Which options fill which field (`settings.steps` for a nested one): what `build` reads."""
+    if "model_options" in available:
+        available = [name for name in available if name != "model_options"] + [n for n, _, _ in MODEL_OPTIONS]
     found = {}
     for field, how in _plan(config_class, available):
         if isinstance(how, type):

@@ -65,6 +65,7 @@ def refuse_few(report: dict, path: Path | str) -> None:
 
 
 @handle_errors
+@o.with_model_options
 def sdar(
     source: Path = typer.Argument(..., help="A report.json from `sia diagnose`, or a model to diagnose now."),
     max_sdar: float = typer.Option(None, "--max", help="Exit 1 when SDAR is above this."),
@@ -80,10 +81,12 @@ def sdar(
         help=f"Gate even when the report counted fewer images than a finding needs (otherwise exit {FEW_IMAGES})."),
     images: Path = typer.Option(None, "--images", help="With a model: images to diagnose."),
     out: Path = o.OUT, gan: str = o.GAN, attrs_file: Path = o.ATTRS_FILE, protect: list[str] = o.PROTECT,
-    steps: int = o.STEPS, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE, seed: int = o.SEED,
-    task: str = o.TASK, output_key: str = o.OUTPUT_KEY, output: str = o.OUTPUT_TYPE, label: str = o.LABEL,
-    channels: int = o.CHANNELS, margin: float = o.MARGIN, eye_indices: str = o.EYE_INDICES,
-    trust_pickle: bool = o.TRUST_PICKLE, force: bool = o.FORCE, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
+    protect_eps: float = o.PROTECT_EPS, steps: int = o.STEPS, eps: str = o.EPS, step_size: str = o.STEP_SIZE,
+    eps_attr: str = o.EPS_ATTR, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE, amp: str = o.AMP,
+    compile: bool = o.COMPILE, seed: int = o.SEED, labels: Path = o.LABELS, nme_threshold: float = o.NME,
+    keep_lost: bool = o.KEEP_LOST, align: bool = o.ALIGN, force: bool = o.FORCE,
+    no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
+    model_options: dict = None,
 ):
     """Print SDAR (standard deviation of attribute sensitivity, paper 4.4.1) and gate on --max."""
     if max_sdar is not None and not (math.isfinite(max_sdar) and max_sdar >= 0):  # before any diagnosis

@@ -427,8 +427,7 @@ def evaluate(config: HardenConfig, model: Path, folder: Path, world: World, prog
 
     steps = config.eval_steps or config.settings.steps
     base = {name: getattr(config, name) for name in (
-        "gan", "protect", "batch_size", "device", "seed", "task", "input_size", "mean", "std", "output_key",
-        "output", "label", "channels", "margin", "eye_indices", "trust_pickle", "keep_lost")}
+        "gan", "protect", "batch_size", "device", "seed", "model_options", "keep_lost")}
     base.update(model=model, images=config.eval_images, attrs_file=config.eval_attrs_file, labels=config.eval_labels,
                 command=config.command)
     settings = replace(config.settings, steps=steps)

@@ -17,6 +17,7 @@ from sia_cli.inputs.images import ImageError, list_images, load_image, read_attr
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.runs.distributed import World
 from sia_cli.targets import load_target, read_labels
+from sia_cli.targets.options import ModelOptions
 
 
 @dataclass(frozen=True)
@@ -33,25 +34,17 @@ class RunConfig:
     compile: bool = False
     device: str = "cpu"
     seed: int = 0
-    task: str | None = None
-    input_size: int | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    model_options: ModelOptions = field(default_factory=ModelOptions)  # how to load and read the model
     labels: Path | None = None
-    output_key: str | None = None
-    output: str | None = None  # logits or probability (binary, multiclass, multilabel heads)
-    label: str | None = None  # multilabel: the label under attack, name or index
-    channels: int | None = None  # 1 for grayscale models
-    margin: float | None = None  # regression: success past this change
-    eye_indices: tuple[int, int] | None = None  # keypoints/landmarks: NME over their distance
     force: bool = False
     keep_lost: bool = False  # count images lost in reconstruction in the success rate and measures
     command: str = ""
-    trust_pickle: bool = False  # load .pt2 archives holding pickles (they can run code)
     align: bool = False  # find and align the faces of --images first (sia_cli.align.align_inputs)
 
     def describe(self) -> dict:
+        """The settings as reports record them: the model options beside the others, flat."""
         data = asdict(self)
+        data.update(data.pop("model_options"))
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
 
 
@@ -71,12 +64,7 @@ class Inputs:
 def load_inputs(config: RunConfig, device: str, progress: ProgressFn = silent) -> Inputs:
     """Every input of a run, checked before the first batch (on `device`, this rank's)."""
     backbone = load_backbone(config.gan, device, progress)
-    target = load_target(
-        config.model, device=device, task=config.task, input_size=config.input_size,
-        mean=config.mean, std=config.std, output_key=config.output_key, probe_size=backbone.img_size,
-        output=config.output, label=config.label, channels=config.channels, margin=config.margin,
-        eye_indices=config.eye_indices, trust_pickle=config.trust_pickle,
-    )
+    target = load_target(config.model, device=device, probe_size=backbone.img_size, options=config.model_options)
     files = list_images(config.images)
     table = read_attributes(config.attrs_file).select(backbone.attributes) if config.attrs_file else None
     mismatch = table.mismatch(files) if table is not None else None

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+import yaml
 
 from sia_cli.runs.files import write_bytes_atomic
 
@@ -21,9 +22,12 @@ def stored_yaml(path: Path) -> str:
 
 
 def export_model(target, source: Path, out: Path) -> Path:
-    """The fine-tuned model in its input's format, with the input's sia.yaml: TorchScript saved
-    again; an exported program exported again from its trained graph. Never the input file."""
-    yaml_text = stored_yaml(source)
+    """The fine-tuned model in its input's format, with the input's sia.yaml updated with every
+    option the model was read with (`Target.read_with`: --output-key, --task, ... given on the
+    command line are kept): TorchScript saved again; an exported program exported again from
+    its trained graph. Never the input file."""
+    stored = yaml.safe_load(stored_yaml(source) or "") or {}
+    yaml_text = yaml.safe_dump({**stored, **target.read_with()}, sort_keys=False)
     buffer = io.BytesIO()
     model = target.model
     if target.format == "torchscript":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -11,6 +12,7 @@ from sia_cli.errors import SiaError
 from sia_cli.runs.files import file_sha256
 from sia_cli.targets.formats import ExportFacts, detect_format, load_export, load_torchscript
 from sia_cli.targets.model import Target
+from sia_cli.targets.options import ModelOptions
 from sia_cli.targets.probe import probe
 from sia_cli.targets.settings import merge_settings, read_sia_yaml
 
@@ -25,11 +27,13 @@ def load_target(
     output_key: int | str | None = None,
     probe_size: int = 64,
     *,
+    options: ModelOptions | None = None,
     output: str | None = None,
     label: str | int | None = None,
     channels: int | None = None,
     margin: float | None = None,
     eye_indices: Sequence[int] | str | None = None,
+    landmark_layout: str | None = None,
     trust_pickle: bool = False,
 ) -> Target:
     """Load a TorchScript file or torch.export archive and check it on probe images.
@@ -46,8 +50,15 @@ def load_target(
     or index). ``channels``: 1 for grayscale models. ``margin``: regression success threshold.
     ``eye_indices``: two landmark/keypoint indices whose distance normalises the NME.
     ``trust_pickle``: load a .pt2 archive whose weights or sample inputs are pickles (refused
-    otherwise: unpickling can run any code).
+    otherwise: unpickling can run any code). ``options``: all of these as one `ModelOptions`
+    (what the commands pass); a keyword given beside it overrides its field.
     """
+    given = {"task": task, "input_size": input_size, "mean": mean, "std": std, "output_key": output_key,
+             "output": output, "label": label, "channels": channels, "margin": margin, "eye_indices": eye_indices,
+             "landmark_layout": landmark_layout}
+    options = replace(options or ModelOptions(), **{k: v for k, v in given.items() if v is not None})
+    if trust_pickle:
+        options = replace(options, trust_pickle=True)
     path = Path(path)
     if not path.is_file():
         raise SiaError(f"{path}: no such model file")
@@ -57,12 +68,10 @@ def load_target(
     if model_format == "torchscript":
         model, yaml_text = load_torchscript(path, device)
     else:
-        model, yaml_text, facts = load_export(path, device, trust_pickle)
-    explicit = {
-        "input_size": input_size, "mean": mean, "std": std, "task": task, "output": output, "label": label,
-        "channels": channels, "margin": margin, "eye_indices": eye_indices,
-    }
-    settings = merge_settings(read_sia_yaml(yaml_text, path), path, explicit, facts)
+        model, yaml_text, facts = load_export(path, device, options.trust_pickle)
+    stored = read_sia_yaml(yaml_text, path)
+    settings = merge_settings(stored, path, options.explicit(), facts)
+    output_key = options.output_key if options.output_key is not None else stored.get("output_key")
     target = Target(
         model, settings, path=path, sha256=file_sha256(path), format=model_format, batch_range=facts.batch_range,
         probe_size=probe_size,

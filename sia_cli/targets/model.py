@@ -121,10 +121,20 @@ class Target(torch.nn.Module):
             "eye_indices": list(self.eye_indices) if self.eye_indices else None,
             "nme_normaliser": task.get("nme_normaliser"),
             "margin": task.get("margin"),
+            "landmark_layout": task.get("landmark_layout"),
             "static_batch": self.static_batch,
             "assumptions": list(self.assumptions),
             "sources": dict(self.settings.sources),
         }
+
+    def read_with(self) -> dict[str, Any]:
+        """The options this model is read with, as sia.yaml holds them (set ones only): written
+        into every model the tool writes, so it is read the same way again without repeating them."""
+        found = self.describe()
+        keys = ("input_size", "mean", "std", "channels", "output", "output_key", "class_names", "label",
+                "eye_indices", "margin", "landmark_layout")
+        options = {"task": self.kind, **{key: found[key] for key in keys}}
+        return {key: value for key, value in options.items() if value is not None}
 
     # ----------------------------------------------------------- forward path
 

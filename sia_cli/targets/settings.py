@@ -26,7 +26,9 @@ from sia_cli.targets.tasks import TASKS
 FLAGS = {
     "input_size": "--input-size", "mean": "--mean", "std": "--std", "channels": "--channels", "task": "--task",
     "output": "--output", "label": "--label", "margin": "--margin", "eye_indices": "--eye-indices",
+    "landmark_layout": "--landmark-layout",
 }
+LANDMARK_LAYOUTS = ("xyxy", "xxyy")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Settings:
     eye_indices: tuple[int, int] | None = None
     label: str | None = None
     margin: float | None = None
+    landmark_layout: str = "xyxy"  # how (B, 2K) coordinates are laid out
     sources: dict[str, str] = field(default_factory=dict)
 
     def flag_text(self, key: str, value: Any) -> str:
@@ -162,6 +165,13 @@ def read_sia_yaml(text: str, path: Path) -> dict[str, Any]:
     return {str(key).replace("-", "_"): value for key, value in data.items()}
 
 
+def _parse_layout(value: Any, name: str) -> str:
+    text = str(value).strip().lower()
+    if text not in LANDMARK_LAYOUTS:
+        raise SiaError(f"{name} must be xyxy (x1, y1, x2, y2, ...) or xxyy (x1, ..., xK, y1, ..., yK), got {value!r}")
+    return text
+
+
 def merge_settings(stored: dict[str, Any], path: Path, explicit: dict[str, Any], facts: ExportFacts) -> Settings:
     """Explicit arguments win over sia.yaml, sia.yaml over the export graph; all validated."""
     settings = Settings()
@@ -185,6 +195,7 @@ def merge_settings(stored: dict[str, Any], path: Path, explicit: dict[str, Any],
     settings.label = pick("label", _parse_label)
     settings.margin = pick("margin", _parse_margin)
     settings.eye_indices = pick("eye_indices", _parse_eye_indices)
+    settings.landmark_layout = pick("landmark_layout", _parse_layout) or "xyxy"
     settings.class_names = _parse_class_names(stored.get("class_names"), f"class_names in sia.yaml of {path}")
     if settings.class_names is not None:
         sources["class_names"] = "sia.yaml"
@@ -192,7 +203,7 @@ def merge_settings(stored: dict[str, Any], path: Path, explicit: dict[str, Any],
     settings.mean = pick("mean", _parse_per_channel, channels=channels) or (0.0,) * channels
     settings.std = pick("std", _parse_per_channel, channels=channels, positive=True) or (1.0,) * channels
     sources.setdefault("input_size", "default (the generator's image size)")
-    for key in ("mean", "std", "channels", "output"):
+    for key in ("mean", "std", "channels", "output", "landmark_layout"):
         sources.setdefault(key, "default")
     return settings
 

@@ -638,7 +638,8 @@ class Keypoints(_Points):
 
 
 class Landmarks(_Points):
-    """Coordinate regression: (B, K, 2) or (B, 2K) laid out x1, y1, x2, y2, ..., in the model's
+    """Coordinate regression: (B, K, 2), or (B, 2K) laid out x1, y1, x2, y2, ... (``xyxy``, the
+    default) or x1..xK, y1..yK (``xxyy``, as MTCNN-style heads emit; --landmark-layout), in the model's
     input pixels. Loss: mean squared point distance to the reference (input pixels squared).
     Error: normalised mean error over the inter-ocular distance when ``eye_indices`` are given
     (sia.yaml or --eye-indices), else over the diagonal of the model's input size. (B, K, 2) is
@@ -665,6 +666,8 @@ class Landmarks(_Points):
 
     def points(self, out: torch.Tensor) -> torch.Tensor:
         """(B, K, 2) float (x, y) in input pixels."""
+        if out.dim() == 2 and self.settings.landmark_layout == "xxyy":
+            return out.float().reshape(out.shape[0], 2, self.num_outputs).transpose(1, 2)
         return out.float().reshape(out.shape[0], self.num_outputs, 2)
 
     def inspect(self, values, inferred):
@@ -709,10 +712,15 @@ class Landmarks(_Points):
         """Coordinates (B, K, 2) in input pixels, in the model's output layout."""
         if values.shape[-2:] != (self.num_outputs, 2):
             raise SiaError(f"landmark labels have {values.shape[-2]} points; the model predicts {self.num_outputs}")
-        return values.float().reshape(values.shape[0], *self.output_shape)
+        values = values.float()
+        if len(self.output_shape) == 1 and self.settings.landmark_layout == "xxyy":
+            values = values.transpose(-1, -2)
+        return values.reshape(values.shape[0], *self.output_shape)
 
     def describe(self):
-        return {"output": None, "nme_normaliser": self._normaliser(self.input_hw, "input (pixels)")}
+        layout = self.settings.landmark_layout if len(self.output_shape) == 1 else None
+        return {"output": None, "nme_normaliser": self._normaliser(self.input_hw, "input (pixels)"),
+                "landmark_layout": layout}
 
 
 class Regression(Task):
