@@ -435,3 +435,29 @@ def test_describe_gives_the_resolved_settings_and_their_sources(models):
         assert key in described["sources"]
     assert described["sources"]["input_size"].startswith("default")
     assert described["static_batch"] is None and described["kind"] == "binary"
+
+
+class XXYYHead(torch.nn.Module):
+    """Five points emitted MTCNN's way, (B, 10) as x1..x5, y1..y5, moving a little with the image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = torch.tensor([10.0, 20.0, 15.0, 11.0, 19.0])
+        ys = torch.tensor([12.0, 12.0, 18.0, 24.0, 24.0])
+        shift = x.mean(dim=(1, 2, 3)).unsqueeze(1)
+        return torch.cat([xs + shift, ys - shift], dim=1)
+
+
+def test_an_mtcnn_style_head_reads_its_points_with_landmark_layout_xxyy(tmp_path):
+    path = save_script(XXYYHead(), tmp_path / "xxyy.pt")
+    target = load_target(path, task="landmarks", landmark_layout="xxyy", eye_indices=(0, 1), probe_size=SIZE)
+    points = target.predict(target(torch.zeros(1, 3, SIZE, SIZE)))  # images in [-1, 1]: 0 is mid-grey
+    expected = torch.tensor([[10.0, 12.0], [20.0, 12.0], [15.0, 18.0], [11.0, 24.0], [19.0, 24.0]]) + torch.tensor([0.5, -0.5])
+    assert torch.allclose(points[0], expected, atol=1e-4), points
+    assert target.describe()["landmark_layout"] == "xxyy"
+    # Read as x1, y1, x2, ... the same numbers are other points: the eyes would sit 8 px apart, not 10.
+    wrong = load_target(path, task="landmarks", eye_indices=(0, 1), probe_size=SIZE)
+    assert not torch.allclose(wrong.predict(wrong(torch.zeros(1, 3, SIZE, SIZE)))[0], expected)
+    labels = expected.unsqueeze(0)
+    assert torch.equal(target.task.points(target.task.reference_from_labels(labels)), labels)
+    with pytest.raises(SiaError, match="--landmark-layout must be xyxy"):
+        load_target(path, task="landmarks", landmark_layout="yxyx", probe_size=SIZE)
