@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+from skimage.transform import AffineTransform, SimilarityTransform
+from skimage.transform import warp as skimage_warp
 
 from sia_cli.errors import SiaError
 from sia_cli.inputs.detectors import LANDMARKS, Detector, Face, RetinaFace
@@ -78,26 +80,22 @@ def framing_named(name: str) -> Framing:
 
 def similarity(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """The 2x3 similarity transform (rotation, uniform scale, shift, no reflection) that maps
-    `source` points closest to `target` in least squares (Umeyama's solution)."""
+    `source` points closest to `target` in least squares (Umeyama's solution, as scikit-image
+    estimates it)."""
     source, target = np.asarray(source, np.float64), np.asarray(target, np.float64)
     if source.shape != target.shape or source.ndim != 2 or source.shape[1] != 2 or len(source) < 2:
         raise ValueError(f"need matching (N>=2, 2) point sets, got {source.shape} and {target.shape}")
-    mean_s, mean_t = source.mean(0), target.mean(0)
-    s, t = source - mean_s, target - mean_t
-    variance = (s ** 2).sum() / len(s)
-    if variance <= 0:
+    if ((source - source.mean(0)) ** 2).sum() <= 0:
         raise ValueError("the source points coincide")
-    covariance = t.T @ s / len(s)
-    u, d, vt = np.linalg.svd(covariance)
-    sign = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        sign[1, 1] = -1
-    rotation = u @ sign @ vt
-    scale = float((d * np.diag(sign)).sum() / variance)
-    matrix = np.zeros((2, 3))
-    matrix[:, :2] = scale * rotation
-    matrix[:, 2] = mean_t - matrix[:, :2] @ mean_s
-    return matrix
+    if hasattr(SimilarityTransform, "from_estimate"):  # scikit-image 0.26 on; `estimate` is deprecated there
+        transform = SimilarityTransform.from_estimate(source, target)
+        fitted = bool(transform)
+    else:
+        transform = SimilarityTransform()
+        fitted = transform.estimate(source, target)
+    if not fitted:
+        raise ValueError("no similarity transform fits these points")
+    return transform.params[:2].copy()
 
 
 def apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -114,16 +112,12 @@ def transform_for(face: Face, framing: Framing) -> np.ndarray:
 
 def warp(photo: Image.Image, matrix: np.ndarray, side: int) -> Image.Image:
     """The square crop of `photo` under the photo -> crop transform `matrix` (pixel centres at
-    integer coordinates); outside the photo, its nearest edge pixel."""
-    inverse = np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))[:2]
-    # PIL samples at pixel centres offset by half a pixel on both sides: move in and out of it.
-    shift = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
-    back = np.linalg.inv(shift)
-    coefficients = (shift @ np.vstack([inverse, [0, 0, 1]]) @ back)[:2].ravel()
-    padded, pad = _edge_padded(photo, side, inverse)
-    coefficients = coefficients + np.array([0, 0, pad, 0, 0, pad])
-    return padded.transform((side, side), Image.Transform.AFFINE, tuple(coefficients),
-                            resample=Image.Resampling.BICUBIC)
+    integer coordinates), bicubic; outside the photo, its nearest edge pixel (scikit-image's
+    `warp` with mode "edge")."""
+    inverse = AffineTransform(matrix=np.linalg.inv(np.vstack([matrix, [0, 0, 1]])))
+    pixels = np.asarray(photo.convert("RGB"), dtype=np.float64) / 255.0
+    crop = skimage_warp(pixels, inverse, output_shape=(side, side), order=3, mode="edge")
+    return Image.fromarray(np.clip(np.rint(crop * 255.0), 0, 255).astype(np.uint8))
 
 
 def padding_share(matrix: np.ndarray, side: int, width: int, height: int) -> float:
@@ -136,16 +130,6 @@ def padding_share(matrix: np.ndarray, side: int, width: int, height: int) -> flo
     outside = ((source[:, 0] < -0.5) | (source[:, 0] > width - 0.5) | (source[:, 1] < -0.5)
                | (source[:, 1] > height - 0.5))
     return float(outside.mean())
-
-
-def _edge_padded(photo: Image.Image, side: int, inverse: np.ndarray) -> tuple[Image.Image, int]:
-    """The photo padded with its edge pixels as far as the crop reaches beyond it."""
-    corners = apply(inverse, np.array([[0, 0], [side, 0], [0, side], [side, side]]))
-    reach = max(0.0, -corners.min(), corners[:, 0].max() - photo.width, corners[:, 1].max() - photo.height)
-    pad = int(np.ceil(reach)) + 2
-    pad = min(pad, 4 * max(photo.size))  # a face far smaller than the crop: enough edge, bounded
-    array = np.pad(np.asarray(photo), ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-    return Image.fromarray(array), pad
 
 
 @dataclass(frozen=True)
