@@ -11,6 +11,7 @@ import math
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy.stats import norm
 
 from sia_cli.errors import SiaError
 
@@ -141,22 +142,6 @@ def _resample_indices(count: int, n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, count, size=(n, count))
 
 
-def _normal_cdf(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.vectorize(math.erf)(np.asarray(z, dtype=float) / math.sqrt(2.0)))
-
-
-def _normal_ppf(p: float) -> float:
-    """Inverse of the standard normal CDF by bisection on erf (exact enough for interval ends)."""
-    low, high = -10.0, 10.0
-    for _ in range(80):
-        middle = (low + high) / 2
-        if 0.5 * (1.0 + math.erf(middle / math.sqrt(2.0))) < p:
-            low = middle
-        else:
-            high = middle
-    return (low + high) / 2
-
-
 def bca_interval(estimate: float, samples: np.ndarray, jackknife: np.ndarray, level: float) -> dict[str, float]:
     """Bias-corrected and accelerated (BCa) bootstrap interval of one statistic.
 
@@ -167,6 +152,12 @@ def bca_interval(estimate: float, samples: np.ndarray, jackknife: np.ndarray, le
     that the estimate lies outside the percentile interval, the percentile interval shifted by
     the bootstrap bias (mean of resamples - estimate) is used instead. Either way the interval
     is widened to reach the estimate if need be, so it always contains it.
+
+    The normal quantiles and CDF are SciPy's. The resampling stays ours rather than
+    `scipy.stats.bootstrap(method="BCa")`: one pass of resamples serves every attribute of a
+    dict-valued statistic over cached record columns, the jackknife leaves out blocks beyond
+    500 images (SciPy's leaves out each image: images^2 work), and SciPy has no answer where
+    the resampling bias exceeds the spread (its BCa interval then collapses, as above).
     """
     samples = samples[np.isfinite(samples)]
     if samples.size == 0 or not math.isfinite(estimate):
@@ -181,14 +172,14 @@ def bca_interval(estimate: float, samples: np.ndarray, jackknife: np.ndarray, le
         bias = float(samples.mean()) - estimate
         low, high = np.percentile(samples, [tail * 100.0, 100.0 - tail * 100.0]) - bias
         return {"low": float(min(low, estimate)), "high": float(max(high, estimate))}
-    z0 = _normal_ppf(share_below)
+    z0 = float(norm.ppf(share_below))
     spread = jackknife.mean() - jackknife
     denominator = 6.0 * float(np.sum(spread**2)) ** 1.5
     acceleration = float(np.sum(spread**3)) / denominator if denominator > 0 else 0.0
     ends = []
-    for z in (_normal_ppf(tail), _normal_ppf(1 - tail)):
+    for z in norm.ppf([tail, 1 - tail]):
         adjusted = z0 + (z0 + z) / (1 - acceleration * (z0 + z))
-        ends.append(float(_normal_cdf(adjusted)) * 100.0)
+        ends.append(float(norm.cdf(adjusted)) * 100.0)
     low, high = np.percentile(samples, ends)
     return {"low": float(min(low, estimate)), "high": float(max(high, estimate))}
 
