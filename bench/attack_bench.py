@@ -48,8 +48,8 @@ from sia_cli.engine.attack import (
 )
 from sia_cli.engine.reference import difference, reference_loop
 from sia_cli.engine.speed import prepare
-from sia_cli.inputs.faces import make_dataset
 from sia_cli.inputs.images import load_image, read_attributes
+from sia_cli.inputs.synth import make_dataset
 from sia_cli.targets import load_target
 
 REPO = Path(__file__).resolve().parents[1]

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from sia_cli.engine.attack import AttackSettings
-from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.synth import make_dataset
 from sia_cli.jobs import harden as harden_module
 from sia_cli.jobs.harden import HardenConfig, HardenPlan, load_batch, schedule
 from sia_cli.runs.inputs import batches, load_inputs, reference_pass

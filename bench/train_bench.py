@@ -55,8 +55,9 @@ import torch
 
 from sia_cli.backbone import training
 from sia_cli.backbone.training import TrainConfig, Trainer
-from sia_cli.inputs.faces import ATTRIBUTES, make_dataset
+from sia_cli.inputs.faces import ATTRIBUTES
 from sia_cli.inputs.images import LabelledImages, read_attributes
+from sia_cli.inputs.synth import make_dataset
 
 OPTIONS = {"channels-last": {"channels_last": True}, "bf16": {"amp": "bf16"}, "compile": {"compile": True}}
 PLAIN = {"channels_last": False, "amp": None, "compile": False}

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from sia_cli.engine.attack import AttackSettings
-from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.synth import make_dataset
 from sia_cli.jobs.diagnose import DiagnoseConfig, diagnose
 from sia_cli.measures.table import TABLE
 

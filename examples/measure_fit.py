@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from sia_cli.backbone.registry import load_backbone
-from sia_cli.inputs.faces import make_dataset
 from sia_cli.inputs.images import load_image
+from sia_cli.inputs.synth import make_dataset
 from sia_cli.measures import trust
 from sia_cli.reports.figures import image_quality
 from sia_cli.targets import load_target

@@ -18,7 +18,7 @@ training faces (the renderer draws face i of a seed identically whatever the dat
 
 Every model is then measured on the SAME held-out faces, drawn WITHOUT the confounder:
 
-* with the engine's own before/after evaluation (`sia_cli.harden.evaluate`) on --n-eval faces
+* with the engine's own before/after evaluation (`sia_cli.jobs.harden_eval.evaluate`) on --n-eval faces
   with their true labels: clean accuracy, accuracy under FGSM, PGD and SIA at eps 1.5/255 and
   4/255, SDAR and the headline (ablation) sensitivity of a diagnosis, LABEL protected;
 * against the truth on --n-truth other faces, each re-rendered with one attribute flipped
@@ -52,7 +52,8 @@ import train_targets as tt  # noqa: E402
 from sia_cli.engine.attack import AttackSettings  # noqa: E402
 from sia_cli.inputs.faces import ATTRIBUTES, face_labels  # noqa: E402
 from sia_cli.inputs.images import read_attributes  # noqa: E402
-from sia_cli.jobs.harden import EVAL_EPS, EVAL_METHODS, HardenConfig, evaluate, harden  # noqa: E402
+from sia_cli.jobs.harden import HardenConfig, harden  # noqa: E402
+from sia_cli.jobs.harden_eval import EVAL_EPS, EVAL_METHODS, evaluate  # noqa: E402
 from sia_cli.measures.validity import bank_effects, counterfactual_bank  # noqa: E402
 from sia_cli.runs.distributed import World  # noqa: E402
 from sia_cli.targets import load_target  # noqa: E402

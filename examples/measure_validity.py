@@ -38,8 +38,9 @@ import train_targets as tt  # noqa: E402  (the training code of the shipped exam
 
 from sia_cli.backbone.registry import load_backbone  # noqa: E402
 from sia_cli.engine.attack import AttackSettings  # noqa: E402
-from sia_cli.inputs.faces import ATTRIBUTES, HAIR_COLOURS, face_labels, make_dataset  # noqa: E402
+from sia_cli.inputs.faces import ATTRIBUTES, HAIR_COLOURS, face_labels  # noqa: E402
 from sia_cli.inputs.images import load_image, read_attributes  # noqa: E402
+from sia_cli.inputs.synth import make_dataset
 from sia_cli.jobs.diagnose import DiagnoseConfig, diagnose  # noqa: E402
 from sia_cli.measures.table import ABLATION, TABLE  # noqa: E402
 from sia_cli.measures.validity import bank_effects, counterfactual_bank, generator_flip_effects, validity  # noqa: E402

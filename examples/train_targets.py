@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sia_cli.inputs.faces import make_dataset
 from sia_cli.inputs.images import load_image, read_attributes
+from sia_cli.inputs.synth import make_dataset
 from sia_cli.targets import gaussian_heatmaps
 
 PAIRS = (("Eyeglasses", "Bangs"), ("Smiling", "Blond_Hair"), ("Mustache", "Pale_Skin"))

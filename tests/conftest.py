@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sia_cli.backbone.attgan import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
-from sia_cli.inputs.faces import make_dataset
 from sia_cli.inputs.images import load_image, read_attributes
+from sia_cli.inputs.synth import make_dataset
 
 TINY_ATTRS = ["Bangs", "Eyeglasses", "Male", "Smiling", "Young"]
 

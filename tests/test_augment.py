@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 import sia_cli.jobs.augment as engine
 from sia_cli.cli import app
 from sia_cli.engine.attack import AttackSettings, attribute_radius, shifted_start
-from sia_cli.inputs.faces import make_dataset
 from sia_cli.inputs.images import load_image, read_attributes
+from sia_cli.inputs.synth import make_dataset
 from sia_cli.targets import load_target
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices

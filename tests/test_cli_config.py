@@ -8,7 +8,7 @@ import typer
 from typer.testing import CliRunner
 
 from sia_cli.cli import app
-from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.synth import make_dataset
 
 MODEL = Path(__file__).parents[1] / "examples" / "targets" / "mustache_confounded.pt"
 COMMANDS = ["diagnose", "attack", "augment", "sdar", "synth", "train-gan"]

@@ -23,8 +23,8 @@ from sia_cli.backbone.registry import load_backbone
 from sia_cli.cli import app
 from sia_cli.errors import SiaError
 from sia_cli.inputs import faces
-from sia_cli.inputs.faces import make_dataset
 from sia_cli.inputs.images import load_image, read_attributes
+from sia_cli.inputs.synth import make_dataset
 
 ATTRS = ["Black_Hair", "Blond_Hair", "Eyeglasses", "Mustache"]
 

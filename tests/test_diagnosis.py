@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from sia_cli.cli import app
 from sia_cli.errors import FEW_IMAGES, UNFIT
-from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.synth import make_dataset
 from sia_cli.measures.table import by_name
 from sia_cli.reports.html import headline_sentence
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sia_cli.backbone.attgan import latest_checkpoint, read_checkpoint
-from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.synth import make_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 

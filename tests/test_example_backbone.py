@@ -15,8 +15,8 @@ import torch
 
 from sia_cli.backbone.judging import edit_success, judge_accuracy
 from sia_cli.backbone.registry import load_backbone
-from sia_cli.inputs.faces import make_dataset
 from sia_cli.inputs.images import load_image, read_attributes
+from sia_cli.inputs.synth import make_dataset
 from sia_cli.targets import load_target
 
 JUDGE = Path(__file__).parents[1] / "examples" / "targets" / "attribute_judge.pt"

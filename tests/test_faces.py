@@ -15,12 +15,12 @@ from sia_cli.errors import SiaError
 from sia_cli.inputs.faces import (
     ATTRIBUTES,
     HAIR_COLOURS,
-    make_dataset,
     parse_correlation,
     render_face,
     resolve_conflicts,
     sample_attributes,
 )
+from sia_cli.inputs.synth import make_dataset
 
 LANDMARK_HEADER = ("lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y "
                    "leftmouth_x leftmouth_y rightmouth_x rightmouth_y").split()

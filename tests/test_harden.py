@@ -20,8 +20,10 @@ from typer.testing import CliRunner
 from sia_cli.cli import app
 from sia_cli.engine.attack import AttackSettings
 from sia_cli.errors import SiaError
-from sia_cli.inputs.faces import ATTRIBUTES, make_dataset
-from sia_cli.jobs.harden import EVAL_METHODS, HardenConfig, HardenPlan, harden, schedule
+from sia_cli.inputs.faces import ATTRIBUTES
+from sia_cli.inputs.synth import make_dataset
+from sia_cli.jobs.harden import HardenConfig, HardenPlan, harden, schedule
+from sia_cli.jobs.harden_eval import EVAL_METHODS
 from sia_cli.measures.validity import bank_effects, counterfactual_bank
 from sia_cli.runs.files import file_sha256
 from sia_cli.targets import load_target
@@ -249,7 +251,7 @@ def test_schedule_covers_every_image_once_per_epoch_whatever_the_batch():
 def test_an_evaluation_with_other_eval_settings_is_redone_not_reused(planted, tmp_path):
     """A resumed hardening may change --eval-*: before/ must then describe the new faces, or
     before and after would compare different images."""
-    from sia_cli.jobs.harden import evaluate
+    from sia_cli.jobs.harden_eval import evaluate
     from sia_cli.runs.distributed import World
 
     folder = tmp_path / "before"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import re
 import http.server
+import re
 import socket
 import threading
 from pathlib import Path

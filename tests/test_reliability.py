@@ -27,7 +27,7 @@ from test_registry import entry, env, server, write_registry  # noqa: F401 - fix
 from typer.testing import CliRunner
 
 from sia_cli.cli import app
-from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.synth import make_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
 

@@ -22,7 +22,7 @@ from sia_cli.engine import speed
 from sia_cli.engine.attack import AttackSettings, attribute_radius, get_method, quantize, run_loop
 from sia_cli.engine.reference import difference
 from sia_cli.errors import SiaError
-from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.synth import make_dataset
 from sia_cli.runs.inputs import RunConfig
 from sia_cli.targets import load_target
 

@@ -26,8 +26,8 @@ from sia_cli.backbone.training import (
 )
 from sia_cli.cli import app
 from sia_cli.errors import SiaError
-from sia_cli.inputs.faces import make_dataset
 from sia_cli.inputs.images import LabelledImages, read_attributes
+from sia_cli.inputs.synth import make_dataset
 from sia_cli.runs.distributed import World
 
 ATTRS = ["Bangs", "Eyeglasses", "Smiling"]

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from sia_cli.cli import app
 from sia_cli.errors import UNFIT
-from sia_cli.inputs.faces import make_dataset
+from sia_cli.inputs.synth import make_dataset
 from sia_cli.measures import trust
 
 TARGETS = Path(__file__).parents[1] / "examples" / "targets"

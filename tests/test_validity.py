@@ -13,7 +13,8 @@ from torch import nn
 
 from sia_cli.engine.attack import AttackSettings
 from sia_cli.errors import SiaError
-from sia_cli.inputs.faces import ATTRIBUTES, HAIR_COLOURS, face_labels, make_dataset, render_index
+from sia_cli.inputs.faces import ATTRIBUTES, HAIR_COLOURS, face_labels, render_index
+from sia_cli.inputs.synth import make_dataset
 from sia_cli.jobs.diagnose import DiagnoseConfig, diagnose
 from sia_cli.measures.table import by_name
 from sia_cli.measures.validity import (

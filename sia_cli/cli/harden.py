@@ -9,8 +9,9 @@ from rich.table import Table
 
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, main_process, progress_enabled, rich_progress
-from sia_cli.jobs.harden import EVAL_METHODS, HardenConfig
+from sia_cli.jobs.harden import HardenConfig
 from sia_cli.jobs.harden import harden as run_harden
+from sia_cli.jobs.harden_eval import EVAL_METHODS
 
 
 @handle_errors

@@ -12,7 +12,8 @@ from rich.text import Text
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, progress_enabled, rich_progress
 from sia_cli.errors import SiaError
-from sia_cli.inputs.faces import make_dataset, parse_correlation
+from sia_cli.inputs.faces import parse_correlation
+from sia_cli.inputs.synth import make_dataset
 from sia_cli.measures.validity import write_counterfactuals
 
 
