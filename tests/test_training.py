@@ -14,14 +14,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from sia_cli.backbone import registry, training
+from sia_cli.backbone import registry
+from sia_cli.backbone import trainer as trainer_module
+from sia_cli.backbone import training
 from sia_cli.backbone.attgan import Generator, GeneratorConfig, edited
 from sia_cli.backbone.judging import edit_success, judge_accuracy
+from sia_cli.backbone.trainer import gradient_penalty
 from sia_cli.backbone.training import (
     Prefetched,
     TrainConfig,
     Trainer,
-    gradient_penalty,
     train_gan,
 )
 from sia_cli.cli import app
@@ -359,8 +361,8 @@ def test_channels_last_checkpoints_load_into_plain_modules(data, tmp_path):
 
 def test_amp_option_reaches_the_steps(data, tmp_path, monkeypatch):
     asked = []
-    original = training.amp_context
-    monkeypatch.setattr(training, "amp_context", lambda device, amp: asked.append(amp) or original(device, amp))
+    original = trainer_module.amp_context
+    monkeypatch.setattr(trainer_module, "amp_context", lambda device, amp: asked.append(amp) or original(device, amp))
     result = run(train_args(data, tmp_path / "g", "--amp", "bf16", max_steps=1))
     assert result.exit_code == 0, result.output
     assert asked and set(asked) == {"bf16"}  # every step's forwards, critic and generator
