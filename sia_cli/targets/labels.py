@@ -16,7 +16,8 @@ import torch
 
 from sia_cli.errors import SiaError
 from sia_cli.targets.formats import first_line
-from sia_cli.targets.tasks import TASKS, Task, _is_number
+from sia_cli.targets.tasks import TASKS, Task
+from sia_cli.targets.tasks.base import _is_number
 
 
 def read_labels(
