@@ -1,6 +1,7 @@
-"""Train the default backbone shipped in sia_cli/backbone/builtin/synth-faces-64/ (64x64 synth faces).
+"""Train the counterfactual-supervised backbone shipped in sia_cli/backbone/builtin/synth-faces-64-cf/
+(64x64 synth faces; `--gan synth-faces-64-cf`, docs/backbone.md).
 
-    python examples/train_backbone.py --work /tmp/sia-backbone --export sia_cli/backbone/builtin/synth-faces-64
+    python examples/train_backbone.py --work /tmp/sia-backbone --export sia_cli/backbone/builtin/synth-faces-64-cf
 
 One command for the whole recipe, which it prints as the `sia` commands it runs:
 

@@ -233,7 +233,7 @@ def test_report_html_content(tmp_path):
     assert "ablation" in page
     assert "68.2 %" in page
     assert "0.0500 [0.0400, 0.0600]" in page  # SDAR with its interval
-    assert "[0.100, 0.300]" in page  # a per-attribute interval
+    assert "[0.1, 0.3]" in page  # a per-attribute interval, with significant digits
     assert "31.50 dB" in page and "0.930" in page
     assert "aaaaaaaaaaaa" in page and "a" * 13 not in page  # short sha256
     assert "glasses.pt" in page and "attgan-128" in page

@@ -46,10 +46,10 @@ def _number(value: Any, digits: int = 3) -> str:
     return "—"
 
 
-def _interval_text(interval: dict | None, digits: int = 3) -> str:
+def _interval_text(interval: dict | None, digits: int = 3, number=significant) -> str:
     if not interval:
         return ""
-    return f"[{significant(interval.get('low'), digits)}, {significant(interval.get('high'), digits)}]"
+    return f"[{number(interval.get('low'), digits)}, {number(interval.get('high'), digits)}]"
 
 
 def _mean(value: Any) -> float | None:
@@ -233,7 +233,7 @@ def _summary_table(report: dict) -> str:
         ("lost in reconstruction", percent(fit.get("lost_in_reconstruction"))),
         ("images like the backbone's training data", percent(fit.get("in_domain"))),
         ("backbone fit", {True: "ok", False: "NOT ok", None: "unknown"}.get(fit.get("ok"), "—")),
-        ("SDAR", f"{_number(report.get('sdar'), 4)} {_interval_text(intervals.get('sdar'), 4)}".strip()),
+        ("SDAR", f"{_number(report.get('sdar'), 4)} {_interval_text(intervals.get('sdar'), 4, _number)}".strip()),
         ("mean PSNR (adversary vs reconstruction)", _with_unit(_number(_mean(report.get("psnr")), 2), "dB")),
         ("mean PSNR (adversary vs clean image)", _with_unit(_number(_mean(report.get("psnr_vs_clean")), 2), "dB")),
         ("mean SSIM (vs reconstruction / vs clean)",
