@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sia_cli.cli import app
-from sia_cli.errors import UNFIT
+from sia_cli.errors import FEW_IMAGES, UNFIT
 from sia_cli.inputs.synth import make_dataset
 from sia_cli.measures import trust
 
@@ -125,7 +125,11 @@ def test_real_photos_are_flagged_in_every_output_and_the_gate_refuses(photos, tm
     assert all(r["attrs_source"] == "discriminator" and 0 <= r["attrs_confidence"] <= 1 for r in report["images"])
     gate = CliRunner().invoke(app, ["sdar", str(tmp_path / "run" / "report.json"), "--max", "1"])
     assert gate.exit_code == UNFIT and "--allow-unfit" in gate.output
-    passed = CliRunner().invoke(app, ["sdar", str(tmp_path / "run" / "report.json"), "--max", "1", "--allow-unfit"])
+    # 9 photos are fewer than a finding needs: past the fit, the gate refuses that too (exit 5).
+    few = CliRunner().invoke(app, ["sdar", str(tmp_path / "run" / "report.json"), "--max", "1", "--allow-unfit"])
+    assert few.exit_code == FEW_IMAGES and "--allow-few-images" in few.output
+    passed = CliRunner().invoke(app, ["sdar", str(tmp_path / "run" / "report.json"), "--max", "1", "--allow-unfit",
+                                      "--allow-few-images"])
     assert passed.exit_code == 0
 
 
