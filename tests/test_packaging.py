@@ -123,3 +123,16 @@ def test_installed_cli_diagnoses_from_another_directory(site, tmp_path):
     report = json.loads((elsewhere / "out" / "report.json").read_text())
     assert report["backbone"]["name"] == "synth-faces-64"
     assert Path(report["backbone"]["path"]).is_relative_to(site)
+
+
+def test_no_source_file_of_the_package_is_ignored_by_git():
+    """An ignore pattern (`runs/`, `target/`) that matches a package folder drops its new files from
+    every commit without a word; the checkout then imports what a clone cannot."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(REPO)) for p in (REPO / "sia_cli").rglob("*.py") if "__pycache__" not in p.parts]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.strip() == "", ignored.stdout
