@@ -135,8 +135,8 @@ def fit(backbone, files: list[Path]) -> dict:
     x = torch.stack([load_image(f, backbone.img_size) for f in files]) * 2 - 1
     a0 = backbone.predict_attributes(x)
     reconstruction = backbone(x, a0)
-    margin = backbone.critic_margin(x, reconstruction)
-    inside = [trust.in_domain(float(m), backbone.info.card) for m in margin]
+    score, margin = backbone.critic_scores(x, reconstruction)
+    inside = [trust.in_domain(float(m), backbone.info.card, float(c)) for m, c in zip(margin, score)]
     return {"images": len(files), "in_domain": float(np.mean(inside)) if None not in inside else None,
             "mae": float(((reconstruction - x).abs().mean(dim=(1, 2, 3)) / 2).mean())}
 

@@ -15,6 +15,9 @@ the edit shows. Prints Markdown tables:
   clean edit success (the edit shows and nothing else changes);
 - the reconstruction error and the critic's margin.
 
+`--truth` judges the renderer's own counterfactuals (the same faces drawn again with each
+edit: a perfect backbone) the same way: the ceiling of each figure under this judge.
+
 `--write-card` also stores the figures as the backbone's card (`card.json` beside its
 setting.txt): the edit success that names blind spots in every report, the off-target rates
 and judge accuracy behind it, and the critic's domain calibration behind `backbone_fit`
@@ -33,7 +36,8 @@ import torch
 
 from sia_cli.backbone.judging import edit_success, judge_accuracy, judged_card
 from sia_cli.backbone.registry import load_backbone
-from sia_cli.inputs.images import load_image, read_attributes
+from sia_cli.inputs.faces import render_index
+from sia_cli.inputs.images import image_tensor, load_image, read_attributes
 from sia_cli.inputs.synth import make_dataset
 from sia_cli.measures.trust import calibrate_domain
 from sia_cli.targets import load_target
@@ -47,6 +51,40 @@ def fresh_faces(n: int, seed: int, size: int, attributes: list[str]) -> tuple[to
         images = torch.stack([load_image(Path(tmp) / "images" / f, size) for f in table.rows])
         attrs = torch.from_numpy(np.stack([table.rows[f] for f in table.rows]))
     return images, attrs
+
+
+class Renderer:
+    """The renderer as a perfect backbone of the faces `fresh_faces` drew: asked for attributes
+    `a`, it draws the same face with them (faces.render_index), and given a face's own
+    attributes it returns the face itself. Judged like a backbone, it gives the ceiling of the
+    measure: what the judge makes of the true edits (a true edit may change what the judge sees
+    of another attribute: hair gone with Bald leaves no hair colour to see)."""
+
+    def __init__(self, attributes: list[str], images: torch.Tensor, seed: int):
+        self.attributes = attributes
+        self.seed, self.size = seed, images.shape[-1]
+        self.index = {self._key(image * 2 - 1): i for i, image in enumerate(images)}
+
+    @staticmethod
+    def _key(x: torch.Tensor) -> bytes:
+        return (x * 127.5 + 127.5).round().to(torch.uint8).numpy().tobytes()
+
+    def __call__(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        faces = []
+        for image, row in zip(x, a):
+            index = self.index[self._key(image)]
+            drawn = render_index(dict(zip(self.attributes, (row > 0.5).tolist())), self.seed, index, self.size)[0]
+            faces.append(image_tensor(drawn, self.size) * 2 - 1)
+        return torch.stack(faces)
+
+
+def measure_truth(gan: str | None, judge_path: Path, n: int, seed: int) -> dict:
+    """`edit_success` of the renderer's own counterfactuals (the ceiling of every figure)."""
+    attributes = load_backbone(gan).attributes
+    judge = load_target(judge_path, task="multiclass", probe_size=64)
+    images, attrs = fresh_faces(n, seed, 64, attributes)
+    with torch.no_grad():
+        return edit_success(Renderer(attributes, images, seed), judge, images, attrs)
 
 
 def measure(gan: str | None, judge_path: Path, n: int, seed: int) -> dict:
@@ -82,7 +120,9 @@ def markdown(result: dict, n: int) -> str:
     lines.append(f"| **mean** | **{means[0]:.2f}** | **{means[1]:.2f}** | **{means[2]:.3f}** | | **{means[3]:.2f}** |")
     lines.append(f"\nreconstruction mean absolute error: {result['reconstruction_l1']:.3f} (images in [0, 1])")
     lines.append(f"critic margin on these faces: median {result['domain'].get('critic_margin_median')}, "
-                 f"5th percentile {result['domain'].get('critic_margin_p05')}")
+                 f"5th percentile {result['domain'].get('critic_margin_p05')}; critic score median "
+                 f"{result['domain'].get('critic_score_median')}, floor (1st percentile) "
+                 f"{result['domain'].get('critic_score_floor')}")
     return "\n".join(lines)
 
 
@@ -93,7 +133,20 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--seed", type=int, default=77)
     parser.add_argument("--write-card", type=Path, default=None, help="write the figures to this card.json")
+    parser.add_argument("--truth", action="store_true",
+                        help="judge the renderer's true counterfactuals instead of a backbone's edits: the "
+                             "ceiling of edit success and clean edit success under this judge")
     args = parser.parse_args()
+    if args.truth:
+        result = measure_truth(args.gan, args.judge, args.n, args.seed)
+        columns = ("edit_success", "off_target_change", "clean_edit_success")
+        print("| attribute | true edit success | true off-target change | true clean edit success |")
+        print("| --- | --- | --- | --- |")
+        for name in result["edit_success"]:
+            print(f"| {name} | " + " | ".join(f"{result[c][name]:.2f}" for c in columns) + " |")
+        means = [sum(result[c].values()) / len(result[c]) for c in columns]
+        print("| **mean** | " + " | ".join(f"**{m:.2f}**" for m in means) + " |")
+        return
     result = measure(args.gan, args.judge, args.n, args.seed)
     if args.write_card:
         card = {

@@ -4,8 +4,8 @@
 
 For fresh synth faces (in-domain), real faces and non-faces from scikit-image's LFW subset and
 a few scikit-image photos (the astronaut, coffee, a cat, a rocket, ...), prints per set: the
-reconstruction's mean absolute error and SSIM against the image, the critic margin
-(AttGAN.critic_margin: critic score of the image minus that of its reconstruction) and the
+reconstruction's mean absolute error and SSIM against the image, the critic's score of the image
+and its margin (AttGAN.critic_scores: the score minus that of the reconstruction) and the
 share of images that sia_cli.measures.trust counts as in the backbone's domain, and the share lost in
 reconstruction under three example targets. The starting attributes come from the
 discriminator, as they would for a user's unlabeled photos.
@@ -57,15 +57,16 @@ def measure(backbone, targets: dict, files: list[Path]) -> dict:
     x = torch.stack([load_image(f, backbone.img_size) for f in files]) * 2 - 1
     a0 = backbone.predict_attributes(x)
     reconstruction = backbone(x, a0)
-    margin = backbone.critic_margin(x, reconstruction)
+    score, margin = backbone.critic_scores(x, reconstruction)
     _, ssim = image_quality((reconstruction + 1) / 2, (x + 1) / 2)
     lost = {}
     for name, target in targets.items():
         clean = target(x)
         lost[name] = float(target.success(target(reconstruction), target.reference(clean)).float().mean())
-    inside = [trust.in_domain(float(m), backbone.info.card) for m in margin]
+    inside = [trust.in_domain(float(m), backbone.info.card, float(c)) for m, c in zip(margin, score)]
     return {"images": len(files), "mae": float(((reconstruction - x).abs().mean(dim=(1, 2, 3)) / 2).mean()),
             "ssim": float(np.mean(ssim)), "margin": np.percentile(margin.numpy(), [0, 50, 100]),
+            "score": np.percentile(score.numpy(), [0, 50, 100]),
             "in_domain": float(np.mean(inside)) if None not in inside else None, "lost": lost}
 
 
@@ -81,17 +82,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sets = image_sets(Path(tmp), args.n, args.seed)
         rows = {name: measure(backbone, targets, files) for name, files in sets.items()}
-    print("| images | n | recon. MAE | recon. SSIM | critic margin min / median / max | in domain | "
-          + " | ".join(f"lost: {name}" for name in MODELS) + " |")
-    print("| --- " * (6 + len(MODELS)) + "|")
+    print("| images | n | recon. MAE | recon. SSIM | critic margin min / median / max | "
+          "critic score min / median / max | in domain | " + " | ".join(f"lost: {name}" for name in MODELS) + " |")
+    print("| --- " * (7 + len(MODELS)) + "|")
     for name, row in rows.items():
         margin = " / ".join(f"{v:.2f}" for v in row["margin"])
+        score = " / ".join(f"{v:.2f}" for v in row["score"])
         inside = "unknown" if row["in_domain"] is None else f"{row['in_domain']:.2f}"
         lost = " | ".join(f"{row['lost'][m]:.2f}" for m in MODELS)
-        print(f"| {name} | {row['images']} | {row['mae']:.3f} | {row['ssim']:.3f} | {margin} | {inside} | {lost} |")
+        print(f"| {name} | {row['images']} | {row['mae']:.3f} | {row['ssim']:.3f} | {margin} | {score} | {inside} | "
+              f"{lost} |")
     domain = backbone.info.card.get("domain") or {}
-    print(f"\ncalibrated median critic margin of the backbone: {domain.get('critic_margin_median')}; "
-          f"in domain: margin >= {trust.DOMAIN_MARGIN_FRACTION} x that")
+    print(f"\ncalibrated median critic margin of the backbone: {domain.get('critic_margin_median')}; critic score "
+          f"floor: {domain.get('critic_score_floor')}; in domain: margin >= {trust.DOMAIN_MARGIN_FRACTION} x that "
+          "median and score >= that floor")
 
 
 if __name__ == "__main__":

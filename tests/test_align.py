@@ -257,7 +257,7 @@ def test_photos_sharing_a_name_write_separate_crops(tmp_path):
 
 def test_every_photo_is_accounted_for_in_the_report_and_padded_crops_are_flagged(tmp_path):
     """A face, a face too small for its photo's edge (upscaled from LFW's size and put in a
-    corner), a coffee cup and a broken file: the report lists the two dropped photos with their
+    corner), a coffee cup, a broken file and a text file: the report lists the dropped files with their
     reasons, the terminal says how many photos became how many faces, and the cornered face's
     crop is flagged as mostly padding."""
     import json
@@ -272,6 +272,7 @@ def test_every_photo_is_accounted_for_in_the_report_and_padded_crops_are_flagged
     corner.save(photos / "tight.png")
     Image.fromarray(skimage.data.coffee()).save(photos / "coffee.png")
     (photos / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    (photos / "notes.txt").write_text("where these photos came from\n")  # not an image: named, not read
     out = tmp_path / "run"
     run = sia("diagnose", MUSTACHE, "--images", photos, "--align", "--steps", "2", "--bootstrap", "10",
               "--out", out, "--no-progress")
@@ -279,11 +280,12 @@ def test_every_photo_is_accounted_for_in_the_report_and_padded_crops_are_flagged
     report = json.loads((out / "report.json").read_text())
     aligned = report["alignment"]
     faces = len(rows(out / "aligned" / "alignment.csv"))
-    assert aligned["photos"] == 4 and aligned["faces"] == faces >= 1
+    assert aligned["photos"] == 5 and aligned["faces"] == faces >= 1
     skipped = {item["file"]: item["reason"] for item in report["skipped"]}
     assert skipped["coffee.png"] == "--align: no face found" and "broken.jpg" in skipped
+    assert skipped["notes.txt"].startswith("--align: not an image file (.txt")
     text = " ".join(run.output.split())
-    assert f"--align: 4 photos -> {faces} faces, {len(aligned['skipped'])} skipped" in text
+    assert f"--align: 5 photos -> {faces} faces, {len(aligned['skipped'])} skipped" in text
     assert "--align skipped" in text and "coffee.png" in text
     table = {r["file"]: float(r["padding"]) for r in rows(out / "aligned" / "alignment.csv")}
     assert all(0.0 <= share <= 1.0 for share in table.values())

@@ -41,10 +41,11 @@ def sia(*args) -> object:
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory) -> Path:
-    """4 faces and one file that is not an image."""
+    """4 faces, one broken image and one file that is not an image."""
     root = tmp_path_factory.mktemp("faces")
     make_dataset(root, 4, seed=3)
     (root / "images" / "broken.png").write_bytes(b"not a png")
+    (root / "images" / "notes.txt").write_text("not read: no image extension\n")
     return root
 
 
@@ -136,7 +137,8 @@ def test_unreadable_source_is_skipped_and_reported(default_run):
     result, out = default_run
     assert "skipped broken.png: unreadable image" in result.output
     summary = json.loads((out / "augment.json").read_text())["summary"]
-    assert [item["file"] for item in summary["skipped"]] == ["broken.png"]
+    assert [item["file"] for item in summary["skipped"]] == ["broken.png", "notes.txt"]
+    assert "skipped notes.txt: not an image file (.txt" in result.output
     assert "broken.png" not in {r["source"] for r in label_rows(out)}
 
 

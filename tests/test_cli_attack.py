@@ -333,12 +333,14 @@ def test_unreadable_images_are_skipped_and_odd_ones_converted(faces, eyeglasses,
     (images / "text.png").write_text("not an image at all\n")
     data = sources[3].read_bytes()
     (images / "truncated.png").write_bytes(data[: len(data) // 2])
+    (images / "README").write_text("not read: no image extension\n")
     out = tmp_path / "run"
     # No --attrs-file: the backbone's discriminator predicts the starting attributes.
     result = sia(EYEGLASSES, "--images", images, "--out", out, "--method", "pgd", *FAST)
     assert result.exit_code == 0, result.output
     report = assert_report_matches_files(out, eyeglasses)
-    assert {s["file"] for s in report["skipped"]} == {"text.png", "truncated.png"}
+    assert {s["file"] for s in report["skipped"]} == {"text.png", "truncated.png", "README"}
+    assert any("README" in w and "not images" in w for w in report["warnings"])
     assert all(s["reason"] for s in report["skipped"])
     processed = {r["file"] for r in report["images"]}
     assert processed == {sources[0].name, sources[1].name, "gray.png", "rgba.png", "odd_size.png"}

@@ -206,8 +206,11 @@ def test_one_face_names_no_attribute_and_the_gate_refuses_it(faces, tmp_path):
     assert 0.8 * elapsed <= report["timing"]["total_s"] <= elapsed
     assert report["evidence"] == {"counted_images": report["measured_images"], "minimum_images": 10, "enough": False}
     assert report["stands_out"] is None
+    assert report["ranking"] == [] and report["ranking_withheld"].startswith("too few images")
+    assert sorted(report["by_value"]) == sorted(set(report["attributes"]) - {"Mustache"})  # protected
     text = " ".join(result.output.split())
     assert "Too few images to name an attribute" in text and "most sensitive to" not in text
+    assert "not ranked (too few images" in text  # the terminal table lists by value, unnumbered
     page = (tmp_path / "run" / "report.html").read_text()
     assert "Too few images to name an attribute" in page and "<ol>" not in page.split("Too few images")[1][:300]
     gate = CliRunner().invoke(app, ["sdar", str(tmp_path / "run" / "report.json"), "--max", "1", "--allow-unfit"])
@@ -254,8 +257,10 @@ def test_a_model_that_hardly_moves_is_said_to_and_ranks_nothing(faces, tmp_path)
     assert effect["unit"] == "probability" and effect["measure"] == "ablation"
     assert effect["moves"] is False and effect["total"] < effect["floor"], effect
     assert report["stands_out"] is None
+    assert report["ranking"] == [] and "hardly moves" in report["ranking_withheld"]
     text = " ".join(result.output.split())
     assert "hardly moves under any edit" in text and "most sensitive to" not in text
+    assert "not ranked (the model hardly moves" in text
     page = (tmp_path / "run" / "report.html").read_text()
     assert "hardly moves under any edit" in page
 

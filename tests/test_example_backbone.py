@@ -127,3 +127,59 @@ def test_the_counterfactual_backbones_card_is_what_it_measures(supervised):
     card = backbone.info.card["edit_success"]
     assert set(card) == set(backbone.attributes)
     assert all(abs(card[name] - result["edit_success"][name]) <= 0.15 for name in card), (card, result["edit_success"])
+
+
+def _domain(backbone, images: torch.Tensor) -> tuple[list, list]:
+    """Per image, as a run without --attrs-file judges it: in the domain by the card's whole rule,
+    and by the critic margin alone."""
+    from sia_cli.measures import trust
+
+    x = images * 2 - 1
+    with torch.no_grad():
+        score, margin = backbone.critic_scores(x, backbone(x, backbone.predict_attributes(x)))
+    card = backbone.info.card
+    margin_only = {"domain": {k: v for k, v in card["domain"].items() if k != "critic_score_floor"}}
+    return ([trust.in_domain(float(m), card, float(s)) for m, s in zip(margin, score)],
+            [trust.in_domain(float(m), margin_only) for m in margin])
+
+
+def test_the_counterfactual_backbones_critic_tells_real_faces_from_its_own(tmp_path):
+    """A backbone that reconstructs sharply narrows the critic's margin on every image, photos
+    included: the margin alone let through real faces. The critic's own score, calibrated on the
+    card, keeps every LFW face and the astronaut out and fresh synth faces in."""
+    import skimage.data
+    from PIL import Image
+
+    backbone = load_backbone("synth-faces-64-cf")
+    make_dataset(tmp_path / "synth", 60, seed=5150, size=64)
+    synth = torch.stack([load_image(p, 64) for p in sorted((tmp_path / "synth" / "images").glob("*.png"))])
+    lfw = skimage.data.lfw_subset()[:40]  # faces, 25x25 grey, upscaled as a user's small photos would be
+    for i, face in enumerate(lfw):
+        Image.fromarray((face * 255).astype(np.uint8)).resize((178, 218)).save(tmp_path / f"lfw_{i}.png")
+    Image.fromarray(skimage.data.astronaut()[0:300, 100:400]).save(tmp_path / "astronaut_face.png")
+    real = torch.stack([load_image(p, 64) for p in sorted(tmp_path.glob("*.png"))])
+    synth_in, _ = _domain(backbone, synth)
+    real_in, real_margin_only = _domain(backbone, real)
+    assert np.mean(synth_in) >= 0.85, np.mean(synth_in)
+    assert not any(real_in), np.mean(real_in)
+    assert np.mean(real_margin_only) >= 0.2  # what the margin alone said of them
+
+
+def test_the_measure_gives_the_renderers_own_edits_nearly_full_marks(faces, judge):
+    """Against the truth: judged as a backbone, the renderer (the faces drawn again with each
+    edit) must score near the top of the measure. Measured on 300 faces: mean 0.92, lowest 0.80
+    (Mustache, Blond_Hair); off-target 0.30, nearly all of it the judge's own misreadings."""
+    import sys
+
+    sys.path.insert(0, str(JUDGE.parents[1]))
+    from measure_backbone import Renderer
+
+    images, table = faces
+    names = load_backbone(None).attributes
+    subset = images[:40]
+    attrs = torch.from_numpy(np.stack([table.select(names).rows[f] for f in list(table.rows)[:40]]))
+    with torch.no_grad():
+        truth = edit_success(Renderer(names, subset, seed=77), judge, subset, attrs)
+    assert truth["reconstruction_l1"] == 0.0  # given its own attributes it returns the face itself
+    assert mean(truth["edit_success"]) >= 0.85, truth["edit_success"]
+    assert min(truth["edit_success"].values()) >= 0.6, truth["edit_success"]

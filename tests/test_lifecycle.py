@@ -177,6 +177,25 @@ def test_an_early_result_from_begin_ends_the_run_before_anything_is_cleared(tmp_
     assert plan.cleared == 0 and plan.worked == [] and not (tmp_path / "out" / RUN_STATE).exists()
 
 
+def test_finish_runs_under_the_lock_after_the_writer_and_after_an_early_result(tmp_path):
+    """`finish` (harden's before/after evaluation) sees what the writer returned, while the lock
+    is still held, and runs too when `begin` found the work done."""
+    class Finishing(Counting):
+        def finish(self, context, result):
+            with pytest.raises(SiaError, match="another test run is writing to"):
+                OutputLock(context.out, LOCK, "test run").acquire()
+            return {"finished": result}
+
+    first = execute(config(tmp_path), Finishing())
+    assert first == {"finished": result(tmp_path)["values"]}
+
+    class Done(Finishing):
+        def begin(self, context):
+            return "nothing to do"
+
+    assert execute(config(tmp_path, force=True), Done()) == {"finished": "nothing to do"}
+
+
 def test_run_fingerprint_names_settings_flat_and_leaves_out_where_and_how_fast(tmp_path):
     attributes = ["Bangs", "Smiling"]
     target = SimpleNamespace(sha256="abc", describe=lambda: {"path": "m.pt", "kind": "binary", "sources": {}})

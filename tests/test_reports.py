@@ -110,6 +110,19 @@ def test_sensitivity_png_grows_with_many_attributes(tmp_path):
         assert image.height > 1000
 
 
+def test_sensitivity_png_paints_red_only_an_attribute_that_stands_out(tmp_path):
+    """The red bar is a finding: without a leader (overlapping intervals, too few images) no
+    bar is red, so the picture cannot claim what the headline does not."""
+    def red_pixels(**kwargs) -> int:
+        R.sensitivity_png(tmp_path / "s.png", VALUES, **kwargs)
+        with Image.open(tmp_path / "s.png") as image:
+            rgb = np.asarray(image.convert("RGB")).astype(int)
+        return int((np.abs(rgb - (0xc0, 0x39, 0x2b)).sum(axis=2) < 30).sum())
+
+    assert red_pixels() == 0
+    assert red_pixels(leader="Bangs") > 1000
+
+
 def test_sensitivity_png_rejects_empty_values(tmp_path):
     with pytest.raises(SiaError):
         R.sensitivity_png(tmp_path / "s.png", {})

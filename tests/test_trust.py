@@ -39,6 +39,14 @@ def test_in_domain_follows_the_calibrated_margin():
     assert trust.in_domain(3.0, {}) is None  # no calibration: cannot tell
 
 
+def test_in_domain_also_needs_the_critic_score_where_the_card_calibrates_it():
+    card = {"domain": {"critic_margin_median": 4.0, "critic_score_floor": -1.0}}
+    assert trust.in_domain(2.0, card, -1.0) is True
+    assert trust.in_domain(2.0, card, -1.1) is False  # a wide margin does not make up for a low score
+    assert trust.in_domain(1.9, card, 3.0) is False
+    assert trust.in_domain(2.0, card, None) is None  # calibrated but not measured: cannot tell
+
+
 def test_backbone_fit_ok_needs_the_domain_and_few_lost_images():
     good = [record(f"{i}.png") for i in range(10)]
     assert trust.backbone_fit(good, CARD)["ok"] is True

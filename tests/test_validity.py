@@ -238,7 +238,7 @@ def test_headline_measure_finds_the_true_top_of_the_mustache_confounded_model(tm
     print(headline, {k: v for k, v in found.items() if k != "attributes"})
     print("sensitivity (Eq. 2)", {k: v for k, v in eq2.items() if k != "attributes"})
     assert found["true_top"] == "Pale_Skin"
-    assert found["agree"] and report["ranking"][0] == "Pale_Skin"
+    assert found["agree"] and report["by_value"][0] == "Pale_Skin"
     assert found["measured_top_share"] > 0.3
     assert found["cosine"] > 0.8
     # Not asserted: Spearman. The truth is one attribute (0.93 of the total) and a tail of
@@ -341,7 +341,7 @@ def test_headline_names_the_true_top_or_reports_it_as_a_blind_spot(planted, case
     if score["true_top_share"] < 1 / 3:
         return  # no clear top (controls): nothing to name
     top = score["true_top"]
-    found = report["ranking"][0] == top
+    found = report["by_value"][0] == top
     blind = top in (report["blind_spots"] or [])
     assert found or blind, (score, report["blind_spots"])
     if confounder == "Pale_Skin":

@@ -241,16 +241,20 @@ class AttGAN(nn.Module):
         return self.forward(x, a01)
 
     @torch.no_grad()
-    def critic_margin(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor | None:
-        """Per image: the critic's score of the image minus that of its reconstruction.
+    def critic_scores(self, x: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per image: the critic's score of the image, and its margin over the reconstruction's score.
 
         The WGAN critic learned to score its training images above generated ones; on images
-        like its training data the gap is wide, on images it has never seen it collapses
-        (measured in the README, "When not to trust a diagnosis"). None without a discriminator.
+        like its training data the margin is wide and the score high. On images it has never
+        seen the margin collapses while the generator is blurry, but a generator that
+        reconstructs sharply shrinks the margin on everything, and then the score itself still
+        falls far below its training faces' (measured in docs/backbone.md). None without a
+        discriminator.
         """
         if self.discriminator is None:
             return None
-        return (self.discriminator(x)[0] - self.discriminator(reconstruction)[0]).reshape(len(x)).float()
+        score = self.discriminator(x)[0].reshape(len(x)).float()
+        return score, score - self.discriminator(reconstruction)[0].reshape(len(x)).float()
 
     @torch.no_grad()
     def predict_attributes(self, x: torch.Tensor) -> torch.Tensor:

@@ -69,14 +69,18 @@ def summary_table(report: dict, top_k: int) -> Table:
     effect = report.get("effect") or {}
     unit = effect.get("unit") or "attribute units"
     floor = f", floor {significant(effect['floor'])} from the reconstruction alone" if effect.get("floor") is not None else ""
-    table.caption = (f"share: {key} (headline) as share of total, with its 95% BCa interval; size: its raw "
+    withheld = report.get("ranking_withheld")
+    table.caption = ((f"not ranked ({withheld}); listed by value. " if withheld else "")
+                     + f"share: {key} (headline) as share of total, with its 95% BCa interval; size: its raw "
                      f"value in {unit} (all attributes {significant(sum(report[key].values()))}{floor}); "
                      "edit: the backbone's edit success (* blind spot: a low value there means cannot tell)")
     for column in ("#", "attribute", "share", "interval", "size", ATTRIBUTE_SHIFT.label, "edit"):
         table.add_column(column, no_wrap=column != "attribute")
-    for rank, name in enumerate(report["ranking"][:top_k], start=1):
+    # A withheld ranking (too few images, a model that hardly moves) lists by value, unnumbered.
+    ranked = bool(report["ranking"])
+    for rank, name in enumerate((report["ranking"] or report.get("by_value", []))[:top_k], start=1):
         ci = headline_ci.get(name)
-        table.add_row(str(rank), name, f"{shares[name]:.3f}",
+        table.add_row(str(rank) if ranked else "-", name, f"{shares[name]:.3f}",
                       f"{ci['low'] / total:.2f}-{ci['high'] / total:.2f}" if ci else "",
                       significant(report[key][name]),
                       f"{report[ATTRIBUTE_SHIFT.normalized_key][name]:.3f}",

@@ -27,7 +27,7 @@ from skimage.transform import warp as skimage_warp
 
 from sia_cli.errors import SiaError
 from sia_cli.inputs.detectors import LANDMARKS, Detector, Face, RetinaFace
-from sia_cli.inputs.images import ImageError, decode, list_images
+from sia_cli.inputs.images import ImageError, decode, list_images, not_image_reason, not_images
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.runs.files import write_bytes_atomic, write_text_atomic
 
@@ -138,6 +138,7 @@ class AlignConfig:
     out: Path
     framing: Framing
     largest: bool = False  # only the largest face of each photo
+    used: tuple[Path, ...] = ()  # files beside the photos that the run reads (--attrs-file, --labels)
 
 
 @dataclass
@@ -170,6 +171,8 @@ def align_folder(config: AlignConfig, detector: Detector, progress: ProgressFn =
     images.mkdir(parents=True, exist_ok=True)
     stems = crop_names(photos)
     result = Aligned()
+    result.unaligned += [{"source": path.name, "reason": not_image_reason(path)}
+                         for path in not_images(Path(config.images), config.used)]
     for number, path in enumerate(photos, 1):
         try:
             photo = decode(path)
@@ -232,7 +235,7 @@ def alignment_warnings(summary: dict | None) -> list[str]:
         names = ", ".join(item["file"] for item in summary["skipped"][:5])
         more = f" and {len(summary['skipped']) - 5} more" if len(summary["skipped"]) > 5 else ""
         lines.append(f"--align skipped {len(summary['skipped'])} of {summary['photos']} photos "
-                     f"(no face, or unreadable): {names}{more}; see skipped in report.json")
+                     f"(no face, unreadable, or not an image): {names}{more}; see skipped in report.json")
     if summary["padded"]:
         worst = max(summary["padded"], key=lambda item: item["padding"])
         lines.append(f"{len(summary['padded'])} of {summary['faces']} aligned faces are more than "
@@ -263,7 +266,8 @@ def align_inputs(config, progress: ProgressFn = silent):
         if not world.main:
             return
         framing = framing_named(framing_of(config.gan))
-        result = align_folder(AlignConfig(Path(config.images), folder, framing), RetinaFace(), progress)
+        used = tuple(Path(p) for p in (config.attrs_file, config.labels) if p is not None)
+        result = align_folder(AlignConfig(Path(config.images), folder, framing, used=used), RetinaFace(), progress)
         if not result.rows:
             raise SiaError(f"--align found no face in {config.images} (the photos are listed in {folder / UNALIGNED})")
         if config.attrs_file is not None:

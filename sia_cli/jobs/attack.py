@@ -13,7 +13,7 @@ from sia_cli.runs.files import write_json_atomic
 from sia_cli.runs.inputs import Batch, RunConfig, clean_pass
 from sia_cli.runs.lifecycle import Context, execute
 from sia_cli.runs.plan import ImagePlan
-from sia_cli.runs.records import COMPARISON, REPORT, MethodRun, account_for_alignment, base_report, findings_trust
+from sia_cli.runs.records import COMPARISON, REPORT, MethodRun, account_for_inputs, base_report, findings_trust
 
 
 class AttackPlan(ImagePlan):
@@ -80,5 +80,5 @@ def _method_report(config: RunConfig, context: Context, run: MethodRun, skipped:
         "timing": {"total_s": round(seconds, 3)},
         "complete": complete,
     }
-    account_for_alignment(report, config)
+    account_for_inputs(report, config)
     return report

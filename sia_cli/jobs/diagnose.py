@@ -28,7 +28,7 @@ from sia_cli.runs.files import write_json_atomic
 from sia_cli.runs.inputs import Batch, Inputs, RunConfig, clean_pass, load_inputs
 from sia_cli.runs.lifecycle import Context, execute
 from sia_cli.runs.plan import ImagePlan
-from sia_cli.runs.records import REPORT, MethodRun, account_for_alignment, base_report, findings_trust
+from sia_cli.runs.records import REPORT, MethodRun, account_for_inputs, base_report, findings_trust
 
 
 @dataclass(frozen=True)
@@ -169,21 +169,34 @@ def _report(config: DiagnoseConfig, context: Context, run: MethodRun, skipped: l
     report["settings"]["intervals"] = (f"BCa bootstrap over images, {config.bootstrap} resamples, 95% "
                                        "(bias-shifted percentile where the bias exceeds the interval)")
     report["measured_images"] = sum("error" not in r for r in measured)
-    report["ranking"] = sens.ranking(found[headline_key])
     report["intervals"] = _intervals(measured, attributes, protected, config)
     report["evidence"] = {"counted_images": len(counted), "minimum_images": sens.MIN_COUNTED_IMAGES,
                           "enough": sens.enough_images(len(counted))}
     report["effect"] = _effect(measured, found, headline, inputs)
+    # Too few images, or a model that hardly moves, ranks nobody: the order of the point values
+    # stays in `by_value` for whoever draws the table, `ranking` is empty and says why.
+    report["by_value"] = sens.ranking(found[headline_key])
+    report["ranking_withheld"] = _ranking_withheld(report["evidence"], report["effect"])
+    report["ranking"] = [] if report["ranking_withheld"] else report["by_value"]
     report["stands_out"] = None
-    if report["effect"].get("moves") is not False:  # a model that hardly moves has no leader
+    if not report["ranking_withheld"]:
         report["stands_out"] = sens.stands_out(found[headline_key], report["intervals"].get(headline_key),
                                                len(counted))
     report["groups"] = _groups(measured, attributes, protected, config)
     report.update(findings_trust(inputs, run.records, grouped=bool(config.group_by),
                                  measures_include_lost=not counted))
     report.update(images=run.records, skipped=skipped, timing={"total_s": round(seconds, 3)}, complete=complete)
-    account_for_alignment(report, config)
+    account_for_inputs(report, config)
     return report
+
+
+def _ranking_withheld(evidence: dict, effect: dict) -> str | None:
+    if not evidence["enough"]:
+        return (f"too few images: {evidence['counted_images']} counted, a ranking needs "
+                f"{evidence['minimum_images']}")
+    if effect.get("moves") is False:
+        return "the model hardly moves under any edit: all attributes together move it less than the reconstruction"
+    return None
 
 
 def _effect(records: list[dict], found: dict, headline: str, inputs) -> dict:
@@ -267,8 +280,9 @@ def write_outputs(config: DiagnoseConfig, report: dict, telling: list[dict], sec
     intervals = report.get("intervals", {}).get(headline.key)
     sensitivity_png(out / "sensitivity.png", report[headline.normalized_key],
                     _normalised_intervals(intervals, report[headline.key]),
-                    title=f"{headline.key} (share of total)",
-                    edit_success=report["backbone"].get("edit_success"), blind_spots=report.get("blind_spots") or ())
+                    title=f"{headline.key} (share of total)" + ("; not ranked" if report.get("ranking_withheld") else ""),
+                    edit_success=report["backbone"].get("edit_success"), blind_spots=report.get("blind_spots") or (),
+                    leader=report.get("stands_out"))
     grid_png(out / "grid.png", telling)
     if seconds is not None:
         report["timing"]["total_s"] = round(seconds(), 3)

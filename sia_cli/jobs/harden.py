@@ -36,18 +36,17 @@ from sia_cli.errors import SiaError
 from sia_cli.inputs.images import load_image
 from sia_cli.jobs.harden_eval import _read_json, _summary, evaluate
 from sia_cli.progress import ProgressFn, silent
-from sia_cli.runs.distributed import World, agree, all_gather, barrier, join
+from sia_cli.runs.distributed import World, all_gather, barrier
 from sia_cli.runs.files import write_bytes_atomic, write_json_atomic
 from sia_cli.runs.inputs import Batch, Inputs, RunConfig, batches, load_batch, load_inputs, reference_pass
-from sia_cli.runs.journal import locked, refuse_changed
-from sia_cli.runs.lifecycle import Context, Plan, execute, prepare_out, run_fingerprint
+from sia_cli.runs.journal import refuse_changed
+from sia_cli.runs.lifecycle import Context, Plan, execute, run_fingerprint
 from sia_cli.targets.export import export_model
 
 SUMMARY = "hardening.json"
 PAGE = "hardening.html"
 TRAINING = "training.json"
 CHECKPOINTS = "checkpoint"
-LOCK = ".harden.lock"  # the whole command; the training run inside takes the lifecycle's own lock
 # Settings of the before/after report, not of the training: changing them must not refuse a resume.
 EVALUATION_ONLY = ("eval_images", "eval_labels", "eval_attrs_file", "eval_steps")
 
@@ -93,46 +92,10 @@ def check_config(config: HardenConfig) -> None:
 
 
 def harden(config: HardenConfig, progress: ProgressFn = silent) -> dict | None:
-    """Evaluate, fine-tune, evaluate again; write hardening.json and hardening.html into --out.
-    Returns the summary on rank 0 (None on other torchrun ranks)."""
+    """Fine-tune, then evaluate the model before and after; write hardening.json and
+    hardening.html into --out. Returns the summary on rank 0 (None on other torchrun ranks)."""
     check_config(config)
-    world, _ = join(config.device)
-    out = Path(config.out)
-
-    def check_out() -> None:
-        summary = out / SUMMARY
-        if summary.exists() and _complete(summary) and not config.force:
-            raise SiaError(f"{out} holds a finished hardening ({SUMMARY}); pass --force to redo it or pick another --out")
-        prepare_out(out)
-
-    agree(check_out, world)
-    with locked(out, LOCK, "sia harden", world):
-        if config.force and world.main:
-            clear(out)
-        barrier(world)
-        before = evaluate(config, Path(config.model), out / "before", world, progress) if config.eval_images else None
-        trained = all_gather(execute(config, HardenPlan(config), progress), world)[0]  # rank 0's, on every rank
-        if trained.get("unusable"):
-            raise SiaError(_unusable_message(trained))  # on every rank at once: none waits for the others
-        model_path = Path(trained["model"])
-        after = evaluate(config, model_path, out / "after", world, progress) if config.eval_images else None
-        summary = None
-        if world.main:
-            summary = _summary(config, trained, before, after)
-            write_json_atomic(out / SUMMARY, summary)
-            from sia_cli.reports.html import hardening_html  # matplotlib and the page only where written
-
-            hardening_html(out / PAGE, summary, out)
-        barrier(world)
-    return summary
-
-
-def clear(out: Path) -> None:
-    """--force: what an earlier hardening wrote into `out`, nothing else."""
-    for name in ("before", "after", CHECKPOINTS):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in (SUMMARY, PAGE, TRAINING, "model.pt", "model.pt2"):
-        (out / name).unlink(missing_ok=True)
+    return execute(config, HardenPlan(config), progress)
 
 
 def _complete(path: Path) -> bool:
@@ -204,11 +167,16 @@ class HardenPlan(Plan):
         self.optimizer = torch.optim.Adam(trainable(context.inputs.target), lr=config.lr)
         return None
 
+    def check_out(self, out: Path, force: bool) -> None:
+        summary = out / SUMMARY
+        if summary.exists() and _complete(summary) and not force:
+            raise SiaError(f"{out} holds a finished hardening ({SUMMARY}); pass --force to redo it or pick another --out")
+
     def clear(self, out: Path) -> None:
-        """--force: the training's own outputs; `harden` has cleared the rest and may already
-        have written the new before/ report."""
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-        for name in (TRAINING, "model.pt", "model.pt2"):
+        """--force: what an earlier hardening wrote into `out`, nothing else."""
+        for name in ("before", "after", CHECKPOINTS):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (SUMMARY, PAGE, TRAINING, "model.pt", "model.pt2"):
             (out / name).unlink(missing_ok=True)
 
     def fingerprint(self, context: Context) -> dict:
@@ -295,6 +263,28 @@ class HardenPlan(Plan):
                 record["unusable"] = problem  # `harden` stops on it, on every rank
         write_json_atomic(out / TRAINING, record)
         return record
+
+    def finish(self, context: Context, result):
+        """The before/after evaluation on --eval-images (collective: every rank attacks its share)
+        and the summary. The input model's file is never changed, so evaluating it after the
+        training gives what evaluating it first would; both reports resume like any run."""
+        config, out, world = self.config, context.out, context.world
+        trained = all_gather(result, world)[0]  # rank 0's, on every rank
+        if trained.get("unusable"):
+            raise SiaError(_unusable_message(trained))  # on every rank at once: none waits for the others
+        before = after = None
+        if config.eval_images:
+            before = evaluate(config, Path(config.model), out / "before", world, context.progress)
+            after = evaluate(config, Path(trained["model"]), out / "after", world, context.progress)
+        summary = None
+        if world.main:
+            summary = _summary(config, trained, before, after)
+            write_json_atomic(out / SUMMARY, summary)
+            from sia_cli.reports.html import hardening_html  # matplotlib and the page only where written
+
+            hardening_html(out / PAGE, summary, out)
+        barrier(world)
+        return summary
 
 
 def unusable(target) -> str | None:

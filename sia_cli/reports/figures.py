@@ -111,8 +111,10 @@ def edit_rate_text(rate: float) -> str:
 
 def sensitivity_png(path: str | os.PathLike, values: dict[str, float],
                     intervals: dict[str, dict] | None = None, title: str = "",
-                    edit_success: dict[str, float] | None = None, blind_spots: Sequence[str] = ()) -> None:
-    """Horizontal bar chart, most sensitive on top, value printed beside each bar.
+                    edit_success: dict[str, float] | None = None, blind_spots: Sequence[str] = (),
+                    leader: str | None = None) -> None:
+    """Horizontal bar chart, most sensitive on top, value printed beside each bar; `leader`, the
+    attribute that stands out (if any), in red.
 
     With `edit_success` each label carries the backbone's edit success for that attribute, and
     blind spots are drawn hatched and pale: their short bars mean "cannot tell".
@@ -130,7 +132,7 @@ def sensitivity_png(path: str | os.PathLike, values: dict[str, float],
     figure = Figure(figsize=(8, max(4.0, 0.32 * len(names) + 1.2)), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    colours = ["#c0392b" if i == 0 else "#2e6da4" for i in range(len(names))]
+    colours = ["#c0392b" if name == leader else "#2e6da4" for name in names]
     colours = ["#b8c4d0" if name in blind_spots else colour for name, colour in zip(names, colours)]
     rows = np.arange(len(names))
     bars = axes.barh(rows, heights, xerr=extents, color=colours, ecolor="#444444", capsize=3, height=0.7)

@@ -133,8 +133,8 @@ def headline_sentence(report: dict, top_k: int = 3) -> str:
     blind = [name for name in report.get("blind_spots") or [] if name != winner]
     if blind:
         shown = ", ".join(blind[:5]) + (f" and {len(blind) - 5} more" if len(blind) > 5 else "")
-        text += (f" The backbone cannot edit {shown} in most faces (blind spots): the model may depend on "
-                 "them more than shown.")
+        text += (f" The backbone cannot edit {shown} in most faces (blind spot{'s' if len(blind) > 1 else ''}): "
+                 f"the model may depend on {'them' if len(blind) > 1 else 'it'} more than shown.")
     fit = (report.get("backbone_fit") or {}).get("ok")
     if fit is False:
         text += " The backbone does not fit these images well enough to trust this (see the warnings)."

@@ -163,7 +163,7 @@ def clean_pass(inputs: Inputs, batch: Batch) -> dict:
     reconstruction_out = target(quantize(reconstruction))
     return {**reference_pass(inputs, batch), "reconstruction": reconstruction,
             "reconstruction_out": reconstruction_out,
-            "critic_margin": backbone.critic_margin(batch.x0 * 2 - 1, reconstruction)}
+            "critic": backbone.critic_scores(batch.x0 * 2 - 1, reconstruction)}
 
 
 def _labelled_reference(inputs: Inputs, batch: Batch, clean: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The life of a long run, the same for every command that writes into --out (attack, diagnose,
-augment; harden next):
+augment, harden):
 
     check --out -> lock -> seed -> load -> tune -> begin -> --force clears -> journal
-    -> sweep the units (Ctrl-C: partial output) -> gather -> write -> close
+    -> sweep the units (Ctrl-C: partial output) -> gather -> write -> close -> finish
 
 A command supplies a `Plan`: how it loads its inputs, its units of work (batches of images,
 blocks of augmentation jobs), the work of one unit as journal entries, and the writer of its
@@ -120,6 +120,12 @@ class Plan:
         could be written."""
         raise NotImplementedError
 
+    def finish(self, context: Context, result):
+        """On every rank, still under the lock, once the units are written (or `begin` found
+        them done): a collective step on what was written (`sia harden` evaluates the model
+        before and after). Returns the run's result (rank 0's; None on the others)."""
+        return result
+
 
 def execute(config, plan: Plan, progress: ProgressFn = silent):
     """Run `plan` into `config.out`; return its writer's result (rank 0; None on other ranks).
@@ -142,7 +148,7 @@ def execute(config, plan: Plan, progress: ProgressFn = silent):
         context = Context(config, inputs, world, device, batch_size, shown)
         early = plan.begin(context)
         if early is not None:
-            return early
+            return plan.finish(context, early)
         if config.force and world.main:
             plan.clear(out)
             close_run(out)
@@ -165,7 +171,7 @@ def execute(config, plan: Plan, progress: ProgressFn = silent):
         barrier(world)
         if world.main:
             close_run(out)
-    return result
+        return plan.finish(context, result)
 
 
 def interrupted(context: Context, plan: Plan) -> SiaError:

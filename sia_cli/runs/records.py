@@ -13,6 +13,7 @@ from PIL import Image
 from sia_cli import __version__
 from sia_cli.engine.attack import AttackSettings, Method
 from sia_cli.inputs.align import ALIGNED, alignment_summary, alignment_warnings
+from sia_cli.inputs.images import not_image_reason, not_images
 from sia_cli.measures import trust
 from sia_cli.reports.figures import image_quality, save_png_atomic, to_uint8
 from sia_cli.runs.distributed import current
@@ -69,7 +70,7 @@ def records_for(batch: Batch, inputs: Inputs, clean: dict, state, settings: Atta
     # How far the reconstruction alone moves the model: the floor under which an edit's effect
     # cannot be told from the backbone's (sensitivity.reconstruction_floor).
     moved = target.distance(clean["reconstruction_out"], clean["clean"]).float().cpu()
-    margins = clean.get("critic_margin")
+    scores, margins = clean.get("critic") or (None, None)
     card = inputs.backbone.info.card
     records = []
     for i, (file, problem) in enumerate(zip(batch.files, failures(clean, state))):
@@ -78,6 +79,7 @@ def records_for(batch: Batch, inputs: Inputs, clean: dict, state, settings: Atta
             record["attrs_confidence"] = round(float((batch.a0[i] - 0.5).abs().mean() * 2), 4)
         if problem is None:
             margin = float(margins[i]) if margins is not None else None
+            score = float(scores[i]) if scores is not None else None
             record.update(
                 attrs_end=plain(state.a[i]), label=plain(label[i]), pred_clean=plain(pred_clean[i]),
                 pred_reconstruction=plain(pred_reconstruction[i]), pred_adv=plain(pred_adv[i]),
@@ -88,7 +90,8 @@ def records_for(batch: Batch, inputs: Inputs, clean: dict, state, settings: Atta
                 reconstruction_mae=round(float(mae[i]), 6),
                 reconstruction_effect=float(moved[i]),
                 critic_margin=round(margin, 4) if margin is not None else None,
-                in_domain=trust.in_domain(margin, card),
+                critic_score=round(score, 4) if score is not None else None,
+                in_domain=trust.in_domain(margin, card, score),
             )
         else:
             record.update(success=False, error=problem)
@@ -208,8 +211,16 @@ def aligned_inputs(config: RunConfig) -> dict | None:
     return alignment_summary(Path(config.out) / ALIGNED)
 
 
-def account_for_alignment(report: dict, config: RunConfig) -> None:
-    """Photos --align dropped join `skipped` with their reason; its warnings join the others."""
+def account_for_inputs(report: dict, config: RunConfig) -> None:
+    """Every file of --images that the run did not read is in `skipped` with its reason: photos
+    --align dropped (its warnings join the others) and files that are not images."""
+    others = not_images(Path(config.images), [config.attrs_file, config.labels])
+    if others:
+        report["skipped"] = list(report.get("skipped") or []) + [
+            {"file": path.name, "reason": not_image_reason(path)} for path in others]
+        names = ", ".join(path.name for path in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        report["warnings"] = list(report.get("warnings") or []) + [
+            f"{len(others)} file(s) in {config.images} are not images by their extension and were not read: {names}"]
     summary = aligned_inputs(config)
     if summary is None:
         return

@@ -161,7 +161,7 @@ class Task:
         if settings.eye_indices is not None:
             raise SiaError(
                 f"eye_indices {list(settings.eye_indices)} do not name two of the model's keypoints "
-                f"(a {self.name} model has none)"
+                f"(a {self.name} model has none; pass --task landmarks or --task keypoints if its outputs are points)"
             )
         if settings.label is not None:
             raise SiaError(
