@@ -1,15 +1,21 @@
 """Train the counterfactual-supervised backbone shipped in sia_cli/backbone/builtin/synth-faces-64-cf/
-(64x64 synth faces; `--gan synth-faces-64-cf`, docs/backbone.md).
+(64x64 synth faces; `--gan synth-faces-64-cf`, docs/backbone.md). Two stages:
 
-    python examples/train_backbone.py --work /tmp/sia-backbone --export sia_cli/backbone/builtin/synth-faces-64-cf
+    python examples/train_backbone.py --work /tmp/sia-backbone --export /tmp/stage-1
+    python examples/train_backbone.py --work /tmp/sia-backbone-2 --from /tmp/stage-1 --steps 22000 \\
+        --lambda-change 300 --export sia_cli/backbone/builtin/synth-faces-64-cf
 
-One command for the whole recipe, which it prints as the `sia` commands it runs:
+The first stage runs, and prints, the `sia` commands of the whole recipe:
 
     sia synth WORK/data --n 6000 --seed 1000
     sia train-gan --images WORK/data/images --attrs WORK/data/list_attr.txt --out WORK/run \\
         --max-steps 14000 --batch-size 32 --n-d 1 --shortcut-layers 3 --inject-layers 3 \\
-        --lr 4e-4 --lr-schedule cosine --save-every 1000 --sample-every 1000 \\
+        --lr 4e-4 --lr-schedule cosine --lambda-change 100 --save-every 1000 --sample-every 1000 \\
         --judge examples/targets/attribute_judge.pt
+
+The second continues from the first's export (`--from`: its weights without optimiser states
+become step 14,000 of a run to 22,000, a warm restart of the cosine schedule at 1.3e-4) with
+three times the weight on the change loss, on the same faces drawn again (the same seed).
 
 `sia train-gan` supervises every one-attribute edit with the renderer's true counterfactual (the
 folder is a `sia synth` set), beside AttGAN's own losses. Run again after an interruption: it
@@ -36,16 +42,31 @@ from sia_cli.backbone.attgan import SETTING_FILE, latest_checkpoint
 JUDGE = Path(__file__).resolve().parent / "targets" / "attribute_judge.pt"
 
 
-def recipe(work: Path, faces: int, steps: int) -> list[list[str]]:
+def recipe(work: Path, faces: int, steps: int, lambda_change: float) -> list[list[str]]:
     data = work / "data"
     synth = ["synth", str(data), "--n", str(faces), "--seed", "1000", "--no-progress"]
     train = ["train-gan", "--images", str(data / "images"), "--attrs", str(data / "list_attr.txt"),
              "--out", str(work / "run"), "--max-steps", str(steps), "--batch-size", "32", "--n-d", "1",
              "--shortcut-layers", "3", "--inject-layers", "3", "--lr", "4e-4", "--lr-schedule", "cosine",
-             "--save-every", "1000", "--sample-every", "1000", "--judge", str(JUDGE), "--no-progress"]
+             "--lambda-change", f"{lambda_change:g}", "--save-every", "1000", "--sample-every", "1000",
+             "--judge", str(JUDGE), "--no-progress"]
     if latest_checkpoint(work / "run") is not None:
         train.append("--resume")
     return ([] if (data / "list_attr.txt").is_file() else [synth]) + [train]
+
+
+def warm_start(backbone: Path, run: Path) -> None:
+    """Continue from a backbone folder (setting.txt + checkpoint/weights.N.pth, no optimiser
+    states): its weights become the run's first checkpoint, and training resumes at step N with
+    fresh Adam moments and the learning rate the schedule gives step N of the new --steps."""
+    if latest_checkpoint(run) is not None:
+        return  # already started: resume the run itself
+    source = latest_checkpoint(backbone)
+    if source is None:
+        raise SystemExit(f"--from {backbone}: no checkpoint/weights.N.pth there")
+    (run / "checkpoint").mkdir(parents=True, exist_ok=True)
+    shutil.copy(backbone / SETTING_FILE, run / SETTING_FILE)
+    shutil.copy(source, run / "checkpoint" / source.name)
 
 
 def export(run: Path, dest: Path) -> Path:
@@ -66,9 +87,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/sia-backbone"))
     parser.add_argument("--faces", type=int, default=6000, help="synthetic training faces")
     parser.add_argument("--steps", type=int, default=14000, help="generator steps")
+    parser.add_argument("--lambda-change", type=float, default=100.0, help="weight of the change loss")
+    parser.add_argument("--from", dest="start", type=Path, default=None,
+                        help="continue from this backbone folder (the second stage: see docs/backbone.md)")
     parser.add_argument("--export", type=Path, default=None, help="write the backbone here when done")
     args = parser.parse_args()
-    for command in recipe(args.work, args.faces, args.steps):
+    if args.start is not None:
+        warm_start(args.start, args.work / "run")
+    for command in recipe(args.work, args.faces, args.steps, args.lambda_change):
         print("sia", shlex.join(command), flush=True)
         subprocess.run([sys.executable, "-m", "sia_cli", *command], check=True)
     if args.export:

@@ -341,6 +341,7 @@ def test_unreadable_images_are_skipped_and_odd_ones_converted(faces, eyeglasses,
     report = assert_report_matches_files(out, eyeglasses)
     assert {s["file"] for s in report["skipped"]} == {"text.png", "truncated.png", "README"}
     assert any("README" in w and "not images" in w for w in report["warnings"])
+    assert any(w.startswith("2 image(s) skipped: ") and "truncated.png" in w for w in report["warnings"])
     assert all(s["reason"] for s in report["skipped"])
     processed = {r["file"] for r in report["images"]}
     assert processed == {sources[0].name, sources[1].name, "gray.png", "rgba.png", "odd_size.png"}

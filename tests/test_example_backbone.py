@@ -93,9 +93,9 @@ def test_shipped_backbone_edits_change_little_else(shipped):
 
 
 # The counterfactual-supervised backbone (`--gan synth-faces-64-cf`, docs/backbone.md). Measured with
-# examples/measure_backbone.py on 300 faces (seed 77): mean edit success 0.74, clean edit success
-# 0.50, reconstruction error 0.022, every attribute but Male (0.46) at 0.5 or more.
-CF_MEAN_EDIT_SUCCESS = 0.65
+# examples/measure_backbone.py on 300 faces (seed 77): mean edit success 0.78, clean edit success
+# 0.50, reconstruction error 0.024, every attribute at 0.5 or more (lowest Male 0.55).
+CF_MEAN_EDIT_SUCCESS = 0.7
 CF_MEAN_CLEAN_EDIT_SUCCESS = 0.4
 CF_MAX_RECONSTRUCTION_L1 = 0.03
 
@@ -146,7 +146,8 @@ def _domain(backbone, images: torch.Tensor) -> tuple[list, list]:
 def test_the_counterfactual_backbones_critic_tells_real_faces_from_its_own(tmp_path):
     """A backbone that reconstructs sharply narrows the critic's margin on every image, photos
     included: the margin alone let through real faces. The critic's own score, calibrated on the
-    card, keeps every LFW face and the astronaut out and fresh synth faces in."""
+    card, keeps every LFW face and the astronaut out and fresh synth faces in (measured: the margin
+    alone let 15 of the 41 in; with the score none, and 60 of 60 synth faces in)."""
     import skimage.data
     from PIL import Image
 

@@ -214,6 +214,12 @@ def aligned_inputs(config: RunConfig) -> dict | None:
 def account_for_inputs(report: dict, config: RunConfig) -> None:
     """Every file of --images that the run did not read is in `skipped` with its reason: photos
     --align dropped (its warnings join the others) and files that are not images."""
+    unread = list(report.get("skipped") or [])  # unreadable images, rows missing from --attrs-file
+    if unread:
+        names = "; ".join(f"{item['file']} ({item['reason']})" for item in unread[:3])
+        more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
+        report["warnings"] = list(report.get("warnings") or []) + [
+            f"{len(unread)} image(s) skipped: {names}{more}; see skipped in report.json"]
     others = not_images(Path(config.images), [config.attrs_file, config.labels])
     if others:
         report["skipped"] = list(report.get("skipped") or []) + [

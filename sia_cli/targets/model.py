@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,6 +16,20 @@ from sia_cli.targets.tasks import Task
 
 # ITU-R BT.601 luma weights: RGB -> grayscale for 1-channel models.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class Probed:
+    """What the probe settled about a model (sia_cli.targets.probe): the model under test is
+    built from it, whole."""
+
+    settings: Settings  # as the probe completed them (the output kind, where each came from)
+    task: Task
+    output_key: int | str | None
+    output_listing: str | None  # the model's outputs, when it returns several
+    batch_range: tuple[int, int | None]
+    static_batch: int | None
+    assumptions: tuple[str, ...]
 
 
 class Target(torch.nn.Module):
@@ -39,8 +54,13 @@ class Target(torch.nn.Module):
         format: str,
         batch_range: tuple[int, int | None] = (1, None),
         probe_size: int = 64,
+        probed: Probed | None = None,
     ):
+        """`probed`: what the probe settled (load_target builds every model under test with it);
+        without it the target is the probe's scratch copy, with no task yet."""
         super().__init__()
+        if probed is not None:
+            settings, batch_range = probed.settings, probed.batch_range
         self.model = model
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -61,11 +81,13 @@ class Target(torch.nn.Module):
         self.register_buffer("_mean", torch.tensor(self.mean).view(shape), persistent=False)
         self.register_buffer("_std", torch.tensor(self.std).view(shape), persistent=False)
         self.register_buffer("_luma", torch.tensor(LUMA_WEIGHTS).view(1, 3, 1, 1), persistent=False)
-        # Filled in by the probe in load_target.
-        self.task: Task | None = None
-        self.output_key: int | str | None = None
-        self._output_listing: str | None = None  # the model's outputs, when it returns several
-        self.assumptions: list[str] = []
+        self.task: Task | None = probed.task if probed else None
+        self.output_key: int | str | None = probed.output_key if probed else None
+        # the model's outputs, when it returns several
+        self._output_listing: str | None = probed.output_listing if probed else None
+        self.assumptions: list[str] = list(probed.assumptions) if probed else []
+        if probed is not None:
+            self.static_batch = probed.static_batch
 
     # The wrapped model keeps its load-time mode: exported programs cannot switch,
     # and an engine calling .eval()/.train() on the target must not put BN in training.

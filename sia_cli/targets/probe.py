@@ -17,7 +17,7 @@ import torch
 
 from sia_cli.errors import SiaError
 from sia_cli.targets.formats import first_line
-from sia_cli.targets.model import Target
+from sia_cli.targets.model import Probed, Target
 from sia_cli.targets.tasks import ACCEPTED_SHAPES, TASKS, Binary, Multiclass, Multilabel, Regression, Task, infer_task
 
 PROBE_BATCH = 2
@@ -37,8 +37,10 @@ class _BatchProblem(Exception):
         self.error = error
 
 
-def probe(target: Target, probe_size: int, output_key: Any) -> None:
-    """Settle target.output_key, target.task, the batch sizes it takes and target.assumptions."""
+def probe(target: Target, probe_size: int, output_key: Any) -> Probed:
+    """The output key, the task, the batch sizes the model takes, the output kind and the
+    assumptions made, settled on `target`: a scratch target load_target made for the probe (it
+    fills it in as it goes) and then builds the model under test from the result, whole."""
     with torch.enable_grad():
         images, out = _probe_batches(target, probe_size, output_key)
         shape = tuple(out.shape[1:])
@@ -56,6 +58,9 @@ def probe(target: Target, probe_size: int, output_key: Any) -> None:
             target.assumptions.append(line)
     target.assumptions.extend(task.inspect(values, inferred=how == "output shape"))
     _settle_output_type(target, task)
+    return Probed(settings=target.settings, task=task, output_key=target.output_key,
+                  output_listing=target._output_listing, batch_range=target.batch_range,
+                  static_batch=target.static_batch, assumptions=tuple(target.assumptions))
 
 
 def _probe_batches(target: Target, probe_size: int, output_key: Any) -> tuple[torch.Tensor, torch.Tensor]:

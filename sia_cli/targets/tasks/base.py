@@ -107,6 +107,8 @@ class Task:
     reads_output_type: ClassVar[bool] = False  # --output logits|probability applies
     effect_unit: ClassVar[str] = "output units"  # what `distance` measures in (each kind says)
     label_layout: ClassVar[str] = "file,label"
+    # The task-specific options this kind reads; the base check refuses the others when given.
+    accepts: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, output_shape: Sequence[int], settings: Any, input_hw: Sequence[int]):
         self.output_shape = tuple(int(d) for d in output_shape)
@@ -158,17 +160,17 @@ class Task:
                 f"{settings.flag_text('output', 'probability')} is for binary, multiclass and multilabel "
                 f"models; this one is {self.name}"
             )
-        if settings.eye_indices is not None:
+        if settings.eye_indices is not None and "eye_indices" not in self.accepts:
             raise SiaError(
                 f"eye_indices {list(settings.eye_indices)} do not name two of the model's keypoints "
                 f"(a {self.name} model has none; pass --task landmarks or --task keypoints if its outputs are points)"
             )
-        if settings.label is not None:
+        if settings.label is not None and "label" not in self.accepts:
             raise SiaError(
                 f"{settings.flag_text('label', settings.label)} picks a label of a multilabel model; this one is "
                 f"{self.name} (pass --task multilabel if its outputs are independent labels)"
             )
-        if settings.margin is not None:
+        if settings.margin is not None and "margin" not in self.accepts:
             raise SiaError(
                 f"{settings.flag_text('margin', settings.margin)} is for regression models; this one is {self.name}"
             )

@@ -121,6 +121,7 @@ class Multilabel(Binary):
 
     name = "multilabel"
     shapes = "(B, C) for multilabel (with --task multilabel --label NAME)"
+    accepts = frozenset({"label"})
     inferred = False  # a (B, C) output is read as multiclass unless told (see Multiclass.assumption)
 
     @classmethod
@@ -135,11 +136,7 @@ class Multilabel(Binary):
         settings = self.settings
         label = settings.label
         names = list(settings.class_names or [])
-        settings.label = None  # checked here, not refused by the base class
-        try:
-            super()._check_settings()
-        finally:
-            settings.label = label
+        super()._check_settings()
         count = self.num_outputs
         known = f" (labels: {', '.join(names)})" if names else f" (an index 0..{count - 1})"
         if label is None:

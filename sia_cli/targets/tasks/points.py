@@ -21,14 +21,11 @@ class _Points(Task):
     """Shared by keypoint heatmaps and coordinate landmarks: judged by normalised mean error."""
 
     label_layout = "file,x1,y1,x2,y2,..."
+    accepts = frozenset({"eye_indices"})
 
     def _check_settings(self):
         eyes = self.settings.eye_indices
-        self.settings.eye_indices = None  # checked here, not refused by the base class
-        try:
-            super()._check_settings()
-        finally:
-            self.settings.eye_indices = eyes
+        super()._check_settings()
         if eyes is not None and max(eyes) >= self.num_outputs:
             raise SiaError(f"eye_indices {list(eyes)} do not name two of the model's {self.num_outputs} keypoints")
 

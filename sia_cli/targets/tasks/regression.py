@@ -18,6 +18,7 @@ class Regression(Task):
     name = "regression"
     effect_unit = "margins"
     shapes = "(B,) or (B, 1) for regression (with --task regression)"
+    accepts = frozenset({"margin"})
 
     @classmethod
     def fits(cls, shape):
@@ -28,14 +29,9 @@ class Regression(Task):
         return self.settings.margin if self.settings.margin is not None else DEFAULT_MARGIN
 
     def _check_settings(self):
-        margin = self.settings.margin
-        if margin is None:
+        if self.settings.margin is None:
             self.settings.sources["margin"] = "default"
-        self.settings.margin = None  # checked here, not refused by the base class
-        try:
-            super()._check_settings()
-        finally:
-            self.settings.margin = margin
+        super()._check_settings()
 
     def shape_output(self, out):
         return out.reshape(out.shape[0])
