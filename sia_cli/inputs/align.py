@@ -27,7 +27,7 @@ from skimage.transform import warp as skimage_warp
 
 from sia_cli.errors import SiaError
 from sia_cli.inputs.detectors import LANDMARKS, Detector, Face, RetinaFace
-from sia_cli.inputs.images import ImageError, decode, list_images, not_image_reason, not_images
+from sia_cli.inputs.images import ImageError, decode, list_images, not_images
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.runs.files import write_bytes_atomic, write_text_atomic
 
@@ -171,8 +171,8 @@ def align_folder(config: AlignConfig, detector: Detector, progress: ProgressFn =
     images.mkdir(parents=True, exist_ok=True)
     stems = crop_names(photos)
     result = Aligned()
-    result.unaligned += [{"source": path.name, "reason": not_image_reason(path)}
-                         for path in not_images(Path(config.images), config.used)]
+    result.unaligned += [{"source": item["file"], "reason": item["reason"]}
+                         for item in not_images(Path(config.images), config.used)]
     for number, path in enumerate(photos, 1):
         try:
             photo = decode(path)

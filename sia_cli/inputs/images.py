@@ -37,21 +37,19 @@ def list_images(folder: Path) -> list[Path]:
     return files
 
 
-def not_images(folder: Path, used: Sequence[Path] = ()) -> list[Path]:
-    """Visible files in `folder` that are not images by their extension (a README, a CSV): never
-    read, so a run names them rather than dropping them without a word. `used` (an attributes
-    file kept beside the images) is left out."""
+def not_images(folder: Path, used: Sequence[Path | None] = ()) -> list[dict]:
+    """`{file, reason}` for each visible file in `folder` that is not an image by its extension (a
+    README, a CSV): never read, so a run lists it in `skipped` rather than dropping it without a
+    word. `used` (an attributes file kept beside the images) is left out."""
     keep = {Path(p).resolve() for p in used if p}
     try:
         entries = sorted(Path(folder).iterdir())
     except OSError:
         return []
-    return [p for p in entries if p.is_file() and not p.name.startswith(".")
+    kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+    return [{"file": p.name, "reason": f"not an image file ({p.suffix or 'no extension'}; images are {kinds})"}
+            for p in entries if p.is_file() and not p.name.startswith(".")
             and p.suffix.lower() not in IMAGE_EXTENSIONS and p.resolve() not in keep]
-
-
-def not_image_reason(path: Path) -> str:
-    return f"not an image file ({path.suffix or 'no extension'}; images are {', '.join(sorted(IMAGE_EXTENSIONS))})"
 
 
 def _count_images(folder: Path) -> int:

@@ -33,7 +33,7 @@ from sia_cli.engine.attack import METHODS, attack_batch
 from sia_cli.engine.speed import AUTO
 from sia_cli.errors import SiaError
 from sia_cli.inputs.align import align_inputs
-from sia_cli.inputs.images import ImageError, load_image, not_image_reason, not_images
+from sia_cli.inputs.images import ImageError, load_image, not_images
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.reports.figures import save_png_atomic, to_uint8
 from sia_cli.runs.distributed import agree, all_gather
@@ -246,7 +246,7 @@ def scan_sources(inputs: Inputs, context: Context, images: Path) -> tuple[list[S
     sources = sorted((s for part, _ in parts for s in part), key=lambda s: order[s.file.name])
     skipped = sorted((s for _, part in parts for s in part), key=lambda s: order[s["file"]])
     table = getattr(inputs.attributes, "path", None)  # an attributes file kept beside the images is no stray
-    skipped += [{"file": path.name, "reason": not_image_reason(path)} for path in not_images(images, [table])]
+    skipped += not_images(images, [table])
     if not sources:
         raise SiaError(f"no usable image in {images}: {skipped[0]['reason'] if skipped else 'none found'}")
     return sources, skipped

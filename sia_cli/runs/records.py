@@ -13,7 +13,7 @@ from PIL import Image
 from sia_cli import __version__
 from sia_cli.engine.attack import AttackSettings, Method
 from sia_cli.inputs.align import ALIGNED, alignment_summary, alignment_warnings
-from sia_cli.inputs.images import not_image_reason, not_images
+from sia_cli.inputs.images import not_images
 from sia_cli.measures import trust
 from sia_cli.reports.figures import image_quality, save_png_atomic, to_uint8
 from sia_cli.runs.distributed import current
@@ -222,9 +222,8 @@ def account_for_inputs(report: dict, config: RunConfig) -> None:
             f"{len(unread)} image(s) skipped: {names}{more}; see skipped in report.json"]
     others = not_images(Path(config.images), [config.attrs_file, config.labels])
     if others:
-        report["skipped"] = list(report.get("skipped") or []) + [
-            {"file": path.name, "reason": not_image_reason(path)} for path in others]
-        names = ", ".join(path.name for path in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        report["skipped"] = list(report.get("skipped") or []) + others
+        names = ", ".join(item["file"] for item in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         report["warnings"] = list(report.get("warnings") or []) + [
             f"{len(others)} file(s) in {config.images} are not images by their extension and were not read: {names}"]
     summary = aligned_inputs(config)
