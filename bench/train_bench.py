@@ -5,7 +5,7 @@ In one process it times generator steps per second of
   floor     per generator step, n_d critic steps and one generator step of
             `sia_cli.training.Trainer` on one batch already in memory, the same tensors every
             time: the forward and backward passes a step cannot do without;
-  loop      the real loop, `sia_cli.training.train_gan`, on synthetic faces written as PNG
+  loop      the real loop, `sia_cli.jobs.train_gan.train_gan`, on synthetic faces written as PNG
             files: with --preload (images decoded once, batches drawn on the device), and
             through the DataLoader with --workers 0, its batches drawn one ahead in a thread
             and drawn in line between steps (the engine draws ahead on CUDA only), and with
@@ -55,6 +55,7 @@ import torch
 
 from sia_cli.backbone import training
 from sia_cli.backbone.training import TrainConfig, Trainer
+from sia_cli.jobs.train_gan import train_gan
 from sia_cli.inputs.faces import ATTRIBUTES
 from sia_cli.inputs.images import LabelledImages, read_attributes
 from sia_cli.inputs.synth import make_dataset
@@ -244,7 +245,7 @@ class Bench:
         config = self.config(variant, **fields, max_steps=warmup + steps, out=self.workdir / f"run{self.runs}")
         stamps = Stamps(self.device, warmup, steps)
         with stamped(stamps), drawing_ahead(ahead):
-            training.train_gan(config)
+            train_gan(config)
         return stamps.durations()
 
 

@@ -37,28 +37,30 @@ from pathlib import Path
 
 import torch
 
-from sia_cli.backbone.attgan import SETTING_FILE, latest_checkpoint
+from sia_cli.backbone.attgan import SETTING_FILE, Generator, GeneratorConfig, latest_checkpoint
+from sia_cli.backbone.registry import read_setting
 
 JUDGE = Path(__file__).resolve().parent / "targets" / "attribute_judge.pt"
 
 
-def recipe(work: Path, faces: int, steps: int, lambda_change: float) -> list[list[str]]:
+def recipe(work: Path, faces: int, steps: int, lambda_change: float, lr: float = 4e-4, refine_layers: int = 0,
+           change_focus: float = 0.0) -> list[list[str]]:
     data = work / "data"
     synth = ["synth", str(data), "--n", str(faces), "--seed", "1000", "--no-progress"]
     train = ["train-gan", "--images", str(data / "images"), "--attrs", str(data / "list_attr.txt"),
              "--out", str(work / "run"), "--max-steps", str(steps), "--batch-size", "32", "--n-d", "1",
-             "--shortcut-layers", "3", "--inject-layers", "3", "--lr", "4e-4", "--lr-schedule", "cosine",
-             "--lambda-change", f"{lambda_change:g}", "--save-every", "1000", "--sample-every", "1000",
+             "--shortcut-layers", "3", "--inject-layers", "3", "--refine-layers", str(refine_layers), "--lr", f"{lr:g}", "--lr-schedule", "cosine",
+             "--lambda-change", f"{lambda_change:g}", "--change-focus", f"{change_focus:g}", "--save-every", "1000", "--sample-every", "1000",
              "--judge", str(JUDGE), "--no-progress"]
-    if latest_checkpoint(work / "run") is not None:
-        train.append("--resume")
     return ([] if (data / "list_attr.txt").is_file() else [synth]) + [train]
 
 
-def warm_start(backbone: Path, run: Path) -> None:
+def warm_start(backbone: Path, run: Path, refine_layers: int = 0) -> None:
     """Continue from a backbone folder (setting.txt + checkpoint/weights.N.pth, no optimiser
     states): its weights become the run's first checkpoint, and training resumes at step N with
-    fresh Adam moments and the learning rate the schedule gives step N of the new --steps."""
+    fresh Adam moments and the learning rate the schedule gives step N of the new --steps.
+    Refine blocks the backbone lacks are added as built (attgan.Refine starts as the identity),
+    so the warm-started generator draws exactly what the backbone drew."""
     if latest_checkpoint(run) is not None:
         return  # already started: resume the run itself
     source = latest_checkpoint(backbone)
@@ -66,7 +68,14 @@ def warm_start(backbone: Path, run: Path) -> None:
         raise SystemExit(f"--from {backbone}: no checkpoint/weights.N.pth there")
     (run / "checkpoint").mkdir(parents=True, exist_ok=True)
     shutil.copy(backbone / SETTING_FILE, run / SETTING_FILE)
-    shutil.copy(source, run / "checkpoint" / source.name)
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    setting = {**read_setting(backbone / SETTING_FILE), "refine_layers": refine_layers}
+    generator = Generator(GeneratorConfig.from_setting(setting))
+    missing, unexpected = generator.load_state_dict(state["G"], strict=False)
+    if unexpected or any(not key.startswith("refine.") for key in missing):
+        raise SystemExit(f"--from {backbone}: its generator does not fit --refine-layers {refine_layers}")
+    state["G"] = generator.state_dict()
+    torch.save(state, run / "checkpoint" / source.name)
 
 
 def export(run: Path, dest: Path) -> Path:
@@ -88,13 +97,18 @@ def main() -> None:
     parser.add_argument("--faces", type=int, default=6000, help="synthetic training faces")
     parser.add_argument("--steps", type=int, default=14000, help="generator steps")
     parser.add_argument("--lambda-change", type=float, default=100.0, help="weight of the change loss")
+    parser.add_argument("--lr", type=float, default=4e-4, help="peak learning rate of the cosine schedule")
+    parser.add_argument("--refine-layers", type=int, default=0, help="residual blocks before the image layer")
+    parser.add_argument("--change-focus", type=float, default=0.0,
+                        help="weigh the change loss of the edits the generator does worst (sia train-gan --change-focus)")
     parser.add_argument("--from", dest="start", type=Path, default=None,
                         help="continue from this backbone folder (the second stage: see docs/backbone.md)")
     parser.add_argument("--export", type=Path, default=None, help="write the backbone here when done")
     args = parser.parse_args()
     if args.start is not None:
-        warm_start(args.start, args.work / "run")
-    for command in recipe(args.work, args.faces, args.steps, args.lambda_change):
+        warm_start(args.start, args.work / "run", args.refine_layers)
+    for command in recipe(args.work, args.faces, args.steps, args.lambda_change, args.lr, args.refine_layers,
+                          args.change_focus):
         print("sia", shlex.join(command), flush=True)
         subprocess.run([sys.executable, "-m", "sia_cli", *command], check=True)
     if args.export:

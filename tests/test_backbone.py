@@ -208,3 +208,22 @@ def test_impossible_architecture_in_setting_is_a_clear_error(tmp_path, make_expe
     with pytest.raises(SiaError) as exc:
         registry.load_backbone(str(folder))
     assert_one_line(exc, "shortcut_layers")
+
+
+def test_refine_blocks_start_as_the_identity_and_load_where_absent_they_are_not():
+    """A refine block added to a trained generator leaves its images as they were (its second
+    convolution starts at zero), and a public checkpoint without refine blocks builds none: its
+    keys stay the public ones."""
+    torch.manual_seed(0)
+    plain = Generator(GeneratorConfig(enc_dim=8, dec_dim=8, enc_layers=3, dec_layers=3, n_attrs=3, img_size=32,
+                                      shortcut_layers=2, inject_layers=2))
+    refined = Generator(GeneratorConfig(enc_dim=8, dec_dim=8, enc_layers=3, dec_layers=3, n_attrs=3, img_size=32,
+                                        shortcut_layers=2, inject_layers=2, refine_layers=1))
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(key.startswith("refine.") for key in missing)
+    plain.eval(), refined.eval()
+    x, a = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([[0.5, -0.5, 0.5], [-0.5, 0.5, 0.5]])
+    with torch.no_grad():
+        assert torch.equal(plain(x, a), refined(x, a))
+    assert not any(key.startswith("refine") for key in plain.state_dict())
+    assert GeneratorConfig.from_setting(json.loads(PUBLIC_SETTING.read_text())).refine_layers == 0

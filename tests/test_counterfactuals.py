@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from sia_cli.backbone.attgan import edited
 from sia_cli.backbone.counterfactuals import (
+    ChangeFocus,
     SynthSource,
+    change_errors,
     change_loss,
     check_labels,
     one_attribute_edits,
@@ -107,6 +109,36 @@ def test_the_change_loss_weighs_a_small_edit_as_much_as_a_large_one():
     assert change_loss(truth, reconstruction, real, truth, 0.02) == 0
 
 
+def test_change_focus_weighs_the_edits_the_generator_does_worst_and_follows_them():
+    """Power 0 is the plain change loss; with power 2 the attribute whose running error is
+    three times the other's weighs nine times as much, and its weight falls back once its error
+    does."""
+    errors, shown = torch.tensor([0.3, 0.1, 0.3, 0.1]), torch.ones(4, dtype=torch.bool)
+    edited_k = torch.tensor([0, 1, 0, 1])
+    assert ChangeFocus(2, 0.0)(errors, shown, edited_k) == pytest.approx(float(errors.mean()))
+    focus = ChangeFocus(2, 2.0, decay=0.5)
+    loss = focus(errors, shown, edited_k)
+    weights = focus.weights()
+    assert float(weights[0] / weights[1]) == pytest.approx(9.0)
+    assert float(loss) == pytest.approx((2 * 0.3 * 9 + 2 * 0.1) / (2 * 9 + 2))
+    for _ in range(12):  # attribute 0 learnt: its error falls to attribute 1's
+        focus(torch.tensor([0.1, 0.1, 0.1, 0.1]), shown, edited_k)
+    assert float(focus.weights()[0] / focus.weights()[1]) == pytest.approx(1.0, abs=0.01)
+    # Edits that change nothing (none should) carry no weight, and never a NaN.
+    none_shown = torch.zeros(4, dtype=torch.bool)
+    assert float(focus(errors, none_shown, edited_k)) == 0
+    per_image, changed = change_errors(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8),
+                                       torch.zeros(1, 3, 8, 8), 0.02)
+    assert not changed.any() and torch.isfinite(per_image).all()
+
+
+def test_an_attribute_never_drawn_takes_the_mean_weight():
+    focus = ChangeFocus(3, 2.0)
+    focus(torch.tensor([0.2, 0.4]), torch.ones(2, dtype=torch.bool), torch.tensor([0, 1]))
+    weights = focus.weights()
+    assert torch.isfinite(weights).all() and float(weights[2]) == pytest.approx(1.0)
+
+
 def train(data: Path, out: Path, *extra: str):
     args = ["train-gan", "--images", str(data / "images"), "--attrs", str(data / "list_attr.txt"),
             "--attributes", ",".join(ATTRS), "--img-size", "32", "--layers", "3", "--batch-size", "8",
@@ -115,7 +147,7 @@ def train(data: Path, out: Path, *extra: str):
     return CliRunner().invoke(app, args)
 
 
-def change_errors(data: Path, gan: Path) -> list[float]:
+def edit_change_errors(data: Path, gan: Path) -> list[float]:
     """Per attribute, how far the backbone's edit is from the truth, as `change_loss` weighs it."""
     backbone = load_backbone(str(gan))
     files, rows = files_and_rows(data)
@@ -137,7 +169,7 @@ def test_train_gan_supervises_synth_faces_with_their_counterfactuals(data, tmp_p
     plain = train(data, tmp_path / "plain", "--no-counterfactuals")
     assert plain.exit_code == 0, plain.output
     # The same 80 steps: with the truth as a signal each edit's change lies nearer the true change.
-    supervised, unsupervised = change_errors(data, tmp_path / "cf"), change_errors(data, tmp_path / "plain")
+    supervised, unsupervised = edit_change_errors(data, tmp_path / "cf"), edit_change_errors(data, tmp_path / "plain")
     # (measured: 0.95 against 1.24 summed over the four, each attribute lower)
     assert sum(supervised) < 0.85 * sum(unsupervised), (supervised, unsupervised)
     assert all(s < u for s, u in zip(supervised, unsupervised)), (supervised, unsupervised)
@@ -180,3 +212,15 @@ def test_counterfactual_options_are_checked_up_front(data, tmp_path, flag, value
             "--max-steps", "2", "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu", flag, value]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and message in result.stderr
+
+
+def test_refine_layers_and_change_focus_train_and_the_backbone_loads_with_them(data, tmp_path):
+    out = tmp_path / "refined"
+    result = train(data, out, "--refine-layers", "1", "--change-focus", "2", "--max-steps", "4", "--save-every", "4")
+    assert result.exit_code == 0, result.output
+    setting = json.loads((out / "setting.txt").read_text())
+    assert setting["refine_layers"] == 1 and setting["change_focus"] == 2
+    backbone = load_backbone(str(out))
+    assert len(backbone.generator.refine) == 1
+    moved = backbone.generator.refine[0].outer.weight.abs().sum()
+    assert moved > 0  # trained: the block no longer the identity it started as

@@ -172,8 +172,8 @@ def test_train_gan_ddp_and_resume_across_world_sizes(clean_faces, tmp_path):
     assert first.stdout.count("trained to step 2") == 1
     two = read_checkpoint(latest_checkpoint(out))
     assert two["sia"]["step"] == 2
-    ok(sia(*train_args(clean_faces, out, 4), "--resume", cwd=tmp_path))  # 2 processes -> 1
-    ok(torchrun(*train_args(clean_faces, out, 6), "--resume", cwd=tmp_path))  # 1 -> 2
+    ok(sia(*train_args(clean_faces, out, 4), cwd=tmp_path))  # 2 processes -> 1
+    ok(torchrun(*train_args(clean_faces, out, 6), cwd=tmp_path))  # 1 -> 2
     six = read_checkpoint(latest_checkpoint(out))
     assert six["sia"]["step"] == 6
     moved = [name for name, value in six["G"].items() if not torch.equal(value, two["G"][name])]

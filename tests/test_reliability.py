@@ -656,13 +656,12 @@ def test_ctrl_c_in_train_gan_saves_the_last_step_and_resume_continues(six_faces,
     time.sleep(3)
     code, stderr = interrupt(process)
     assert code == 130 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
-    assert "interrupted after step" in stderr and "--resume" in stderr
+    assert "rerun the same command to resume" in stderr
     saved = sorted((out / "checkpoint").glob("weights.*.pth"))
     assert len(saved) == 1 and saved[0].name in stderr
     step = int(saved[0].name.split(".")[1])
-    assert step > 0
-    resumed = subprocess.run([*map(str, args), "--max-steps", str(step + 2), "--resume"], capture_output=True,
-                             text=True)
+    assert step > 0 and f"interrupted after {step} of 100000" in stderr
+    resumed = subprocess.run([*map(str, args), "--max-steps", str(step + 2)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"trained to step {step + 2} (from {step})" in resumed.stdout
 
@@ -715,7 +714,7 @@ def test_sigterm_in_train_gan_saves_the_last_step(six_faces, tmp_path):
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143 and len(stderr.strip().splitlines()) == 1, stderr
-    assert "interrupted after step" in stderr and "--resume" in stderr
+    assert "interrupted after" in stderr and "rerun the same command to resume" in stderr
     saved = sorted((out / "checkpoint").glob("weights.*.pth"))
     assert len(saved) == 1 and saved[0].name in stderr
 
@@ -996,8 +995,7 @@ def test_second_train_gan_into_a_running_one_is_refused(six_faces, tmp_path):
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         wait_for_lines(out / "setting.txt", 1, first)
-        second = sia(*gan_args(six_faces / "images", six_faces / "list_attr.txt", out, "--max-steps", "5",
-                               "--resume")[3:])
+        second = sia(*gan_args(six_faces / "images", six_faces / "list_attr.txt", out, "--max-steps", "5")[3:])
         assert_fails(second, 2, "is writing to", str(out))
         assert first.poll() is None
     finally:

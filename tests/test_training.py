@@ -24,8 +24,8 @@ from sia_cli.backbone.training import (
     Prefetched,
     TrainConfig,
     Trainer,
-    train_gan,
 )
+from sia_cli.jobs.train_gan import train_gan
 from sia_cli.cli import app
 from sia_cli.errors import SiaError
 from sia_cli.inputs.images import LabelledImages, read_attributes
@@ -155,42 +155,54 @@ def test_config_is_frozen_and_the_run_reports_the_device_it_chose(data, tmp_path
 # ----------------------------------------------------------------------------- resume
 
 
-def test_existing_checkpoints_are_not_overwritten_without_resume(data, trained, tmp_path):
+def test_a_finished_run_is_not_overwritten_without_force(data, trained, tmp_path):
     out = tmp_path / "g"
     shutil.copytree(trained, out)
     before = (out / "checkpoint" / "weights.3.pth").read_bytes()
-    result = run(train_args(data, out, max_steps=5))
+    result = run(train_args(data, out, max_steps=3))
     assert result.exit_code == 2
-    assert "--resume" in one_error_line(result)
+    line = one_error_line(result)
+    assert "finished run" in line and "weights.3.pth" in line and "--force" in line
     assert (out / "checkpoint" / "weights.3.pth").read_bytes() == before
-    assert not (out / "checkpoint" / "weights.4.pth").exists()
 
 
-def test_resume_continues_from_the_latest_checkpoint(data, trained, tmp_path):
+def test_force_starts_over(data, trained, tmp_path):
     out = tmp_path / "g"
     shutil.copytree(trained, out)
-    result = run(train_args(data, out, "--resume", max_steps=5))
+    (out / "card.json").write_text('{"measured": "the old run"}')
+    result = run(train_args(data, out, "--force", max_steps=2))
+    assert result.exit_code == 0, result.output
+    assert "(from 0)" in result.stdout
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["weights.2.pth"]
+    assert "at step 2" in json.loads((out / "card.json").read_text())["measured"]  # the new run's card
+
+
+def test_a_rerun_continues_from_the_latest_checkpoint_to_a_raised_max_steps(data, trained, tmp_path):
+    out = tmp_path / "g"
+    shutil.copytree(trained, out)
+    result = run(train_args(data, out, max_steps=5))
     assert result.exit_code == 0, result.output
     assert "(from 3)" in result.stdout
     assert (out / "checkpoint" / "weights.5.pth").is_file()
     assert torch.load(out / "checkpoint" / "weights.5.pth", weights_only=True)["sia"]["step"] == 5
     assert registry.load_backbone(str(out)).info.path.endswith("weights.5.pth")
+    assert not list(out.glob(".sia-progress*")) and not (out / ".sia-run.json").exists()  # closed as every run
 
 
-def test_resume_with_a_different_architecture_is_a_clear_error(data, trained, tmp_path):
+def test_continuing_with_a_different_architecture_is_a_clear_error(data, trained, tmp_path):
     out = tmp_path / "g"
     shutil.copytree(trained, out)
-    result = run(train_args(data, out, "--resume", "--enc-dim", "8", max_steps=5))
+    result = run(train_args(data, out, "--enc-dim", "8", max_steps=5))
     assert result.exit_code == 2, result.output
     assert "weights.3.pth" in one_error_line(result)
     assert json.loads((out / "setting.txt").read_text())["enc_dim"] == 16  # the old run's setting is kept
 
 
-def test_resume_with_other_attributes_is_refused(data, trained, tmp_path):
+def test_continuing_with_other_attributes_is_refused(data, trained, tmp_path):
     # Same count, other order: the weights would load, but every attribute would change meaning.
     out = tmp_path / "g"
     shutil.copytree(trained, out)
-    result = run(train_args(data, out, "--resume", attributes="Smiling,Bangs,Eyeglasses", max_steps=5))
+    result = run(train_args(data, out, attributes="Smiling,Bangs,Eyeglasses", max_steps=5))
     assert result.exit_code == 2, result.output
     assert "Bangs,Eyeglasses,Smiling" in one_error_line(result)
     assert not (out / "checkpoint" / "weights.4.pth").exists()

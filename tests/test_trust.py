@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import skimage.data
 from PIL import Image
 from typer.testing import CliRunner
@@ -37,6 +38,28 @@ def test_in_domain_follows_the_calibrated_margin():
     assert trust.in_domain(1.9, CARD) is False
     assert trust.in_domain(None, CARD) is None  # no discriminator: cannot tell
     assert trust.in_domain(3.0, {}) is None  # no calibration: cannot tell
+
+
+def test_in_domain_takes_the_cards_margin_floor_where_it_calibrates_one():
+    card = {"domain": {**CARD["domain"], "critic_margin_floor": 1.2}}
+    assert trust.in_domain(1.2, card) is True  # under half the median, over this backbone's 1st percentile
+    assert trust.in_domain(1.19, card) is False
+
+
+def test_calibrate_domain_stores_the_margin_floor_at_the_1st_percentile():
+    class Backbone:  # margins 0..99 (the score minus the reconstruction's), scores 0..99
+        def __call__(self, x, a):
+            return x
+
+        def critic_scores(self, x, reconstruction):
+            values = x[:, 0, 0, 0]
+            return values, values
+
+    images = torch.arange(100, dtype=torch.float32).view(100, 1, 1, 1).expand(100, 3, 2, 2) / 2 + 0.5
+    domain = trust.calibrate_domain(Backbone(), images, torch.zeros(100, 1))
+    margins = images[:, 0, 0, 0] * 2 - 1
+    assert domain["critic_margin_floor"] == pytest.approx(float(np.percentile(margins.numpy(), 1)), abs=1e-4)
+    assert domain["critic_margin_floor"] < domain["critic_margin_p05"] < domain["critic_margin_median"]
 
 
 def test_in_domain_also_needs_the_critic_score_where_the_card_calibrates_it():

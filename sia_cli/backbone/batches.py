@@ -102,8 +102,9 @@ class Prefetched:
 def pair_batches(dataset: LabelledImages, pairs: torch.Tensor, batch_size: int, device: torch.device,
                   world: World, seed: int):
     """Shuffled batches from memory, each face with one of its one-attribute edits drawn at
-    random and that edit's true counterfactual: (images, attributes, edited attributes, truth),
-    images in [0, 1]. Every rank draws the same permutation and takes its own stride of it."""
+    random and that edit's true counterfactual: (images, attributes, edited attributes, truth,
+    the attribute each row edits), images in [0, 1]. Every rank draws the same permutation and
+    takes its own stride of it."""
     names = list(dataset.table.names)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))]).mul_(255).round_().to(torch.uint8).to(device)
     attrs = torch.stack([dataset[i][1] for i in range(len(dataset))]).float().to(device)
@@ -116,7 +117,7 @@ def pair_batches(dataset: LabelledImages, pairs: torch.Tensor, batch_size: int, 
             ks = torch.randint(len(names), (len(index),), generator=generator, device=device)
             a = attrs[index]
             yield (images[index].float().div_(255), a, one_attribute_edits(a, ks, names),
-                   pairs[index, ks].float().div_(255))
+                   pairs[index, ks].float().div_(255), ks)
 
 
 def memory_batches(dataset: LabelledImages, batch_size: int, device: torch.device, world: World, seed: int):
@@ -139,8 +140,8 @@ def draw(batches, device) -> tuple:
     images = images.to(device, non_blocking=True) * 2 - 1
     attrs = attrs.to(device, non_blocking=True)
     if pairs:
-        target, truth = pairs
-        return images, attrs, target, truth * 2 - 1
+        target, truth, edited = pairs
+        return images, attrs, target, truth * 2 - 1, edited
     target = attrs[torch.randperm(attrs.size(0), device=device)]
     return images, attrs, target
 

@@ -125,18 +125,58 @@ def one_attribute_edits(a: torch.Tensor, ks: torch.Tensor, names: list[str]) -> 
     return b
 
 
-def change_loss(fake: torch.Tensor, reconstruction: torch.Tensor, real: torch.Tensor, truth: torch.Tensor,
-                threshold: float) -> torch.Tensor:
+def change_errors(fake: torch.Tensor, reconstruction: torch.Tensor, real: torch.Tensor, truth: torch.Tensor,
+                  threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """How far the generator's change (edit minus reconstruction) is from the true change
     (counterfactual minus image), averaged over the pixels the edit truly changes, image by
     image: a mustache (1% of the pixels) then counts as much as pale skin (a third of them),
     where a plain pixel loss lets small features vanish. Images in [-1, 1]; `threshold` is the
-    change in [0, 1] under which a pixel counts as unchanged."""
+    change in [0, 1] under which a pixel counts as unchanged. Returns each image's error and
+    whether its edit changes any pixel at all (none should fail to)."""
     true_change = truth - real
     changed = (true_change.abs().amax(dim=1, keepdim=True) > 2 * threshold).float()
     area = changed.sum(dim=(1, 2, 3)) * real.size(1)
     error = ((fake - reconstruction) - true_change).abs() * changed
-    shown = area > 0  # an edit the renderer draws the same (none should be) carries no weight
+    shown = area > 0
+    return error.sum(dim=(1, 2, 3)) / area.clamp(min=1), shown
+
+
+def change_loss(fake: torch.Tensor, reconstruction: torch.Tensor, real: torch.Tensor, truth: torch.Tensor,
+                threshold: float) -> torch.Tensor:
+    """The mean of `change_errors` over the images whose edit changes something."""
+    errors, shown = change_errors(fake, reconstruction, real, truth, threshold)
     if not shown.any():
         return fake.new_zeros(())
-    return (error.sum(dim=(1, 2, 3))[shown] / area[shown]).mean()
+    return errors[shown].mean()
+
+
+class ChangeFocus:
+    """The change loss of a batch, each image weighed by how hard its attribute's edit is so far.
+
+    Keeps a running mean of the change error per attribute (the generator's own training loss,
+    nothing else); an image editing attribute k weighs (mean_k / mean over attributes) ** power,
+    normalised over the batch. Power 0 weighs every image alike (`change_loss`). The weights
+    follow the errors: once a hard edit is learnt its weight falls back. The running means are
+    not in the checkpoint: a resumed run finds them again within a few hundred steps (decay
+    0.99), and under torchrun each rank keeps its own."""
+
+    def __init__(self, attributes: int, power: float, decay: float = 0.99):
+        self.power, self.decay = power, decay
+        self.running = torch.full((attributes,), float("nan"))
+
+    def weights(self) -> torch.Tensor:
+        known = torch.nan_to_num(self.running, nan=float(self.running.nanmean()) if self.running.isfinite().any() else 1.0)
+        return (known / known.mean()).pow(self.power)
+
+    def __call__(self, errors: torch.Tensor, shown: torch.Tensor, edited: torch.Tensor | None) -> torch.Tensor:
+        if not shown.any():
+            return errors.new_zeros(())
+        if self.power == 0 or edited is None:
+            return errors[shown].mean()
+        ks, values = edited[shown].cpu(), errors[shown].detach().float().cpu()
+        for k in ks.unique().tolist():
+            mean = float(values[ks == k].mean())
+            old = float(self.running[k])
+            self.running[k] = mean if old != old else self.decay * old + (1 - self.decay) * mean
+        weight = self.weights()[ks].to(errors.device)
+        return (errors[shown] * weight).sum() / weight.sum()

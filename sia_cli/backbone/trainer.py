@@ -19,9 +19,7 @@ from sia_cli.backbone.attgan import (
     Generator,
     GeneratorConfig,
 )
-from sia_cli.backbone.counterfactuals import (
-    change_loss,
-)
+from sia_cli.backbone.counterfactuals import ChangeFocus, change_errors
 from sia_cli.engine.attack import amp_context
 from sia_cli.engine.speed import to_channels_last
 from sia_cli.runs.distributed import World
@@ -45,6 +43,7 @@ class TrainConfig:
     dis_fc_dim: int = 64
     shortcut_layers: int = 1
     inject_layers: int = 1
+    refine_layers: int = 0  # residual blocks before the image layer (attgan.Refine; not public AttGAN's)
     thres_int: float = 0.5
     lambda_1: float = 100.0  # reconstruction
     lambda_2: float = 10.0  # generator attribute classification
@@ -56,7 +55,7 @@ class TrainConfig:
     sample_every: int = 500
     save_every: int = 1000
     keep: int = 2
-    resume: bool = False
+    force: bool = False  # --out holds a finished run or other settings: start over
     device: str = "cpu"  # under torchrun `cuda` means each rank's own GPU (see train_gan)
     seed: int = 0
     workers: int = 0
@@ -75,6 +74,9 @@ class TrainConfig:
     lambda_pair: float = 100.0  # L1 between each edit and its true counterfactual
     lambda_change: float = 100.0  # the change's error over the truly changed pixels (change_loss)
     change_threshold: float = 0.02  # in [0, 1]: a pixel that moves less is unchanged
+    # Each attribute's change loss weighed by (its running mean / the mean over attributes) ** focus:
+    # the edits the generator does worst, by its own training loss, get more of the gradient. 0: alike.
+    change_focus: float = 0.0
     lr_schedule: str = "constant"  # or "cosine": down to 5% of --lr at --max-steps
 
     def setting(self) -> dict:
@@ -85,6 +87,7 @@ class TrainConfig:
             "img_size": self.img_size,
             "shortcut_layers": self.shortcut_layers,
             "inject_layers": self.inject_layers,
+            "refine_layers": self.refine_layers,
             "enc_dim": self.enc_dim,
             "dec_dim": self.dec_dim,
             "dis_dim": self.dis_dim,
@@ -114,6 +117,7 @@ class TrainConfig:
             "lambda_pair": self.lambda_pair,
             "lambda_change": self.lambda_change,
             "change_threshold": self.change_threshold,
+            "change_focus": self.change_focus,
             "lr_schedule": self.lr_schedule,
             "data_path": str(self.images),
             "attr_path": str(self.attrs_file),
@@ -165,6 +169,7 @@ class Trainer:
         self.optim_d = torch.optim.Adam(self.critic.parameters(), lr=config.lr, betas=config.betas)
         self.device = device
         self.edits, self.scorer = Edits(self.generator), self.critic
+        self.focus = ChangeFocus(len(config.attributes), config.change_focus)
         if world.size > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.edits = DistributedDataParallel(self.edits, device_ids=ids)
@@ -194,7 +199,7 @@ class Trainer:
             for group in optimiser.param_groups:
                 group["lr"] = lr
 
-    def critic_step(self, real: torch.Tensor, a: torch.Tensor, b: torch.Tensor, truth=None) -> dict:
+    def critic_step(self, real: torch.Tensor, a: torch.Tensor, b: torch.Tensor, truth=None, edited=None) -> dict:
         c = self.config
         with self.autocast():
             with torch.no_grad():
@@ -213,9 +218,10 @@ class Trainer:
         return {"d_wd": wasserstein.detach(), "d_gp": penalty.detach(), "d_cls": cls.detach()}
 
     def generator_step(self, real: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                       truth: torch.Tensor | None = None) -> dict:
+                       truth: torch.Tensor | None = None, edited: torch.Tensor | None = None) -> dict:
         """AttGAN's generator losses; given `truth`, each edit's true counterfactual (in [-1, 1]),
-        also the pair and change losses of sia_cli.counterfactuals."""
+        and `edited`, the attribute each row edits, also the pair and change losses of
+        sia_cli.backbone.counterfactuals."""
         c = self.config
         for p in self.critic.parameters():
             p.requires_grad_(False)
@@ -229,7 +235,8 @@ class Trainer:
         supervised = {}
         if truth is not None:
             pair = F.l1_loss(fake.float(), truth)
-            change = change_loss(fake.float(), recon.float(), real, truth, c.change_threshold)
+            errors, shown = change_errors(fake.float(), recon.float(), real, truth, c.change_threshold)
+            change = self.focus(errors, shown, edited)
             loss = loss + c.lambda_pair * pair + c.lambda_change * change
             supervised = {"g_pair": pair.detach(), "g_change": change.detach()}
         self.optim_g.zero_grad(set_to_none=True)

@@ -1,49 +1,38 @@
-"""AttGAN training (WGAN-GP) on any CelebA-layout folder, writing the public checkpoint layout."""
+"""The parts of AttGAN training (WGAN-GP) on any CelebA-layout folder: checks, batches, checkpoints
+in the public layout, samples. The run itself is `sia_cli.jobs.train_gan`, on the one lifecycle."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
 import os
-import random
 import signal
 import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from sia_cli.backbone.attgan import (
-    SETTING_FILE,
-    checkpoint_number,
-    latest_checkpoint,
-    read_checkpoint,
-)
-from sia_cli.backbone.batches import Prefetched, draw, draws_ahead, loader_batches, memory_batches, pair_batches
+from sia_cli.backbone.attgan import SETTING_FILE, checkpoint_number, read_checkpoint
+from sia_cli.backbone.batches import Prefetched, draws_ahead, loader_batches, memory_batches, pair_batches
 from sia_cli.backbone.counterfactuals import (
     SynthSource,
     check_labels,
     render_pairs,
     synth_source,
 )
-from sia_cli.backbone.judging import write_card
 from sia_cli.backbone.trainer import TrainConfig, Trainer
 from sia_cli.engine.attack import AMP_MODES
-from sia_cli.errors import INTERRUPTED, STOPPED_BY, SiaError
+from sia_cli.errors import STOPPED_BY, SiaError
 from sia_cli.inputs.faces import MARKER
 from sia_cli.inputs.images import LabelledImages, image_problem, read_attributes
 from sia_cli.progress import ProgressFn, silent
-from sia_cli.runs.distributed import World, agree, all_gather, barrier, join
+from sia_cli.runs.distributed import World, all_gather
 from sia_cli.runs.files import write_bytes_atomic, write_text_atomic
-from sia_cli.runs.journal import locked
-
-LOCK = ".sia.lock"
+from sia_cli.text import first_few
 
 
 def counterfactual_source(config: TrainConfig) -> SynthSource | None:
@@ -58,7 +47,7 @@ def counterfactual_source(config: TrainConfig) -> SynthSource | None:
 
 
 def prepare(config: TrainConfig, world: World = World()) -> tuple[LabelledImages, dict]:
-    """Check the data and the output folder before any training starts."""
+    """Check the data before any training starts."""
     if not Path(config.images).is_dir():
         raise SiaError(f"image folder not found: {config.images}")
     if not config.attributes:
@@ -70,17 +59,13 @@ def prepare(config: TrainConfig, world: World = World()) -> tuple[LabelledImages
     if len(dataset) < config.batch_size * world.size:
         raise SiaError(f"{len(dataset)} images is fewer than one batch ({config.batch_size}) per process "
                        f"({world.size} processes)")
-    out = Path(config.out)
     source = counterfactual_source(config)
     if source is not None:
         check_labels(source, dataset.files, [table.rows[f.name] for f in dataset.files], config.attributes)
-    existing = latest_checkpoint(out)
-    if existing is not None and not config.resume:
-        raise SiaError(f"{out} already holds checkpoint {existing.name}: pass --resume to continue or pick another --out")
     return dataset, config.setting()
 
 
-def _save(trainer: Trainer, out: Path, step: int, setting: dict, keep: int) -> Path:
+def save_checkpoint(trainer: Trainer, out: Path, step: int, setting: dict, keep: int) -> Path:
     folder = out / "checkpoint"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"weights.{step}.pth"
@@ -93,13 +78,13 @@ def _save(trainer: Trainer, out: Path, step: int, setting: dict, keep: int) -> P
     return path
 
 
-def _write_setting(out: Path, setting: dict) -> None:
+def write_setting(out: Path, setting: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / SETTING_FILE, json.dumps(setting, indent=4))
 
 
 @torch.no_grad()
-def _sample(trainer: Trainer, images: torch.Tensor, attrs: torch.Tensor, path: Path) -> None:
+def write_sample(trainer: Trainer, images: torch.Tensor, attrs: torch.Tensor, path: Path) -> None:
     """Grid: each row one image; columns original, reconstruction, then each attribute flipped."""
     trainer.generator.eval()
     columns = [images, trainer.generator(images, trainer.attribute_input(attrs))]
@@ -125,6 +110,7 @@ def check_config(config: TrainConfig) -> None:
         if value < 1:
             raise SiaError(f"{flag} must be at least 1 (got {value})")
     for flag, value in {"--shortcut-layers": config.shortcut_layers, "--inject-layers": config.inject_layers,
+                        "--refine-layers": config.refine_layers, "--change-focus": config.change_focus,
                         "--workers": config.workers, "--seed": config.seed}.items():
         if value < 0:
             raise SiaError(f"{flag} must be non-negative (got {value})")
@@ -160,116 +146,43 @@ def check_images(dataset: LabelledImages, world: World, progress: ProgressFn = s
         if done % 200 == 0 or done == len(files):
             progress("check images", done * world.size, len(dataset))
     if bad:
-        name, reason = bad[0]
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise SiaError(f"cannot train on {name}: {reason}{more}; remove it from {dataset.files[0].parent} "
+        named = first_few((f"{name} ({reason})" for name, reason in bad), 1)
+        raise SiaError(f"cannot train on {named}; remove it from {dataset.files[0].parent} "
                        f"and its row from {dataset.table.path}")
 
 
-def train_gan(config: TrainConfig, progress: ProgressFn = silent) -> dict:
-    """Train to `config.max_steps`; under torchrun with DDP, --batch-size per process, rank 0 writing.
-
-    Holds a lock on --out throughout: a second run into the folder of a running one is refused."""
-    check_config(config)
-    # This rank's device (`cuda` becomes `cuda:LOCAL_RANK`): the config is the run's, shared by all ranks.
-    world, device = join(config.device)
-    dataset, setting = agree(lambda: prepare(config, world), world)
-    agree(lambda: _make_out(Path(config.out)), world)
-    with locked(config.out, LOCK, "sia train-gan", world):
-        agree(lambda: check_images(dataset, world, progress if world.main else silent), world)
-        return _train(config, world, device, dataset, setting, progress)
-
-
-def _make_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SiaError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
-
-
-def _train(config: TrainConfig, world: World, device: str, dataset: LabelledImages, setting: dict,
-           progress: ProgressFn) -> dict:
-    out = Path(config.out)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    trainer = Trainer(config, setting, world, device)
-    start = 0
-    if config.resume and latest_checkpoint(out) is not None:
-        start = agree(lambda: _resume(trainer, latest_checkpoint(out), setting), world)
-    if world.size > 1:
-        # Ranks differ in their data (sampler) and in their random targets and penalties, like
-        # more images per step; weights start equal (DDP broadcasts rank 0's on wrapping).
-        torch.manual_seed(config.seed + start + 1000 * world.rank)
-    if world.main:
-        _write_setting(out, setting)
+def draw_pairs(config: TrainConfig, dataset: LabelledImages, world: World,
+               progress: ProgressFn = silent) -> torch.Tensor | None:
+    """Every face's true counterfactuals when the folder is a `sia synth` set (else None).
+    Every rank draws all of them: the ranks share one permutation of the faces."""
     source = counterfactual_source(config)
-    if source is not None:
-        # Every rank draws all of them: the ranks share one permutation of the faces.
-        pairs = render_pairs(source, dataset.files, list(dataset.table.names), config.img_size,
-                             config.workers, progress if world.main else silent)
-        batches = pair_batches(dataset, pairs, config.batch_size, trainer.device, world, config.seed + start)
-    elif config.preload:
+    if source is None:
+        return None
+    return render_pairs(source, dataset.files, list(dataset.table.names), config.img_size, config.workers,
+                        progress if world.main else silent)
+
+
+def make_batches(config: TrainConfig, dataset: LabelledImages, device: torch.device, world: World, start: int,
+                 pairs: torch.Tensor | None = None):
+    """The run's endless batches from step `start` on: with the renderer's counterfactuals
+    (`draw_pairs`), from memory (--preload), or through a DataLoader."""
+    if pairs is not None:
+        return pair_batches(dataset, pairs, config.batch_size, device, world, config.seed + start)
+    if config.preload:
         # On the training device already: drawing a batch is a few tensor operations.
-        batches = memory_batches(dataset, config.batch_size, trainer.device, world, config.seed + start)
-    else:
-        batches = loader_batches(dataset, config.batch_size, config.workers, world, config.seed + start, trainer.device)
-        if draws_ahead(trainer.device):
-            batches = Prefetched(batches, trainer.device)
-    fixed_images, fixed_attrs = next(iter(DataLoader(dataset, batch_size=min(8, len(dataset)))))
-    fixed = (fixed_images.to(trainer.device) * 2 - 1, fixed_attrs.to(trainer.device))
-    losses: dict = {}
-    began = time.perf_counter()
-    last = start
-    with _InterruptFlag() as interrupt, contextlib.closing(batches):
-        for step in range(start + 1, config.max_steps + 1):
-            if _should_stop(config, began, world, interrupt.raised):
-                break
-            trainer.set_step(step)
-            for _ in range(config.n_d):
-                losses.update(trainer.critic_step(*draw(batches, trainer.device)))
-            losses.update(trainer.generator_step(*draw(batches, trainer.device)))
-            last = step
-            if step % 50 == 0 or step == config.max_steps:
-                progress("train-gan", step, config.max_steps, {k: float(v) for k, v in losses.items()})
-            if world.main and (step % config.sample_every == 0 or step == config.max_steps):
-                _sample(trainer, *fixed, out / "sample_training" / f"step_{step:07d}.png")
-            if world.main and (step % config.save_every == 0 or step == config.max_steps):
-                _save(trainer, out, step, setting, config.keep)
-    if world.main and last != config.max_steps and last > start:
-        _sample(trainer, *fixed, out / "sample_training" / f"step_{last:07d}.png")
-        _save(trainer, out, last, setting, config.keep)
-    barrier(world)  # the last checkpoint is on disk before any rank reports it
-    final = latest_checkpoint(out)
-    card = None
-    if world.main and final is not None and not interrupt.raised and last == config.max_steps and last > start:
-        card = write_card(Path(config.out), final, setting, dataset, trainer.device, config.judge, config.card_images)
-    if interrupt.raised:
-        error = SiaError(f"interrupted after step {last}: {final or 'no checkpoint yet'} holds it; "
-                         "rerun with --resume to continue", INTERRUPTED)
-        error.shared = world.size > 1  # every rank stops alike: rank 0 alone need say it
-        raise error
-    return {
-        "steps": last,
-        "resumed_from": start,
-        "checkpoint": str(final) if final else None,
-        "seconds": time.perf_counter() - began,
-        "losses": {k: float(v) for k, v in losses.items()},
-        "images": len(dataset),
-        "processes": world.size,
-        "device": str(trainer.device),
-        "card": card,
-    }
+        return memory_batches(dataset, config.batch_size, device, world, config.seed + start)
+    batches = loader_batches(dataset, config.batch_size, config.workers, world, config.seed + start, device)
+    return Prefetched(batches, device) if draws_ahead(device) else batches
 
 
-def _should_stop(config: TrainConfig, began: float, world: World, interrupted: bool) -> bool:
+def should_stop(config: TrainConfig, began: float, world: World, interrupted: bool) -> bool:
     """Whether --time-limit has passed or Ctrl-C came; ranks decide together, or one would wait
     on the others forever."""
     stop = interrupted or (config.time_limit is not None and time.perf_counter() - began > config.time_limit)
     return any(all_gather(stop, world)) if world.size > 1 else stop
 
 
-class _InterruptFlag:
+class InterruptFlag:
     """Ctrl-C (or SIGTERM: CI cancellation, docker stop, Slurm) during training raises a flag
     instead of an exception, so the step in flight finishes and the last step is saved whole:
     an exception inside an optimiser step could leave weights and moments half updated. A
@@ -280,7 +193,7 @@ class _InterruptFlag:
     def __init__(self):
         self.raised, self.previous = False, {}
 
-    def __enter__(self) -> "_InterruptFlag":
+    def __enter__(self) -> "InterruptFlag":
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
             self.previous = {signum: signal.signal(signum, self._on_signal) for signum in self.SIGNALS}
         return self
@@ -298,7 +211,7 @@ class _InterruptFlag:
                 signal.signal(signum, previous)
 
 
-def _resume(trainer: Trainer, checkpoint: Path, setting: dict) -> int:
+def resume(trainer: Trainer, checkpoint: Path, setting: dict) -> int:
     """Load the run to continue; other attributes or another architecture is a user error, not a crash."""
     state = read_checkpoint(checkpoint)
     previous = state.get("sia", {}).get("setting", {}).get("attrs")

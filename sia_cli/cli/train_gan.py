@@ -4,8 +4,8 @@ from pathlib import Path
 
 import typer
 
-from sia_cli.backbone.training import TrainConfig
-from sia_cli.backbone.training import train_gan as run_training
+from sia_cli.backbone.trainer import TrainConfig
+from sia_cli.jobs.train_gan import train_gan as run_training
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, main_process, progress_enabled, rich_progress
 
@@ -31,10 +31,16 @@ def train_gan(
     dis_fc_dim: int = typer.Option(default("dis_fc_dim"), help="Width of the critic's fully connected heads."),
     shortcut_layers: int = typer.Option(default("shortcut_layers"), help="Encoder maps concatenated into the decoder."),
     inject_layers: int = typer.Option(default("inject_layers"), help="Decoder layers that receive the attributes again."),
+    refine_layers: int = typer.Option(
+        default("refine_layers"),
+        help="Residual 3x3 blocks before the image layer (ours, not public AttGAN's): room for small features."),
     lr: float = typer.Option(default("lr"), help="Adam learning rate (betas 0.5, 0.999)."),
     sample_every: int = typer.Option(default("sample_every"), help="Write a sample grid every N steps."),
     save_every: int = typer.Option(default("save_every"), help="Write a checkpoint every N steps."),
-    resume: bool = typer.Option(default("resume"), "--resume", help="Continue from the latest checkpoint in --out."),
+    force: bool = typer.Option(
+        default("force"), "--force",
+        help="Start over: remove what an earlier training wrote into --out (by default a rerun continues "
+             "from its latest checkpoint, also to a raised --max-steps; a finished run is refused)."),
     # Not the engine's default (cpu): on the command line the machine decides.
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (cuda when available)."),
     seed: int = typer.Option(default("seed"), help="Random seed."),
@@ -69,6 +75,10 @@ def train_gan(
         default("lambda_change"),
         help="Weight of the change's error averaged over the pixels the edit truly changes, so small "
              "features count as much as large ones."),
+    change_focus: float = typer.Option(
+        default("change_focus"),
+        help="Weigh each attribute's change loss by (its running mean / the mean over attributes) to this power: "
+             "the edits the generator does worst by its own loss get more of the gradient (0: all alike)."),
     change_threshold: float = typer.Option(default("change_threshold"), help="A pixel that moves less (in [0, 1]) counts as unchanged."),
     lr_schedule: str = typer.Option(default("lr_schedule"), help="constant, or cosine (down to 5% of --lr at --max-steps)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),

@@ -30,6 +30,7 @@ from sia_cli.inputs.detectors import LANDMARKS, Detector, Face, RetinaFace
 from sia_cli.inputs.images import ImageError, decode, list_images, not_images
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.runs.files import write_bytes_atomic, write_text_atomic
+from sia_cli.text import first_few
 
 TABLE = "alignment.csv"
 UNALIGNED = "unaligned.csv"
@@ -232,10 +233,9 @@ def alignment_warnings(summary: dict | None) -> list[str]:
         return []
     lines = []
     if summary["skipped"]:
-        names = ", ".join(item["file"] for item in summary["skipped"][:5])
-        more = f" and {len(summary['skipped']) - 5} more" if len(summary["skipped"]) > 5 else ""
+        names = first_few((item["file"] for item in summary["skipped"]), 5)
         lines.append(f"--align skipped {len(summary['skipped'])} of {summary['photos']} photos "
-                     f"(no face, unreadable, or not an image): {names}{more}; see skipped in report.json")
+                     f"(no face, unreadable, or not an image): {names}; see skipped in report.json")
     if summary["padded"]:
         worst = max(summary["padded"], key=lambda item: item["padding"])
         lines.append(f"{len(summary['padded'])} of {summary['faces']} aligned faces are more than "

@@ -17,6 +17,7 @@ from sia_cli.measures.sensitivity import ranking
 from sia_cli.measures.table import FALLBACK, TABLE, report_key
 from sia_cli.reports.figures import edit_rate_text
 from sia_cli.runs.files import json_ready, write_bytes_atomic
+from sia_cli.text import first_few
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
@@ -132,7 +133,7 @@ def headline_sentence(report: dict, top_k: int = 3) -> str:
         text = f"No single attribute stands out (the leaders' intervals overlap); leaders by {name}: {leaders}."
     blind = [name for name in report.get("blind_spots") or [] if name != winner]
     if blind:
-        shown = ", ".join(blind[:5]) + (f" and {len(blind) - 5} more" if len(blind) > 5 else "")
+        shown = first_few(blind, 5)
         text += (f" The backbone cannot edit {shown} in most faces (blind spot{'s' if len(blind) > 1 else ''}): "
                  f"the model may depend on {'them' if len(blind) > 1 else 'it'} more than shown.")
     fit = (report.get("backbone_fit") or {}).get("ok")

@@ -16,6 +16,7 @@ from pathlib import Path
 from sia_cli.errors import SiaError
 from sia_cli.runs.distributed import World, agree, all_gather, barrier
 from sia_cli.runs.files import write_json_atomic, write_text_atomic
+from sia_cli.text import first_few
 
 RUN_STATE = ".sia-run.json"  # the settings a resumed run must match
 JOURNAL_PREFIX = ".sia-progress"
@@ -150,9 +151,8 @@ def refuse_changed(out: Path, before: dict, now: dict) -> None:
     the first changed settings with their old and new values."""
     changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
     if changed:
-        shown = ", ".join(f"{key}: {_short(before.get(key))} -> {_short(now.get(key))}" for key in changed[:3])
-        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-        raise SiaError(f"{out} holds a partial or finished run with other settings ({shown}{more}); "
+        shown = first_few((f"{key}: {_short(before.get(key))} -> {_short(now.get(key))}" for key in changed), 3)
+        raise SiaError(f"{out} holds a partial or finished run with other settings ({shown}); "
                        "rerun it with the same settings to resume, or pass --force to start over")
 
 

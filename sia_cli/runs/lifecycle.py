@@ -1,5 +1,5 @@
 """The life of a long run, the same for every command that writes into --out (attack, diagnose,
-augment, harden):
+augment, harden, train-gan):
 
     check --out -> lock -> seed -> load -> tune -> begin -> --force clears -> journal
     -> sweep the units (Ctrl-C: partial output) -> gather -> write -> close -> finish
@@ -87,6 +87,11 @@ class Plan:
         """Images the run will attack: `--batch-size auto` never picks more."""
         return len(inputs.files)
 
+    def batch_size(self, config, inputs, device: str, world: World) -> int:
+        """Prepare the models for the run (layout, compilation) and settle `--batch-size auto`."""
+        return tune(config, inputs, torch.device(device), world, self.rows_per_image(config, inputs),
+                    self.planned_images(config, inputs))
+
     def begin(self, context: Context):
         """After loading, before --force clears: a collective step every rank runs. A result
         other than None ends the run with it (nothing left to do)."""
@@ -101,6 +106,10 @@ class Plan:
     def total(self, context: Context) -> int:
         """Units of progress (images or jobs) the whole run has."""
         return len(context.inputs.files)
+
+    def progress_of(self, context: Context, entries: dict[str, dict]) -> int:
+        """How much of `total` the journal entries so far stand for."""
+        return len(entries)
 
     def units(self, context: Context, done: dict[str, dict]) -> Iterable:
         """This rank's share of the work not in `done` (journal entries by key)."""
@@ -119,6 +128,10 @@ class Plan:
         result. Called with complete=False after an interruption; return None when nothing
         could be written."""
         raise NotImplementedError
+
+    def kept(self, context: Context, result) -> str:
+        """After an interruption, where what `write(complete=False)` returned (not None) is."""
+        return f"what is finished is written to {context.out} (complete: false)"
 
     def finish(self, context: Context, result):
         """On every rank, still under the lock, once the units are written (or `begin` found
@@ -143,8 +156,7 @@ def execute(config, plan: Plan, progress: ProgressFn = silent):
         torch.manual_seed(config.seed)
         shown = progress if world.main else silent
         inputs = agree(lambda: plan.load(config, device, shown), world)
-        batch_size = tune(config, inputs, torch.device(device), world, plan.rows_per_image(config, inputs),
-                          plan.planned_images(config, inputs))
+        batch_size = plan.batch_size(config, inputs, device, world)
         context = Context(config, inputs, world, device, batch_size, shown)
         early = plan.begin(context)
         if early is not None:
@@ -155,7 +167,7 @@ def execute(config, plan: Plan, progress: ProgressFn = silent):
         barrier(world)
         journal = open_journal(out, plan.fingerprint(context), world)
         total = plan.total(context)
-        finished = len(journal.done)
+        finished = plan.progress_of(context, journal.done)
         try:
             for unit in plan.units(context, journal.done):
                 entries = plan.work(context, unit)
@@ -179,9 +191,9 @@ def interrupted(context: Context, plan: Plan) -> SiaError:
     if not context.world.main:
         return SiaError("interrupted", INTERRUPTED)
     entries = read_entries(context.out)  # every rank's journal: the others may not answer a gather now
-    wrote = plan.write(context, entries, complete=False) is not None if entries else False
-    where = f"what is finished is written to {context.out} (complete: false); " if wrote else ""
-    return SiaError(f"interrupted after {len(entries)} of {plan.total(context)}: {where}"
+    wrote = plan.write(context, entries, complete=False) if entries else None
+    where = f"{plan.kept(context, wrote)}; " if wrote is not None else ""
+    return SiaError(f"interrupted after {plan.progress_of(context, entries)} of {plan.total(context)}: {where}"
                     "rerun the same command to resume", INTERRUPTED)
 
 

@@ -19,6 +19,7 @@ from sia_cli.reports.figures import image_quality, save_png_atomic, to_uint8
 from sia_cli.runs.distributed import current
 from sia_cli.runs.inputs import Batch, Inputs, RunConfig, adversary_names
 from sia_cli.runs.lifecycle import Context
+from sia_cli.text import first_few
 
 SCHEMA_VERSION = 1
 
@@ -216,14 +217,13 @@ def account_for_inputs(report: dict, config: RunConfig) -> None:
     --align dropped (its warnings join the others) and files that are not images."""
     unread = list(report.get("skipped") or [])  # unreadable images, rows missing from --attrs-file
     if unread:
-        names = "; ".join(f"{item['file']} ({item['reason']})" for item in unread[:3])
-        more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
+        names = first_few((f"{item['file']} ({item['reason']})" for item in unread), 3, "; ")
         report["warnings"] = list(report.get("warnings") or []) + [
-            f"{len(unread)} image(s) skipped: {names}{more}; see skipped in report.json"]
+            f"{len(unread)} image(s) skipped: {names}; see skipped in report.json"]
     others = not_images(Path(config.images), [config.attrs_file, config.labels])
     if others:
         report["skipped"] = list(report.get("skipped") or []) + others
-        names = ", ".join(item["file"] for item in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        names = first_few((item["file"] for item in others), 5)
         report["warnings"] = list(report.get("warnings") or []) + [
             f"{len(others)} file(s) in {config.images} are not images by their extension and were not read: {names}"]
     summary = aligned_inputs(config)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from sia_cli.errors import SiaError
+from sia_cli.text import first_few
 
 
 def _not_a_model(path: Path, why: str = "") -> SiaError:
@@ -92,9 +93,8 @@ def _refuse_weights_without_data(model: torch.nn.Module, path: Path, device: str
     nothing can move them (the model was saved before real weights were loaded into it)."""
     stray = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if stray:
-        more = f" and {len(stray) - 1} more" if len(stray) > 1 else ""
         raise SiaError(
-            f"{path}: the model's weights ({stray[0]}{more}) are on the meta device, not {device}: "
+            f"{path}: the model's weights ({first_few(stray, 1)}) are on the meta device, not {device}: "
             "they hold no data; save the model again after loading its real weights"
         )
 
@@ -152,9 +152,8 @@ def _refuse_pickles(path: Path) -> None:
     except (zipfile.BadZipFile, OSError, EOFError):
         raise _not_a_model(path) from None
     if found:
-        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
         raise SiaError(
-            f"{path}: {found[0]}{more} is stored as a pickle, which loading would run (a pickle can execute "
+            f"{path}: {first_few(found, 1)} is stored as a pickle, which loading would run (a pickle can execute "
             f"any code); pass {PICKLE_FLAG} to load it anyway, only for a file you trust"
         )
 

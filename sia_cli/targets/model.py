@@ -230,6 +230,11 @@ class Target(torch.nn.Module):
         (multiclass), NME of a against b (keypoints, landmarks), |y_a - y_b| / margin (regression)."""
         return self.task.distance(out_a, out_b)
 
+    def explained_score(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """The per-image score (B,) whose input gradient explains the prediction: the logit of the
+        reference class (binary, multilabel, multiclass); other kinds refuse."""
+        return self.task.explained_score(out, ref)
+
     def record_label(self, ref: torch.Tensor) -> torch.Tensor:
         """Per-image label value for a report record (points for keypoints/landmarks)."""
         return self.task.record_label(ref)

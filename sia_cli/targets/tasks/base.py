@@ -218,6 +218,11 @@ class Task:
         """Per-image label value written to a report record."""
         return ref
 
+    def explained_score(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """The per-image score (B,) whose input gradient is the model's explanation: the logit of
+        the reference class. Kinds without a class score refuse."""
+        raise SiaError(f"explanations need a class score (a logit); a {self.name} model has none")
+
     # --------------------------------------------------------------- labels
 
     @classmethod

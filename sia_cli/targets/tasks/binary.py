@@ -91,6 +91,14 @@ class Binary(Task):
         """P(class 1) (B,)."""
         return self.probability(out.detach())
 
+    def explained_score(self, out, ref):
+        """The log-odds of the reference class: the logit for class 1, its negative for class 0
+        (a probability head's log-odds, computed from it)."""
+        scores = self._scores(out).float()
+        if self.output_is_probability:
+            scores = torch.logit(scores.clamp(PROBABILITY_EPS, 1 - PROBABILITY_EPS))
+        return torch.where(ref > 0.5, scores, -scores)
+
     def error(self, out, ref):
         """|P(class 1) - label|."""
         return (self.probability(out.detach()) - ref.float()).abs()

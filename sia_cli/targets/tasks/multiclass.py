@@ -93,6 +93,11 @@ class Multiclass(Task):
         """Class index (B,)."""
         return out.detach().argmax(dim=1)
 
+    def explained_score(self, out, ref):
+        """The reference class's logit (a probability head's log-probability)."""
+        scores = out.float().clamp(PROBABILITY_EPS, 1.0).log() if self.output_is_probability else out.float()
+        return scores.gather(1, ref.view(-1, 1)).squeeze(1)
+
     def error(self, out, ref):
         """1 - P(reference class)."""
         return 1 - self.probability(out.detach()).gather(1, ref.view(-1, 1)).squeeze(1)
