@@ -1,9 +1,12 @@
 """Train the counterfactual-supervised backbone shipped in sia_cli/backbone/builtin/synth-faces-64-cf/
-(64x64 synth faces; `--gan synth-faces-64-cf`, docs/backbone.md). Two stages:
+(64x64 synth faces; `--gan synth-faces-64-cf`, docs/backbone.md). Three stages:
 
     python examples/train_backbone.py --work /tmp/sia-backbone --export /tmp/stage-1
     python examples/train_backbone.py --work /tmp/sia-backbone-2 --from /tmp/stage-1 --steps 22000 \\
-        --lambda-change 300 --export sia_cli/backbone/builtin/synth-faces-64-cf
+        --lambda-change 300 --export /tmp/stage-2
+    python examples/train_backbone.py --work /tmp/sia-backbone-3 --from /tmp/stage-2 --steps 29000 \\
+        --lr 8e-4 --lambda-change 300 --refine-layers 1 --change-focus 2 \\
+        --export sia_cli/backbone/builtin/synth-faces-64-cf
 
 The first stage runs, and prints, the `sia` commands of the whole recipe:
 
@@ -15,7 +18,10 @@ The first stage runs, and prints, the `sia` commands of the whole recipe:
 
 The second continues from the first's export (`--from`: its weights without optimiser states
 become step 14,000 of a run to 22,000, a warm restart of the cosine schedule at 1.3e-4) with
-three times the weight on the change loss, on the same faces drawn again (the same seed).
+three times the weight on the change loss, on the same faces drawn again (the same seed). The
+third adds a refine block (as the identity) and weighs the change loss toward the edits the
+generator does worst by its own loss, for 7,000 more steps. Each stage also starts from the
+weights the repository keeps (git history holds the earlier stages' files).
 
 `sia train-gan` supervises every one-attribute edit with the renderer's true counterfactual (the
 folder is a `sia synth` set), beside AttGAN's own losses. Run again after an interruption: it
@@ -37,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from sia_cli.backbone.attgan import SETTING_FILE, Generator, GeneratorConfig, latest_checkpoint
+from sia_cli.backbone.attgan import SETTING_FILE, Generator, GeneratorConfig, checkpoint_number, latest_checkpoint
 from sia_cli.backbone.registry import read_setting
 
 JUDGE = Path(__file__).resolve().parent / "targets" / "attribute_judge.pt"
@@ -52,7 +58,10 @@ def recipe(work: Path, faces: int, steps: int, lambda_change: float, lr: float =
              "--shortcut-layers", "3", "--inject-layers", "3", "--refine-layers", str(refine_layers), "--lr", f"{lr:g}", "--lr-schedule", "cosine",
              "--lambda-change", f"{lambda_change:g}", "--change-focus", f"{change_focus:g}", "--save-every", "1000", "--sample-every", "1000",
              "--judge", str(JUDGE), "--no-progress"]
-    return ([] if (data / "list_attr.txt").is_file() else [synth]) + [train]
+    last = latest_checkpoint(work / "run")
+    if last is not None and checkpoint_number(last) >= steps:
+        train = None  # done: `sia train-gan` refuses a finished run without --force
+    return ([] if (data / "list_attr.txt").is_file() else [synth]) + ([train] if train else [])
 
 
 def warm_start(backbone: Path, run: Path, refine_layers: int = 0) -> None:

@@ -26,7 +26,7 @@ BACKBONE_FILES = [
     "sia_cli/backbone/builtin/synth-faces-64/checkpoint/weights.1600.pth",
     "sia_cli/backbone/builtin/synth-faces-64-cf/setting.txt",
     "sia_cli/backbone/builtin/synth-faces-64-cf/card.json",
-    "sia_cli/backbone/builtin/synth-faces-64-cf/checkpoint/weights.22000.pth",
+    "sia_cli/backbone/builtin/synth-faces-64-cf/checkpoint/weights.29000.pth",
 ]
 
 
