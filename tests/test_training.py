@@ -162,7 +162,7 @@ def test_a_finished_run_is_not_overwritten_without_force(data, trained, tmp_path
     result = run(train_args(data, out, max_steps=3))
     assert result.exit_code == 2
     line = one_error_line(result)
-    assert "finished run" in line and "weights.3.pth" in line and "--force" in line
+    assert "finished run" in line and "weights.3.pth" in line and "--force" in line and "--max-steps" in line
     assert (out / "checkpoint" / "weights.3.pth").read_bytes() == before
 
 

@@ -25,6 +25,7 @@ from sia_cli.backbone.attgan import CARD_FILE, SETTING_FILE, checkpoint_number, 
 from sia_cli.backbone.batches import draw
 from sia_cli.backbone.judging import write_card
 from sia_cli.backbone.trainer import TrainConfig, Trainer
+from sia_cli.errors import SiaError
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.runs.distributed import agree, barrier, join
 from sia_cli.runs.lifecycle import Context, Plan, execute
@@ -56,7 +57,10 @@ class TrainPlan(Plan):
         """The options and the data, before --out is made: a bad attribute name or a missing image
         leaves nothing behind."""
         self.dataset, self.setting = training.prepare(self.config, join(self.config.device)[0])
-        super().check_out(out, force)
+        last = self.finished(out)
+        if last is not None and not force:
+            raise SiaError(f"{out} holds a finished run ({last.relative_to(out)}); raise --max-steps to train on, "
+                           "pass --force to start over, or pick another --out")
 
     def finished(self, out: Path) -> Path | None:
         last = latest_checkpoint(out)
