@@ -94,9 +94,12 @@ def test_shipped_backbone_edits_change_little_else(shipped):
 
 # The counterfactual-supervised backbone (`--gan synth-faces-64-cf`, docs/backbone.md). Measured with
 # examples/measure_backbone.py on 300 faces (seed 77): mean edit success 0.82, clean edit success
-# 0.54, reconstruction error 0.024, every attribute at 0.6 or more (lowest Male 0.63).
-CF_MEAN_EDIT_SUCCESS = 0.7
-CF_MEAN_CLEAN_EDIT_SUCCESS = 0.4
+# 0.54, reconstruction error 0.024, every attribute at 0.6 or more (lowest Male 0.63); on the first
+# 120 of those faces, the fixture's: mean 0.815, lowest Smiling 0.617, clean 0.522, error 0.0236.
+# The bounds leave about two standard errors of 120 faces below those figures.
+CF_MEAN_EDIT_SUCCESS = 0.78
+CF_MIN_EDIT_SUCCESS = 0.55
+CF_MEAN_CLEAN_EDIT_SUCCESS = 0.48
 CF_MAX_RECONSTRUCTION_L1 = 0.03
 
 
@@ -112,6 +115,7 @@ def supervised(faces, judge):
 def test_the_counterfactual_backbone_edits_what_it_names_and_reconstructs_closely(supervised, shipped):
     backbone, result = supervised
     assert mean(result["edit_success"]) >= CF_MEAN_EDIT_SUCCESS, result["edit_success"]
+    assert min(result["edit_success"].values()) >= CF_MIN_EDIT_SUCCESS, result["edit_success"]
     assert mean(result["clean_edit_success"]) >= CF_MEAN_CLEAN_EDIT_SUCCESS, result["clean_edit_success"]
     assert result["reconstruction_l1"] <= CF_MAX_RECONSTRUCTION_L1, result["reconstruction_l1"]
     # Against the default on the same faces: more edits show, and cleanly, for most attributes.
