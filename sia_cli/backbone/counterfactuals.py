@@ -174,9 +174,11 @@ class ChangeFocus:
         if self.power == 0 or edited is None:
             return errors[shown].mean()
         ks, values = edited[shown].cpu(), errors[shown].detach().float().cpu()
-        for k in ks.unique().tolist():
-            mean = float(values[ks == k].mean())
-            old = float(self.running[k])
-            self.running[k] = mean if old != old else self.decay * old + (1 - self.decay) * mean
+        # this batch's mean error per attribute, folded into the running means in one pass
+        count = torch.bincount(ks, minlength=len(self.running)).float()
+        drawn = count > 0
+        mean = torch.zeros_like(self.running).index_add_(0, ks, values)[drawn] / count[drawn]
+        old = self.running[drawn]
+        self.running[drawn] = torch.where(old.isnan(), mean, self.decay * old + (1 - self.decay) * mean)
         weight = self.weights()[ks].to(errors.device)
         return (errors[shown] * weight).sum() / weight.sum()

@@ -14,7 +14,7 @@ import torch
 from captum.attr import GradientShap, IntegratedGradients, Saliency
 
 from sia_cli.backbone.attgan import edited
-from sia_cli.measures.explanations import kendall_tau, pixel_importance, top_k_intersection
+from sia_cli.measures.explanations import kendall_tau, pixel_importance, top_k_intersection, top_k_mask
 
 METHODS = ("saliency", "integrated_gradients", "gradient_shap")
 
@@ -66,6 +66,11 @@ def _path_gradients(target, x: torch.Tensor, reference: torch.Tensor, steps: int
     return x * total / steps
 
 
+@torch.no_grad()
+def _predictions_kept(target, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return ~target.success(target(x), reference).cpu()
+
+
 def feature_importance_attack(target, images: torch.Tensor, reference: torch.Tensor, k: int, epsilon: float,
                               steps: int, step_size: float, path_steps: int = 10,
                               measure_steps: int = 50) -> dict:
@@ -81,9 +86,7 @@ def feature_importance_attack(target, images: torch.Tensor, reference: torch.Ten
     in [-1, 1]. Returns the adversaries and the clean and attacked maps."""
     x0 = images.detach()
     clean = attribution_maps(target, x0, reference, "integrated_gradients", steps=measure_steps)
-    top = torch.zeros_like(pixel_importance(clean), dtype=torch.bool)
-    top.scatter_(1, pixel_importance(clean).topk(k, dim=1).indices, True)
-    mask = top.view(x0.shape[0], 1, *x0.shape[2:]).to(x0.dtype)
+    mask = top_k_mask(pixel_importance(clean), k).view(x0.shape[0], 1, *x0.shape[2:]).to(x0.dtype)
     radius = 2 * epsilon  # [0, 1] units -> [-1, 1]
     best, best_share = x0.clone(), torch.ones(x0.shape[0])
     x = x0.clone()
@@ -92,8 +95,7 @@ def feature_importance_attack(target, images: torch.Tensor, reference: torch.Ten
         kept_mass = (_path_gradients(target, x, reference, path_steps).abs().sum(dim=1, keepdim=True) * mask).sum()
         (gradient,) = torch.autograd.grad(kept_mass, x)
         x = (x.detach() - 2 * step_size * gradient.sign()).clamp(x0 - radius, x0 + radius).clamp(-1, 1)
-        with torch.no_grad():
-            held = ~target.success(target(x), reference).cpu()
+        held = _predictions_kept(target, x, reference)
         maps = attribution_maps(target, x, reference, "integrated_gradients", steps=measure_steps)
         share = top_k_intersection(clean, maps, k)
         better = held & (share < best_share)
@@ -101,11 +103,6 @@ def feature_importance_attack(target, images: torch.Tensor, reference: torch.Ten
         best_share = torch.where(better, share, best_share)
     attacked = attribution_maps(target, best, reference, "integrated_gradients", steps=measure_steps)
     return {"adversaries": best, "clean_maps": clean, "attacked_maps": attacked}
-
-
-@torch.no_grad()
-def _predictions_kept(target, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    return ~target.success(target(x), reference).cpu()
 
 
 def explanation_shifts(target, backbone, images: torch.Tensor, attrs: torch.Tensor, reference: torch.Tensor,

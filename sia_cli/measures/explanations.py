@@ -29,6 +29,11 @@ def top_k(pixels: int, share: float = TOP_K_SHARE) -> int:
     return max(1, round(pixels * share))
 
 
+def top_k_mask(importance: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, P) bool: the k most important of each row of pixel importances (`pixel_importance`)."""
+    return torch.zeros_like(importance, dtype=torch.bool).scatter_(1, importance.topk(k, dim=1).indices, True)
+
+
 def top_k_intersection(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
     """(B,) share of the k most important pixels of `a` that are among the k of `b`; both
     (B, C, H, W) attribution maps of the same images."""
@@ -37,9 +42,7 @@ def top_k_intersection(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor
         raise ValueError(f"maps differ in shape: {tuple(a.shape)} and {tuple(b.shape)}")
     if not 1 <= k <= first.shape[1]:
         raise ValueError(f"k must lie in 1..{first.shape[1]}, got {k}")
-    top_a = torch.zeros_like(first, dtype=torch.bool).scatter_(1, first.topk(k, dim=1).indices, True)
-    top_b = torch.zeros_like(second, dtype=torch.bool).scatter_(1, second.topk(k, dim=1).indices, True)
-    return (top_a & top_b).sum(dim=1).float() / k
+    return (top_k_mask(first, k) & top_k_mask(second, k)).sum(dim=1).float() / k
 
 
 def kendall_tau(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
