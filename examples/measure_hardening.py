@@ -14,13 +14,16 @@ training faces (the renderer draws face i of a seed identically whatever the dat
 * `SIA-Adv`: `--method sia`, labelled with the true LABEL (`--labels`);
 * `SIA-Adv, own labels`: `--method sia` without labels: counterfactual training on the
   original model's own predictions;
-* `PGD-Adv`: `--method pgd`, labelled with the true LABEL.
+* `PGD-Adv`: `--method pgd`, labelled with the true LABEL;
+* `ART`: `--method art` (attributional robustness training), labelled with the true LABEL.
 
 Every model is then measured on the SAME held-out faces, drawn WITHOUT the confounder:
 
 * with the engine's own before/after evaluation (`sia_cli.jobs.harden_eval.evaluate`) on --n-eval faces
   with their true labels: clean accuracy, accuracy under FGSM, PGD and SIA at eps 1.5/255 and
-  4/255, SDAR and the headline (ablation) sensitivity of a diagnosis, LABEL protected;
+  4/255, SDAR and the headline (ablation) sensitivity of a diagnosis, LABEL protected; with
+  --explanations also the attributional measures of `sia diagnose --explanations` (top-k
+  intersection and Kendall's tau under the feature-importance attack; the ART paper's Table 1);
 * against the truth on --n-truth other faces, each re-rendered with one attribute flipped
   (`sia_cli.measures.validity.counterfactual_bank`): clean accuracy, the true effect (mean change of
   P(LABEL)) of flipping the confounder and of flipping the label itself, and the true top
@@ -64,6 +67,9 @@ VARIANTS = {
     "SIA-Adv": ("sia", True, None),
     "SIA-Adv, own labels": ("sia", False, None),
     "PGD-Adv": ("pgd", True, None),
+    # ART as its authors train it: the task loss at its own training point only (mix 0), plus the
+    # triplet term (weight 0.5; sia_cli.engine.art)
+    "ART": ("art", True, 0.0),
 }
 EVAL_SEED, TRUTH_SEED = 9401, 9402  # no training set uses these
 
@@ -146,8 +152,8 @@ def measure(model: Path, label: str, confounder: str, eval_faces: Path, bank: to
         seed=args.seed)
     tag = short_hash(dict(sha=hashlib.sha256(model.read_bytes()).hexdigest(), eval=eval_faces.name,
                           steps=args.eval_steps, step=args.step_size, attr_step=args.attr_step_size, label=label))
-    figures = evaluate(config, model, args.work / "evaluations" / f"{model.parent.name}-{model.stem}-{tag}",
-                       World(), lambda *_: None)
+    folder = args.work / "evaluations" / f"{model.parent.name}-{model.stem}-{tag}{'-explained' if args.explanations else ''}"
+    figures = evaluate(config, model, folder, World(), lambda *_: None, explanations=args.explanations)
     target = load_target(model)
     truth = dict(zip(ATTRIBUTES, bank_effects(target, bank).mean(axis=0).tolist()))
     with torch.no_grad():
@@ -188,6 +194,21 @@ def tables(title: str, rows: list[tuple[str, dict, float | None]], label: str, c
         out.append(f"| {name} | {row['truth_accuracy']:.2f} | {truth[confounder]:.3f} | {truth[label]:.3f} "
                    f"| {ratio:.1f} | {true_top} ({true_share:.2f}) | {fmt(row['sdar'], 4)} | {top_cell} "
                    f"| {fmt(row['confounder_share'])} |")
+    if any(row.get("attributional") for _, row, _ in rows):
+        out += ["", f"#### {title}: attributional robustness on the {args.n_eval} held-out faces "
+                "(`sia diagnose --explanations` defaults: top-k feature-importance attack, eps 8/255, 50 steps of "
+                "1/255, integrated gradients of 100 steps, k = 400 of 4,096 pixels)", "",
+                "| model | clean accuracy | PGD 4/255 | top-k intersection | Kendall's tau | images measured "
+                "| explanation sensitivity, top 3 (edits that keep the prediction) | stands out |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, row, _ in rows:
+            found = row.get("attributional") or {}
+            moved = {k: v for k, v in (found.get("explanation_sensitivity") or {}).items() if v == v}  # not NaN
+            top = ", ".join(f"{k} {moved[k]:.2f}" for k in sorted(moved, key=moved.get, reverse=True)[:3])
+            out.append(f"| {name} | {fmt(row['clean_accuracy'])} | "
+                       f"{fmt(row['accuracy_under_attack'].get('pgd', {}).get('4/255'))} | "
+                       f"{fmt(found.get('top_k_intersection'))} | {fmt(found.get('kendall_tau'))} | "
+                       f"{found.get('images', '-')} | {top or '-'} | {found.get('explanation_stands_out') or 'none'} |")
     return out + [""]
 
 
@@ -214,6 +235,8 @@ def main() -> None:
     parser.add_argument("--n-truth", type=int, default=128, help="held-out faces for the true effects")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--explanations", action="store_true",
+                        help="evaluate the attributional measures too (slower: the feature-importance attack)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.script/save are deprecated
     torch.set_num_threads(args.threads)

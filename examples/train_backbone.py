@@ -1,12 +1,12 @@
-"""Train the counterfactual-supervised backbone shipped in sia_cli/backbone/builtin/synth-faces-64-cf/
-(64x64 synth faces; `--gan synth-faces-64-cf`, docs/backbone.md). Three stages:
+"""Train the default backbone shipped in sia_cli/backbone/builtin/synth-faces-64/ (64x64 synth
+faces, supervised with the renderer's true counterfactuals; docs/backbone.md). Three stages:
 
     python examples/train_backbone.py --work /tmp/sia-backbone --export /tmp/stage-1
     python examples/train_backbone.py --work /tmp/sia-backbone-2 --from /tmp/stage-1 --steps 22000 \\
         --lambda-change 300 --export /tmp/stage-2
     python examples/train_backbone.py --work /tmp/sia-backbone-3 --from /tmp/stage-2 --steps 29000 \\
         --lr 8e-4 --lambda-change 300 --refine-layers 1 --change-focus 2 \\
-        --export sia_cli/backbone/builtin/synth-faces-64-cf
+        --export sia_cli/backbone/builtin/synth-faces-64
 
 The first stage runs, and prints, the `sia` commands of the whole recipe:
 

@@ -111,13 +111,13 @@ class Rippled(nn.Module):
     is dominated by amplitude * sin(frequency * x) / frequency, which a change of a few grey
     levels reorders while the prediction stays."""
 
-    def __init__(self, amplitude: float, k: int, frequency: float = 150.0):
+    def __init__(self, amplitude: float, k: int, frequency: float = 150.0, size: int = SIZE):
         super().__init__()
         torch.manual_seed(0)
-        weight = torch.full((SIZE * SIZE,), 0.001)
-        weight[torch.randperm(SIZE * SIZE)[:k]] = 1.0
+        weight = torch.full((size * size,), 0.001)
+        weight[torch.randperm(size * size)[:k]] = 1.0
         self.weight = nn.Parameter(weight.repeat(3))
-        self.ripple = nn.Parameter(torch.rand(3 * SIZE * SIZE) + 0.5)
+        self.ripple = nn.Parameter(torch.rand(3 * size * size) + 0.5)
         self.amplitude, self.frequency = amplitude, frequency
 
     def forward(self, x):
@@ -172,16 +172,18 @@ def test_the_attack_can_move_a_relu_torchscript_model_whose_second_derivative_is
 
 
 class DarkInRegion(nn.Module):
-    """A confident binary logit (10) plus a little for each dark pixel in `mask`: no edit
-    changes its prediction, and its explanation is the dark pixels of the mask."""
+    """A confident binary logit (10) plus a little for each dark pixel in `mask` (darker than
+    `darkness` in [-1, 1]: -0.3 is 0.35 in [0, 1]): no edit changes its prediction, and its
+    explanation is the dark pixels of the mask."""
 
-    def __init__(self, mask: torch.Tensor):
+    def __init__(self, mask: torch.Tensor, darkness: float = -0.3):
         super().__init__()
         torch.manual_seed(0)
         self.weight = nn.Parameter((torch.rand(3, *mask.shape) + 0.5) * mask)
+        self.darkness = darkness
 
     def forward(self, x):
-        return (10 + 0.01 * (torch.relu(-x - 0.3) * self.weight).sum(dim=(1, 2, 3))).unsqueeze(1)
+        return (10 + 0.01 * (torch.relu(self.darkness - x) * self.weight).sum(dim=(1, 2, 3))).unsqueeze(1)
 
 
 def test_the_edit_that_moves_a_planted_explanation_most_is_the_one_planted(tmp_path):

@@ -20,18 +20,24 @@ from sia_cli.inputs.synth import make_dataset
 from sia_cli.targets import load_target
 
 JUDGE = Path(__file__).parents[1] / "examples" / "targets" / "attribute_judge.pt"
-# Measured with examples/measure_backbone.py (300 faces): the shipped backbone 0.24 mean edit
-# success, reconstruction error 0.054; an 18-step backbone 0.01 and 0.177.
-MEAN_EDIT_SUCCESS = 0.15
-MAX_RECONSTRUCTION_L1 = 0.08
+# The shipped backbone, trained with the renderer's counterfactuals (docs/backbone.md). Measured
+# with examples/measure_backbone.py on 300 faces (seed 77): mean edit success 0.82, clean edit
+# success 0.54, reconstruction error 0.024, every attribute at 0.6 or more (lowest Male 0.63); on
+# the first 120 of those faces, the fixture's: mean 0.815, lowest Smiling 0.617, clean 0.522,
+# error 0.0236. The bounds leave about two standard errors of 120 faces below those figures.
+# (The AttGAN-recipe backbone it replaced: mean 0.24, clean 0.12, error 0.054; an 18-step
+# backbone 0.01 and 0.177.)
+MEAN_EDIT_SUCCESS = 0.78
+MIN_EDIT_SUCCESS = 0.55
+MEAN_CLEAN_EDIT_SUCCESS = 0.48
+MAX_RECONSTRUCTION_L1 = 0.03
 # Same script, 300 faces: the judge's lowest accuracy 0.903 (Smiling), lowest balanced accuracy
-# 0.898 (Blond_Hair); the shipped backbone's edits change each other attribute on 0.045 of the
-# faces (mean over edited and other attributes; at most 0.091, Pale_Skin), and 0.12 of edits
-# show and change nothing else.
+# 0.898 (Blond_Hair). The shipped backbone's edits change each other attribute on 0.032 of the
+# faces (mean over edited and other attributes; much of it the judge's misreadings, which make
+# the renderer's own edits change "some other attribute" on 0.30 of faces against this one's 0.34).
 MIN_JUDGE_ACCURACY = 0.9
 MIN_JUDGE_BALANCED_ACCURACY = 0.85
-MAX_MEAN_OFF_TARGET = 0.08
-MIN_MEAN_CLEAN_EDIT_SUCCESS = 0.07
+MAX_MEAN_OFF_TARGET = 0.045
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +78,12 @@ def test_judge_recognises_every_attribute_on_clean_faces(faces, judge):
     assert min(judged["balanced_accuracy"].values()) >= MIN_JUDGE_BALANCED_ACCURACY, judged["balanced_accuracy"]
 
 
-def test_shipped_backbone_edits_show_and_reconstructs(shipped):
+def test_shipped_backbone_edits_what_it_names_and_reconstructs_closely(shipped):
     backbone, result = shipped
     rates = result["edit_success"]
     assert set(rates) == set(backbone.attributes)
     assert mean(rates) >= MEAN_EDIT_SUCCESS, rates
+    assert min(rates.values()) >= MIN_EDIT_SUCCESS, rates
     assert result["reconstruction_l1"] <= MAX_RECONSTRUCTION_L1, result["reconstruction_l1"]
 
 
@@ -89,48 +96,19 @@ def test_shipped_backbone_edits_change_little_else(shipped):
         assert set(result[key]) == set(backbone.attributes) and all(0 <= v <= 1 for v in result[key].values())
     assert all(result["clean_edit_success"][k] <= result["edit_success"][k] for k in backbone.attributes)
     assert mean(result["off_target_change_mean"]) <= MAX_MEAN_OFF_TARGET, result["off_target_change_mean"]
-    assert mean(result["clean_edit_success"]) >= MIN_MEAN_CLEAN_EDIT_SUCCESS, result["clean_edit_success"]
+    assert mean(result["clean_edit_success"]) >= MEAN_CLEAN_EDIT_SUCCESS, result["clean_edit_success"]
 
 
-# The counterfactual-supervised backbone (`--gan synth-faces-64-cf`, docs/backbone.md). Measured with
-# examples/measure_backbone.py on 300 faces (seed 77): mean edit success 0.82, clean edit success
-# 0.54, reconstruction error 0.024, every attribute at 0.6 or more (lowest Male 0.63); on the first
-# 120 of those faces, the fixture's: mean 0.815, lowest Smiling 0.617, clean 0.522, error 0.0236.
-# The bounds leave about two standard errors of 120 faces below those figures.
-CF_MEAN_EDIT_SUCCESS = 0.78
-CF_MIN_EDIT_SUCCESS = 0.55
-CF_MEAN_CLEAN_EDIT_SUCCESS = 0.48
-CF_MAX_RECONSTRUCTION_L1 = 0.03
+def test_the_shipped_backbones_card_is_what_it_measures(shipped):
+    """The card that names blind spots in every report agrees with a fresh measurement, and
+    names none: every attribute is edited in more than half of the faces."""
+    from sia_cli.measures import trust
 
-
-@pytest.fixture(scope="module")
-def supervised(faces, judge):
-    images, table = faces
-    backbone = load_backbone("synth-faces-64-cf")
-    attrs = torch.from_numpy(np.stack([table.select(backbone.attributes).rows[f] for f in table.rows]))
-    with torch.no_grad():
-        return backbone, edit_success(backbone, judge, images, attrs)
-
-
-def test_the_counterfactual_backbone_edits_what_it_names_and_reconstructs_closely(supervised, shipped):
-    backbone, result = supervised
-    assert mean(result["edit_success"]) >= CF_MEAN_EDIT_SUCCESS, result["edit_success"]
-    assert min(result["edit_success"].values()) >= CF_MIN_EDIT_SUCCESS, result["edit_success"]
-    assert mean(result["clean_edit_success"]) >= CF_MEAN_CLEAN_EDIT_SUCCESS, result["clean_edit_success"]
-    assert result["reconstruction_l1"] <= CF_MAX_RECONSTRUCTION_L1, result["reconstruction_l1"]
-    # Against the default on the same faces: more edits show, and cleanly, for most attributes.
-    _, default = shipped
-    better = [name for name in backbone.attributes if result["edit_success"][name] > default["edit_success"][name]]
-    assert len(better) >= 12, better
-    assert mean(result["clean_edit_success"]) > 2 * mean(default["clean_edit_success"])
-
-
-def test_the_counterfactual_backbones_card_is_what_it_measures(supervised):
-    """The card that names blind spots in every report agrees with a fresh measurement."""
-    backbone, result = supervised
+    backbone, result = shipped
     card = backbone.info.card["edit_success"]
     assert set(card) == set(backbone.attributes)
     assert all(abs(card[name] - result["edit_success"][name]) <= 0.15 for name in card), (card, result["edit_success"])
+    assert trust.blind_spots(backbone.info.card, backbone.attributes) == []
 
 
 def _domain(backbone, images: torch.Tensor) -> tuple[list, list]:
@@ -147,7 +125,7 @@ def _domain(backbone, images: torch.Tensor) -> tuple[list, list]:
             [trust.in_domain(float(m), margin_only) for m in margin])
 
 
-def test_the_counterfactual_backbones_critic_tells_real_faces_from_its_own(tmp_path):
+def test_the_shipped_backbones_critic_tells_real_faces_from_its_own(tmp_path):
     """A backbone that reconstructs sharply narrows the critic's margin on every image, photos
     included: the margin alone let through real faces. The critic's own score, calibrated on the
     card, keeps every LFW face and the astronaut out and fresh synth faces in (measured: the margin
@@ -155,7 +133,7 @@ def test_the_counterfactual_backbones_critic_tells_real_faces_from_its_own(tmp_p
     import skimage.data
     from PIL import Image
 
-    backbone = load_backbone("synth-faces-64-cf")
+    backbone = load_backbone(None)
     make_dataset(tmp_path / "synth", 60, seed=5150, size=64)
     synth = torch.stack([load_image(p, 64) for p in sorted((tmp_path / "synth" / "images").glob("*.png"))])
     lfw = skimage.data.lfw_subset()[:40]  # faces, 25x25 grey, upscaled as a user's small photos would be

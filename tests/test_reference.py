@@ -11,8 +11,10 @@ same seed:
   Convolution kernels sum in another order for a batch, or for NHWC, than for one NCHW
   image, so a gradient entry that is zero or at rounding level (about 1e-9) for one image can
   take the other sign. The signed update then moves that pixel by eta where the reference
-  does not, and later steps can carry the difference on. Measured here (4 faces, T = 20): up
-  to about 1% of the 8-bit values differ, by 1 level. Tolerance asserted: at most 2% of the
+  does not, and later steps can carry the difference on. Measured here (4 faces, T = 20, face
+  seeds 3, 4 and 5): up to 2.1% of the 8-bit values differ (the image method on prepared
+  models), by up to 2 levels; with the AttGAN-recipe backbone the default had before, whose
+  generator is shallower, about 1%, by 1 level. Tolerance asserted: at most 3% of the
   8-bit adversary values differ, none by more than 3 levels (of 255), and every attribute
   ends within 4 of its largest steps of the reference (eta for signed steps; 10 eta for
   RMSProp, whose first step is lr / sqrt(0.01)). A wrong step, projection or image-to-row
@@ -42,7 +44,7 @@ TARGET = REPO / "examples" / "targets" / "eyeglasses_confounded.pt"
 N_IMAGES = 4
 SETTINGS = AttackSettings(steps=20)  # the paper's eta and eps
 SEED = 7
-MAX_SHARE_DIFFERENT = 0.02
+MAX_SHARE_DIFFERENT = 0.03
 MAX_LEVELS = 3
 MAX_ATTRIBUTE_STEPS = 4
 RMSPROP_FIRST_STEP = 10  # in units of eta: lr * g / sqrt(0.01 * g^2)

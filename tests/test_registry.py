@@ -206,7 +206,7 @@ def test_unknown_name_lists_the_known_names(env, tiny_setting):
     with pytest.raises(SiaError) as exc:
         registry.resolve("gamma")
     # The user's entries and the built-ins, sorted.
-    assert "gamma" in str(exc.value) and "(known: alpha, attgan-celeba-128, beta, synth-faces-64, synth-faces-64-cf)" in str(exc.value)
+    assert "gamma" in str(exc.value) and "(known: alpha, attgan-celeba-128, beta, synth-faces-64)" in str(exc.value)
 
 
 @pytest.mark.parametrize("text", ["- just\n- a list\n", "broken:\n  attributes: [a, b]\n", "x: {source: , img_size: 3, attributes: [a]}\n"])
@@ -340,7 +340,7 @@ def test_sia_weights_replaces_the_config_and_checkout_files(env, monkeypatch, tm
     write_registry(registry.config_registry(), {"config-only": entry(tiny_setting, {"path": "c"})})
     write_registry(weights, {"mine": entry(tiny_setting, {"path": "m"})})
     assert registry.registry_files() == [registry.BUILTIN_REGISTRY, weights]
-    assert set(registry.load_registry()) == {"mine", "synth-faces-64", "synth-faces-64-cf", "attgan-celeba-128"}
+    assert set(registry.load_registry()) == {"mine", "synth-faces-64", "attgan-celeba-128"}
 
 
 def test_sia_weights_naming_a_missing_file_is_a_clear_error(monkeypatch, tmp_path):

@@ -275,3 +275,38 @@ def test_nothing_stands_out_from_too_few_images_or_a_zero_width_interval():
     assert S.stands_out(values, apart, counted=S.MIN_COUNTED_IMAGES) == "a"
     assert S.stands_out(values, apart, counted=S.MIN_COUNTED_IMAGES - 1) is None
     assert S.stands_out(values, {"a": {"low": 0.9, "high": 0.9}, "b": {"low": 0.1, "high": 0.1}}, counted=50) is None
+
+
+def _floored(count, ablation, reconstruction, seed):
+    """Records whose per-image ablation totals and reconstruction effects are drawn around the
+    given means (noise 0.2 of each)."""
+    rng = np.random.default_rng(seed)
+    records = make_records(count, seed=seed)
+    for r in records:
+        r["ablation"] = (np.full(len(ATTRS), ablation / len(ATTRS)) * rng.uniform(0.8, 1.2, len(ATTRS))).tolist()
+        r["reconstruction_effect"] = float(reconstruction * rng.uniform(0.8, 1.2))
+    return records
+
+
+def test_excess_over_floor_is_the_total_less_the_reconstructions_effect():
+    records = _floored(20, 0.4, 0.1, seed=3)
+    excess = S.excess_over_floor(lambda r: S.ablation_effect(r, ATTRS))(records)
+    total = sum(S.ablation_effect(records, ATTRS).values())
+    assert excess == pytest.approx(total - S.reconstruction_floor(records))
+    # No floor recorded: nothing to compare with.
+    bare = [{k: v for k, v in r.items() if k != "reconstruction_effect"} for r in records]
+    assert math.isnan(S.excess_over_floor(lambda r: S.ablation_effect(r, ATTRS))(bare))
+
+
+@pytest.mark.parametrize("ablation, reconstruction, moves", [(0.4, 0.1, True), (0.1001, 0.1, False), (0.05, 0.1, False)])
+def test_a_model_moves_only_when_its_total_clears_the_floor_beyond_chance(ablation, reconstruction, moves):
+    records = _floored(30, ablation, reconstruction, seed=4)
+    values = S.ablation_effect(records, ATTRS)
+    floor = S.reconstruction_floor(records)
+    excess = S.bootstrap(records, S.excess_over_floor(lambda r: S.ablation_effect(r, ATTRS)), n=200)
+    found = S.effect_size(values, floor, excess)
+    assert found["moves"] is moves, (found, excess)
+    assert found["excess_interval"] == excess
+    # Without an interval the point values decide, as before.
+    assert S.effect_size(values, floor)["moves"] is (sum(values.values()) > floor)
+    assert S.effect_size(values, None, excess)["moves"] is None

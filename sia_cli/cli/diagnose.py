@@ -20,7 +20,7 @@ from sia_cli.jobs.diagnose import DiagnoseConfig
 from sia_cli.jobs.diagnose import diagnose as run_diagnosis
 from sia_cli.measures.table import ATTRIBUTE_SHIFT, by_name
 from sia_cli.reports.figures import edit_rate_text
-from sia_cli.reports.html import headline_sentence, significant
+from sia_cli.reports.html import explanation_sentence, headline_sentence, significant
 
 
 @handle_errors
@@ -37,6 +37,9 @@ def diagnose(
     compile: bool = o.COMPILE,
     labels: Path = o.LABELS, nme_threshold: float = o.NME,
     force: bool = o.FORCE, keep_lost: bool = o.KEEP_LOST, align: bool = o.ALIGN, no_progress: bool = o.NO_PROGRESS, config_file: Path = o.CONFIG,
+    explanations: bool = o.EXPLANATIONS, explain_k: int = o.EXPLAIN_K, explain_epsilon: str = o.EXPLAIN_EPSILON,
+    explain_steps: int = o.EXPLAIN_STEPS, explain_step_size: str = o.EXPLAIN_STEP_SIZE,
+    explain_ig_steps: int = o.EXPLAIN_IG_STEPS,
     model_options: dict = None,
 ):
     """Find which attributes MODEL is sensitive to: report.json, sensitivity.png, grid.png, report.html."""
@@ -47,6 +50,8 @@ def diagnose(
         return
     console.print(summary_table(report, top_k))
     console.print(headline_sentence(report), highlight=False, markup=False)
+    if report.get("explanations"):
+        console.print(explanation_sentence(report), highlight=False, markup=False)
     print_warnings(report)
     console.print("wrote", str(out / "report.html"), highlight=False, markup=False, soft_wrap=True)
 

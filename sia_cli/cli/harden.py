@@ -9,6 +9,7 @@ from rich.table import Table
 
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, main_process, progress_enabled, rich_progress
+from sia_cli.engine.art import ArtSettings
 from sia_cli.jobs.harden import HardenConfig
 from sia_cli.jobs.harden import harden as run_harden
 from sia_cli.jobs.harden_eval import EVAL_METHODS
@@ -22,7 +23,18 @@ def harden(
                              "hardening.html, before/, after/, checkpoint/."),
     labels: Path = o.LABELS, attrs_file: Path = o.ATTRS_FILE, gan: str = o.GAN,
     method: str = typer.Option(o.default(HardenConfig, "methods")[0], "--method",
-                               help="Attack whose adversaries the model trains on: sia, attr, image, pgd, fgsm, spt."),
+                               help="Attack whose adversaries the model trains on: sia, attr, image, pgd, fgsm, spt; "
+                                    "art (attributional robustness training), or METHOD+art (e.g. sia+art: its "
+                                    "adversaries with ART's triplet term). With art the before/after report adds "
+                                    "the attributional measures of `sia diagnose --explanations`."),
+    art_weight: float = typer.Option(o.default(ArtSettings, "art_weight"), "--art-weight",
+                                     help="ART: weight of the triplet term (the authors' 0.5)."),
+    art_epsilon: str = typer.Option(o.fraction_text(o.default(ArtSettings, "art_epsilon")), "--art-epsilon",
+                                    help="ART: L-inf radius of its training point (number or fraction)."),
+    art_steps: int = typer.Option(o.default(ArtSettings, "art_steps"), "--art-steps",
+                                  help="ART: PGD steps that pick its training point."),
+    art_step_size: str = typer.Option(o.fraction_text(o.default(ArtSettings, "art_step_size")), "--art-step-size",
+                                      help="ART: step of that PGD (number or fraction)."),
     epochs: int = typer.Option(o.default(HardenConfig, "epochs"), "--epochs", help="Passes over --images."),
     lr: float = typer.Option(o.default(HardenConfig, "lr"), "--lr", help="Adam learning rate."),
     mix: float = typer.Option(o.default(HardenConfig, "mix"), "--mix",
@@ -37,6 +49,8 @@ def harden(
     eval_attrs_file: Path = typer.Option(None, "--eval-attrs-file", help="Starting attributes of --eval-images."),
     eval_steps: int = typer.Option(None, "--eval-steps", help="Attack steps of the before/after report (default: --steps)."),
     save_every: int = typer.Option(None, "--save-every", help="Optimiser steps per checkpoint (default: one epoch)."),
+    explain_k: int = o.EXPLAIN_K, explain_epsilon: str = o.EXPLAIN_EPSILON, explain_steps: int = o.EXPLAIN_STEPS,
+    explain_step_size: str = o.EXPLAIN_STEP_SIZE, explain_ig_steps: int = o.EXPLAIN_IG_STEPS,
     protect: list[str] = o.PROTECT, protect_eps: float = o.PROTECT_EPS, steps: int = o.STEPS, eps: str = o.EPS,
     step_size: str = o.STEP_SIZE, eps_attr: str = o.EPS_ATTR, seed: int = o.SEED, batch_size: int = o.BATCH_SIZE,
     device: str = o.DEVICE, amp: str = o.AMP,
@@ -73,5 +87,10 @@ def summary_table(summary: dict) -> Table:
                           number((before.get("accuracy_under_attack") or {}).get(method, {}).get(eps)),
                           number((after.get("accuracy_under_attack") or {}).get(method, {}).get(eps)))
     table.add_row("SDAR", number(before.get("sdar")), number(after.get("sdar")))
+    if before.get("attributional") or after.get("attributional"):
+        for key, name in (("top_k_intersection", "top-k intersection (attacked maps)"),
+                          ("kendall_tau", "Kendall's tau (attacked maps)")):
+            table.add_row(name, number((before.get("attributional") or {}).get(key)),
+                          number((after.get("attributional") or {}).get(key)))
     table.add_row("stands out", number(before.get("stands_out")), number(after.get("stands_out")))
     return table

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 import typer
 
 from sia_cli.engine.attack import AttackSettings
+from sia_cli.engine.attribution import ExplanationSettings
 from sia_cli.errors import SiaError
 from sia_cli.runs.devices import pick_device
 from sia_cli.runs.inputs import RunConfig
@@ -204,6 +205,21 @@ TRUST_PICKLE = typer.Option(
     help="Load a .pt2 archive whose weights or sample inputs are stored as pickles (refused by default: "
          "unpickling can run any code). Only for files you trust.",
 )
+# How explanations are attacked and compared (`sia diagnose --explanations`; ART paper, section 4).
+EXPLANATIONS = typer.Option(
+    False, "--explanations",
+    help="Also measure how far the model's explanations (integrated-gradient maps) move: under the top-k "
+         "feature-importance attack, and under each attribute's edit where it keeps the prediction. Binary, "
+         "multi-label and multiclass models (a class logit to explain).")
+EXPLAIN_K = typer.Option(None, "--explain-k", help="Top-k pixels compared (default: 100/1024 of the image's pixels, the ART paper's share).")
+EXPLAIN_EPSILON = typer.Option(fraction_text(default(ExplanationSettings, "explain_epsilon")), "--explain-epsilon",
+                               help="L-inf radius of the feature-importance attack (number or fraction).")
+EXPLAIN_STEPS = typer.Option(default(ExplanationSettings, "explain_steps"), "--explain-steps",
+                             help="Steps of the feature-importance attack.")
+EXPLAIN_STEP_SIZE = typer.Option(fraction_text(default(ExplanationSettings, "explain_step_size")), "--explain-step-size",
+                                 help="Step of the feature-importance attack (number or fraction).")
+EXPLAIN_IG_STEPS = typer.Option(default(ExplanationSettings, "explain_ig_steps"), "--explain-ig-steps",
+                                help="Integrated-gradient points of each measured map.")
 NO_PROGRESS = typer.Option(False, "--no-progress", help="Hide progress bars (also hidden when stderr is not a terminal).")
 LANDMARK_LAYOUT = typer.Option(
     None, "--landmark-layout", metavar="xyxy|xxyy",
@@ -325,6 +341,14 @@ RULES: tuple[Rule, ...] = (
     Rule("command", (), command_line),
     *(Rule(f"{part}_layers", ("layers",), _same) for part in ("enc", "dec", "dis")),  # train-gan
     Rule("time_limit", ("time_limit",), seconds),
+    Rule("art_epsilon", ("art_epsilon",), bound("--art-epsilon", fraction)),
+    Rule("art_step_size", ("art_step_size",), bound("--art-step-size", fraction)),
+    Rule("art_weight", ("art_weight",), bound("--art-weight")),
+    Rule("explain_k", ("explain_k",), at_least_one("--explain-k")),
+    Rule("explain_epsilon", ("explain_epsilon",), bound("--explain-epsilon", fraction)),
+    Rule("explain_steps", ("explain_steps",), at_least_one("--explain-steps")),
+    Rule("explain_step_size", ("explain_step_size",), bound("--explain-step-size", fraction)),
+    Rule("explain_ig_steps", ("explain_ig_steps",), at_least_one("--explain-ig-steps")),
 )
 
 

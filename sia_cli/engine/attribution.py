@@ -9,14 +9,41 @@ give. (Attacking a map needs its gradient in turn; a ReLU network's is zero almo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from captum.attr import GradientShap, IntegratedGradients, Saliency
 
 from sia_cli.backbone.attgan import edited
-from sia_cli.measures.explanations import kendall_tau, pixel_importance, top_k_intersection, top_k_mask
+from sia_cli.measures.explanations import kendall_tau, pixel_importance, top_k, top_k_intersection, top_k_mask
 
 METHODS = ("saliency", "integrated_gradients", "gradient_shap")
+
+
+@dataclass(frozen=True)
+class ExplanationSettings:
+    """How explanations are attacked and compared: the ART paper's evaluation (its public code's
+    CIFAR settings: epsilon 8/255, 50 steps of 1/255, integrated gradients of 100 steps, k = 100
+    of 1,024 pixels). Field names carry `explain_` so they never fill from the attack's options."""
+
+    explain_k: int | None = None  # top-k pixels; None: 100/1024 of the image's pixels (measures.explanations.top_k)
+    explain_epsilon: float = 8 / 255  # L-inf radius of the feature-importance attack, [0, 1] units
+    explain_steps: int = 50
+    explain_step_size: float = 1 / 255
+    explain_ig_steps: int = 100  # integrated-gradient points of every measured map
+
+    def k_for(self, pixels: int) -> int:
+        return self.explain_k if self.explain_k is not None else top_k(pixels)
+
+    def check(self, pixels: int) -> None:
+        """One clear line for settings that cannot run (raised as ValueError; callers map it)."""
+        if not 1 <= self.k_for(pixels) <= pixels:
+            raise ValueError(f"--explain-k must lie in 1..{pixels} (the image's pixels), got {self.explain_k}")
+        if self.explain_steps < 1 or self.explain_ig_steps < 1:
+            raise ValueError("--explain-steps and --explain-ig-steps must be at least 1")
+        if not (self.explain_epsilon > 0 and self.explain_step_size > 0):
+            raise ValueError("--explain-epsilon and --explain-step-size must be positive")
 
 
 def attribution_maps(target, images: torch.Tensor, reference: torch.Tensor, method: str = "integrated_gradients",
@@ -83,12 +110,14 @@ def feature_importance_attack(target, images: torch.Tensor, reference: torch.Ten
     image keeps the one whose map shares the fewest top-k pixels with the clean map while the
     model's prediction stays the reference (a step that changes the prediction is an ordinary
     adversary, not a moved explanation; where no step kept it, the clean image stands). Images
-    in [-1, 1]. Returns the adversaries and the clean and attacked maps."""
+    in [-1, 1]. Returns the adversaries, the clean and attacked maps, and per image how many
+    steps kept the prediction (0: the map of the clean image stands, unattacked)."""
     x0 = images.detach()
     clean = attribution_maps(target, x0, reference, "integrated_gradients", steps=measure_steps)
     mask = top_k_mask(pixel_importance(clean), k).view(x0.shape[0], 1, *x0.shape[2:]).to(x0.dtype)
     radius = 2 * epsilon  # [0, 1] units -> [-1, 1]
     best, best_share = x0.clone(), torch.ones(x0.shape[0])
+    steps_kept = torch.zeros(x0.shape[0], dtype=torch.long)
     x = x0.clone()
     for _ in range(steps):
         x = x.detach().requires_grad_(True)
@@ -98,11 +127,12 @@ def feature_importance_attack(target, images: torch.Tensor, reference: torch.Ten
         held = _predictions_kept(target, x, reference)
         maps = attribution_maps(target, x, reference, "integrated_gradients", steps=measure_steps)
         share = top_k_intersection(clean, maps, k)
+        steps_kept += held.long()
         better = held & (share < best_share)
         best[better.to(best.device)] = x[better.to(x.device)]
         best_share = torch.where(better, share, best_share)
     attacked = attribution_maps(target, best, reference, "integrated_gradients", steps=measure_steps)
-    return {"adversaries": best, "clean_maps": clean, "attacked_maps": attacked}
+    return {"adversaries": best, "clean_maps": clean, "attacked_maps": attacked, "steps_kept": steps_kept}
 
 
 def explanation_shifts(target, backbone, images: torch.Tensor, attrs: torch.Tensor, reference: torch.Tensor,

@@ -8,7 +8,7 @@ one attribute move at a time and measures the change in the model's output and f
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 
 from sia_cli.engine.attack import METHODS, ablation_effects, attack_batch
+from sia_cli.engine.attribution import ExplanationSettings
 from sia_cli.errors import SiaError
 from sia_cli.inputs.align import align_inputs
 from sia_cli.inputs.images import load_image
+from sia_cli.jobs import explain
 from sia_cli.measures import sensitivity as sens
 from sia_cli.measures import table as measures_table
 from sia_cli.progress import ProgressFn, silent
@@ -38,6 +40,8 @@ class DiagnoseConfig(RunConfig):
     group_by: tuple[str, ...] = ()
     bootstrap: int = 200
     headline: str | None = None  # a measure name (sia_cli.measures.table); None: the mode's default headline
+    explanations: bool = False  # also measure how far the model's explanations move (sia_cli.jobs.explain)
+    explanation: ExplanationSettings = field(default_factory=ExplanationSettings)
 
     def chosen_headline(self) -> str:
         return measures_table.headline_for(self.mode, self.headline)
@@ -116,6 +120,8 @@ class DiagnosePlan(ImagePlan):
         if bool(inputs.protected.all()):  # before the attack, not after it: nothing would be left to measure
             raise SiaError(f"--protect names every attribute of the backbone ({len(inputs.protected)}): "
                            "nothing is left to measure; leave at least one unprotected")
+        if config.explanations:
+            explain.check_explainable(inputs.target, inputs.backbone.img_size, config.explanation, device)
         return inputs
 
     def rows_per_image(self, config: DiagnoseConfig, inputs: Inputs) -> int:
@@ -127,6 +133,13 @@ class DiagnosePlan(ImagePlan):
         state, extras = (_single if config.mode == "single" else _multi)(inputs, batch, clean, config)
         records = self.run.add(batch, inputs, clean, state, config.settings, config.keep_lost)
         _attach(records, extras)
+        if config.explanations:
+            fields, strips = explain.explain_batch(inputs.target, inputs.backbone, batch.x0, batch.a0,
+                                                   clean["reference"], config.explanation)
+            for record, values in zip(records, fields):
+                if "error" not in record:
+                    record.update(values)
+            explain.save_overlays(config.out, [inputs.adversary_names[f.name] for f in batch.files], strips)
         return {self.run.method.name: records}
 
     def write_reports(self, context: Context, records: dict[str, list[dict]], skipped: list[dict],
@@ -172,7 +185,7 @@ def _report(config: DiagnoseConfig, context: Context, run: MethodRun, skipped: l
     report["intervals"] = _intervals(measured, attributes, protected, config)
     report["evidence"] = {"counted_images": len(counted), "minimum_images": sens.MIN_COUNTED_IMAGES,
                           "enough": sens.enough_images(len(counted))}
-    report["effect"] = _effect(measured, found, headline, inputs)
+    report["effect"] = _effect(measured, found, headline, inputs.target.task.effect_unit, (attributes, protected), config)
     # Too few images, or a model that hardly moves, ranks nobody: the order of the point values
     # stays in `by_value` for whoever draws the table, `ranking` is empty and says why.
     report["by_value"] = sens.ranking(found[headline_key])
@@ -183,6 +196,10 @@ def _report(config: DiagnoseConfig, context: Context, run: MethodRun, skipped: l
         report["stands_out"] = sens.stands_out(found[headline_key], report["intervals"].get(headline_key),
                                                len(counted))
     report["groups"] = _groups(measured, attributes, protected, config)
+    if config.explanations:
+        size = inputs.backbone.img_size
+        report["explanations"] = explain.explanation_report(run.records, attributes, protected, config.explanation,
+                                                            size * size, config.bootstrap, config.seed)
     report.update(findings_trust(inputs, run.records, grouped=bool(config.group_by),
                                  measures_include_lost=not counted))
     report.update(images=run.records, skipped=skipped, timing={"total_s": round(seconds, 3)}, complete=complete)
@@ -195,20 +212,28 @@ def _ranking_withheld(evidence: dict, effect: dict) -> str | None:
         return (f"too few images: {evidence['counted_images']} counted, a ranking needs "
                 f"{evidence['minimum_images']}")
     if effect.get("moves") is False:
-        return "the model hardly moves under any edit: all attributes together move it less than the reconstruction"
+        return ("the model hardly moves under any edit: all attributes together do not move it clearly more "
+                "than the reconstruction alone")
     return None
 
 
-def _effect(records: list[dict], found: dict, headline: str, inputs) -> dict:
+def _effect(records: list[dict], found: dict, headline: str, unit: str, columns: tuple, config: DiagnoseConfig) -> dict:
     """How much the headline measure moves the model, in its output units, against the floor
-    the reconstruction alone sets (sensitivity.effect_size); Eq. 2 moves attributes, so it has
-    neither a unit of the model nor a floor."""
+    the reconstruction alone sets (sensitivity.effect_size), beyond chance where intervals are
+    drawn; Eq. 2 moves attributes, so it has neither a unit of the model nor a floor."""
     measure = measures_table.by_name(headline)
     if not measure.in_output_units:
         return {"measure": measure.name, "unit": "attribute units", "moves": None}
-    size = sens.effect_size(found[measure.key], sens.reconstruction_floor(records))
-    return {"measure": measure.name, "unit": inputs.target.task.effect_unit, **size,
-            "floor_source": "mean change of the model's output under the reconstruction G(x0, a0) alone"}
+    excess = None
+    if config.bootstrap > 0:
+        attributes, protected = columns
+        excess = sens.bootstrap(records, sens.excess_over_floor(
+            lambda r: measure.function(r, attributes, protected)), n=config.bootstrap, seed=config.seed)
+    size = sens.effect_size(found[measure.key], sens.reconstruction_floor(records), excess)
+    return {"measure": measure.name, "unit": unit, **size,
+            "floor_source": "mean change of the model's output under the reconstruction G(x0, a0) alone",
+            "moves_rule": ("the total clears the floor: the low end of the 95% interval of total - floor above 0"
+                           if "excess_interval" in size else "the total clears the floor")}
 
 
 def _intervals(records, attributes, protected, config: DiagnoseConfig) -> dict:
@@ -255,8 +280,15 @@ def _telling(inputs: Inputs, out: Path, records: list[dict], count: int = 8) -> 
     reconstruction = (inputs.backbone(x0 * 2 - 1, a0) + 1) / 2
     rows = []
     for i, record in enumerate(best):
+        strip_file = out / explain.OVERLAYS / inputs.adversary_names[record["file"]]
+        overlays = {}
+        if strip_file.is_file():
+            with Image.open(strip_file) as strip:
+                overlays = explain.overlay_panels(np.asarray(strip.convert("RGB")))
         with Image.open(out / "adversaries" / inputs.adversary_names[record["file"]]) as adversary:
             rows.append({
+                **overlays,
+                "explanation_caption": explain.overlay_caption(record),
                 "file": record["file"],
                 "original": to_uint8(x0[i].cpu()),
                 "reconstruction": to_uint8(reconstruction[i].cpu()),
@@ -284,10 +316,12 @@ def write_outputs(config: DiagnoseConfig, report: dict, telling: list[dict], sec
                     edit_success=report["backbone"].get("edit_success"), blind_spots=report.get("blind_spots") or (),
                     leader=report.get("stands_out"))
     grid_png(out / "grid.png", telling)
+    figures = explain.write_figures(out, report, telling) if report.get("explanations") else {}
     if seconds is not None:
         report["timing"]["total_s"] = round(seconds(), 3)
     write_json_atomic(out / REPORT, report)
-    report_html(out / "report.html", report, out / "sensitivity.png", out / "grid.png", top_k=config.top_k)
+    report_html(out / "report.html", report, out / "sensitivity.png", out / "grid.png", top_k=config.top_k,
+                explanation_figures=figures)
 
 
 def _normalised_intervals(intervals: dict | None, raw: dict) -> dict | None:

@@ -23,7 +23,7 @@ import io
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,9 @@ import torch
 import torch.distributed as dist
 
 from sia_cli import __version__
-from sia_cli.engine.attack import attack_batch, get_method, quantize
+from sia_cli.engine.art import ArtSettings, art_terms, training_point
+from sia_cli.engine.attack import Method, attack_batch, get_method, quantize
+from sia_cli.engine.attribution import ExplanationSettings
 from sia_cli.errors import SiaError
 from sia_cli.inputs.images import load_image
 from sia_cli.jobs.harden_eval import _read_json, _summary, evaluate
@@ -48,7 +50,7 @@ PAGE = "hardening.html"
 TRAINING = "training.json"
 CHECKPOINTS = "checkpoint"
 # Settings of the before/after report, not of the training: changing them must not refuse a resume.
-EVALUATION_ONLY = ("eval_images", "eval_labels", "eval_attrs_file", "eval_steps")
+EVALUATION_ONLY = ("eval_images", "eval_labels", "eval_attrs_file", "eval_steps", "explanation")
 
 
 @dataclass(frozen=True)
@@ -62,13 +64,33 @@ class HardenConfig(RunConfig):
     eval_attrs_file: Path | None = None
     eval_steps: int | None = None  # attack steps of the evaluation (default: --steps)
     save_every: int | None = None  # optimiser steps per checkpoint (default: one epoch)
+    art: ArtSettings = field(default_factory=ArtSettings)  # --method art / METHOD+art (sia_cli.engine.art)
+    explanation: ExplanationSettings = field(default_factory=ExplanationSettings)  # the evaluation's, with art
+
+
+ART = "art"
+
+
+def training_methods(name: str) -> tuple[Method | None, bool]:
+    """--method as (the attack whose adversaries enter the task loss, whether ART's triplet term
+    is added): `art` (ART alone: the task loss at ART's own training point), `sia+art` (SIA-Adv with
+    the triplet term), or any engine method alone."""
+    if name == ART:
+        return None, True
+    if name.endswith("+" + ART):
+        return get_method(name[:-len(ART) - 1]), True
+    return get_method(name), False
 
 
 def check_config(config: HardenConfig) -> None:
     """The options, before any work."""
     if len(config.methods) != 1:
         raise SiaError(f"--method takes one method for hardening (got {','.join(config.methods)})")
-    get_method(config.methods[0])
+    _, with_art = training_methods(config.methods[0])
+    if with_art and config.adversaries is not None:
+        raise SiaError("--method art trains at points it picks from the current weights: it takes no --adversaries")
+    if with_art and config.art.art_steps < 0:  # weight, radius and step are checked as they are parsed
+        raise SiaError(f"--art-steps must be 0 or more (got {config.art.art_steps})")
     if config.epochs < 1:
         raise SiaError(f"--epochs must be at least 1 (got {config.epochs})")
     if not math.isfinite(config.lr) or config.lr <= 0:
@@ -130,7 +152,7 @@ class HardenPlan(Plan):
 
     def __init__(self, config: HardenConfig):
         self.config = config
-        self.method = get_method(config.methods[0])
+        self.method, self.with_art = training_methods(config.methods[0])
         self.labels: dict[str, torch.Tensor] = {}  # file name -> reference label made before training
         self.steps: list[Step] = []
         self.offline: list[tuple[Path, int]] = []  # (adversary image, label) of --adversaries
@@ -140,6 +162,10 @@ class HardenPlan(Plan):
 
     def load(self, config: HardenConfig, device: str, progress: ProgressFn) -> Inputs:
         inputs = load_inputs(config, device, progress)
+        if self.with_art:  # a model without class scores refuses before any step (one line)
+            with torch.no_grad():
+                out = inputs.target(torch.zeros(1, 3, inputs.backbone.img_size, inputs.backbone.img_size, device=device))
+            inputs.target.rival_score(out, inputs.target.reference(out))
         trainable = [p for p in inputs.target.model.parameters() if p.is_floating_point()]
         if not trainable:
             raise SiaError(f"{config.model} has no trainable parameters (its weights are constants of the graph): "
@@ -215,28 +241,40 @@ class HardenPlan(Plan):
         mine = step.files[world.rank::world.size]  # empty on some ranks when the last batch is short
         parameters = trainable(target)
         self.optimizer.zero_grad(set_to_none=True)
-        losses = torch.zeros(2, device=context.device)
+        losses = torch.zeros(3, device=context.device)
         if mine:
             clean = training_batch(inputs, mine, context.device, step.number)
             reference = torch.stack([self.labels[name] for name in mine]).to(context.device)
+            adversaries = point = None
             if self.offline:
                 adversaries, adversary_reference = offline_batch(self.offline, step, len(step.files), world,
                                                                  inputs.backbone.img_size, target, context.device)
-            else:
+            elif self.method is not None:
                 state = attack_batch(inputs.backbone, target, self.method, clean.x0, clean.a0, reference,
                                      config.settings, inputs.protected, seed=config.seed + step.number)
                 adversaries, adversary_reference = quantize(state.adversary).detach(), reference
+            if self.with_art:
+                noise = torch.Generator().manual_seed(config.seed * 1_000_003 + step.number)
+                point = training_point(target, clean.x0 * 2 - 1, reference, config.art, noise)
             for parameter in parameters:
                 parameter.requires_grad_(True)
             try:
                 total = len(step.files)  # the global batch: the sum over ranks is the one-process mean
                 clean_loss = target.loss(target(clean.x0 * 2 - 1), reference).float().sum() / total
-                adversary_loss = target.loss(target(adversaries), adversary_reference).float().sum() / total
-                (config.mix * clean_loss + (1 - config.mix) * adversary_loss).backward()
+                triplet_loss = torch.zeros((), device=context.device)
+                if point is not None:
+                    terms = art_terms(target, clean.x0 * 2 - 1, point, reference)
+                    triplet_loss = terms["triplet"].sum() / total
+                if adversaries is not None:
+                    adversary_loss = target.loss(target(adversaries), adversary_reference).float().sum() / total
+                else:  # ART alone: its own training point is the adversary
+                    adversary_loss = terms["point_loss"].sum() / total
+                (config.mix * clean_loss + (1 - config.mix) * adversary_loss
+                 + config.art.art_weight * triplet_loss).backward()
             finally:
                 for parameter in parameters:
                     parameter.requires_grad_(False)  # the attack needs input gradients only
-            losses = torch.stack([clean_loss.detach(), adversary_loss.detach()])
+            losses = torch.stack([clean_loss.detach(), adversary_loss.detach(), triplet_loss.detach()])
         if world.size > 1:
             for parameter in parameters:  # every rank reduces every parameter, used or not, in one order
                 if parameter.grad is None:
@@ -245,7 +283,10 @@ class HardenPlan(Plan):
         self.optimizer.step()
         if world.size > 1:
             dist.all_reduce(losses)
-        return {"clean_loss": round(float(losses[0]), 6), "adversary_loss": round(float(losses[1]), 6)}
+        entry = {"clean_loss": round(float(losses[0]), 6), "adversary_loss": round(float(losses[1]), 6)}
+        if self.with_art:
+            entry["triplet_loss"] = round(float(losses[2]), 6)
+        return entry
 
     def write(self, context: Context, entries: dict[str, dict], complete: bool):
         out = context.out
@@ -253,9 +294,9 @@ class HardenPlan(Plan):
         losses = entries[done[-1]] if done else {}
         record = {"version": __version__, "settings": self.settings, "complete": complete, "steps": len(done),
                   "of": len(self.steps), "resumed_from": self.resumed_from,
-                  "losses": {k: losses.get(k) for k in ("clean_loss", "adversary_loss")},
+                  "losses": {k: losses.get(k) for k in ("clean_loss", "adversary_loss", "triplet_loss") if k in losses},
                   "labels": "--labels" if self.config.labels else "the model's own predictions before hardening",
-                  "mode": "offline (--adversaries)" if self.offline else f"adversaries of the current weights ({self.method.name})"}
+                  "mode": "offline (--adversaries)" if self.offline else _mode(self.method, self.with_art)}
         if complete:
             record["model"] = str(export_model(context.inputs.target, Path(self.config.model), out))
             problem = unusable(context.inputs.target)
@@ -274,8 +315,8 @@ class HardenPlan(Plan):
             raise SiaError(_unusable_message(trained))  # on every rank at once: none waits for the others
         before = after = None
         if config.eval_images:
-            before = evaluate(config, Path(config.model), out / "before", world, context.progress)
-            after = evaluate(config, Path(trained["model"]), out / "after", world, context.progress)
+            before = evaluate(config, Path(config.model), out / "before", world, context.progress, self.with_art)
+            after = evaluate(config, Path(trained["model"]), out / "after", world, context.progress, self.with_art)
         summary = None
         if world.main:
             summary = _summary(config, trained, before, after)
@@ -285,6 +326,12 @@ class HardenPlan(Plan):
             hardening_html(out / PAGE, summary, out)
         barrier(world)
         return summary
+
+
+def _mode(method: Method | None, with_art: bool) -> str:
+    if method is None:
+        return "ART: the triplet term and the task loss at ART's own training points of the current weights"
+    return f"adversaries of the current weights ({method.name})" + (", with ART's triplet term" if with_art else "")
 
 
 def unusable(target) -> str | None:

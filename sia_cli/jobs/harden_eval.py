@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from sia_cli import __version__
+from sia_cli.engine.attribution import ExplanationSettings
 from sia_cli.progress import ProgressFn
 from sia_cli.runs.distributed import World, barrier
 from sia_cli.runs.files import file_sha256, write_json_atomic
@@ -30,7 +31,7 @@ def _read_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def evaluate(config, model: Path, folder: Path, world: World, progress: ProgressFn) -> dict:
+def evaluate(config, model: Path, folder: Path, world: World, progress: ProgressFn, explanations: bool = False) -> dict:
     """Clean accuracy, accuracy under FGSM, PGD and SIA at the paper's eps (Table 4), SDAR and
     the headline sensitivity (Table 5) of `model` on --eval-images, each from a full report
     (diagnose, attack) under `folder`. A report there from the same model and evaluation
@@ -44,9 +45,12 @@ def evaluate(config, model: Path, folder: Path, world: World, progress: Progress
     base.update(model=model, images=config.eval_images, attrs_file=config.eval_attrs_file, labels=config.eval_labels,
                 command=config.command)
     settings = replace(config.settings, steps=steps)
-    _keep_if_same(folder, _evaluation_key(base, settings), world)
+    explanation = getattr(config, "explanation", None) or ExplanationSettings()
+    _keep_if_same(folder, {**_evaluation_key(base, settings), "explanations": explanations and asdict(explanation)},
+                  world)
     diagnosis = _finished_or(folder / "diagnosis" / "report.json", lambda: diagnose(
-        DiagnoseConfig(**base, out=folder / "diagnosis", settings=settings), progress))
+        DiagnoseConfig(**base, out=folder / "diagnosis", settings=settings, explanations=explanations,
+                       explanation=explanation), progress))
     robust = {}
     clean_accuracy = None
     for eps in EVAL_EPS:
@@ -77,9 +81,22 @@ def evaluate(config, model: Path, folder: Path, world: World, progress: Progress
         "sensitivity": _headline_shares(diagnosis),
         "stands_out": diagnosis.get("stands_out") if diagnosis else None,
         "backbone_fit_ok": (diagnosis.get("backbone_fit") or {}).get("ok") if diagnosis else None,
+        "attributional": _attributional(diagnosis),
         "report": str(folder / "diagnosis" / "report.json"),
         "images": len(diagnosis["images"]) if diagnosis else 0,
     }
+
+
+def _attributional(report: dict | None) -> dict | None:
+    """The diagnosis's explanation measures (`--explanations`), where it has them."""
+    section = (report or {}).get("explanations")
+    if not section or not section.get("attack"):
+        return None
+    return {"top_k_intersection": section["attack"]["top_k_intersection"], "kendall_tau": section["attack"]["kendall_tau"],
+            "images": section["attack"]["images"],
+            # only attributes measured on enough faces (`ranking`): the rest would mean more than they do
+            "explanation_sensitivity": {name: section["sensitivity"][name] for name in section.get("ranking") or []},
+            "explanation_stands_out": section.get("stands_out")}
 
 
 def _evaluation_key(base: dict, settings) -> dict:

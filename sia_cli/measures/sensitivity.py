@@ -91,6 +91,24 @@ def _mean_by_attribute(matrix: np.ndarray, attributes: Sequence[str], protected:
     return {attributes[k]: float(means[k]) for k in _kept_columns(attributes, protected)}
 
 
+def mean_of_measured(records: Records, key: str, attributes: Names, protected: Names = ()) -> dict[str, float]:
+    """Per attribute, the mean of record[key] over the images where it was measured (a record
+    holds None, read as NaN, where it was not); NaN for an attribute measured on no image."""
+    usable = usable_records(records)
+    matrix = _per_image_matrix(usable, key, len(attributes))
+    measured = np.isfinite(matrix)
+    sums, counts = np.where(measured, matrix, 0.0).sum(axis=0), measured.sum(axis=0)
+    means = np.divide(sums, counts, out=np.full(len(attributes), np.nan), where=counts > 0)
+    return {attributes[k]: float(means[k]) for k in _kept_columns(attributes, protected)}
+
+
+def count_measured(records: Records, key: str, attributes: Names, protected: Names = ()) -> dict[str, int]:
+    """Per attribute, on how many images record[key] was measured (not None/NaN)."""
+    matrix = _per_image_matrix(usable_records(records), key, len(attributes))
+    counts = np.isfinite(matrix).sum(axis=0)
+    return {attributes[k]: int(counts[k]) for k in _kept_columns(attributes, protected)}
+
+
 def attribute_shift(records: Records, attributes: Names, protected: Names = ()) -> dict[str, float]:
     """Paper Eq. 2 measured from the start: s_k = mean_p |a_T[k] - a0[k]|."""
     usable = usable_records(records)
@@ -240,13 +258,33 @@ def reconstruction_floor(records: Records) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def effect_size(values: dict[str, float], floor: float | None) -> dict:
+def excess_over_floor(measure: Statistic) -> Statistic:
+    """The statistic `records -> total of measure(records) - reconstruction_floor(records)`: how
+    far all edits together move the model beyond what the reconstruction alone does, image by
+    image the same records, for `bootstrap` to put an interval on."""
+    def statistic(records: Records) -> float:
+        floor = reconstruction_floor(records)
+        values = [v for v in measure(records).values() if math.isfinite(v)]
+        return float("nan") if floor is None else float(sum(values)) - floor
+    return statistic
+
+
+def effect_size(values: dict[str, float], floor: float | None, excess: dict | None = None) -> dict:
     """The absolute size of a measure in the model's output units: its total over attributes,
-    the largest, and whether the total clears `floor` (None: no floor to compare with)."""
+    the largest, and whether the total clears `floor` (None: no floor to compare with).
+
+    With `excess`, the interval of `excess_over_floor` on the same images, the total must clear
+    the floor beyond chance (the interval's low end above 0): a backbone that reconstructs
+    sharply sets a floor so low that edits which only repaint a little background (a model of
+    background pixels, which no attribute truly moves) land on it, above or below by noise."""
     finite = [v for v in values.values() if math.isfinite(v)]
     total = float(sum(finite)) if finite else 0.0
-    return {"total": total, "largest": max(finite) if finite else 0.0, "floor": floor,
-            "moves": None if floor is None else bool(total > floor)}
+    moves = None if floor is None else bool(total > floor)
+    out = {"total": total, "largest": max(finite) if finite else 0.0, "floor": floor, "moves": moves}
+    if moves is not None and excess is not None and math.isfinite(excess.get("low", float("nan"))):
+        out["excess_interval"] = {"low": excess["low"], "high": excess["high"]}
+        out["moves"] = bool(excess["low"] > 0)
+    return out
 
 
 def enough_images(counted: int, minimum: int = MIN_COUNTED_IMAGES) -> bool:

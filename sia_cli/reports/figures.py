@@ -221,19 +221,20 @@ def _paste_cell(canvas: Image.Image, draw: ImageDraw.ImageDraw, panel: np.ndarra
     canvas.paste(image.resize(size, Image.Resampling.NEAREST if enlarging else Image.Resampling.LANCZOS), box)
 
 
-def grid_png(path: str | os.PathLike, rows: Sequence[dict]) -> None:
-    """One row per image: original | reconstruction | adversary, file name and caption below."""
+def grid_png(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str] = GRID_COLUMNS) -> None:
+    """One row per image: its `columns` (original | reconstruction | adversary), file name and
+    caption below."""
     if not rows:
         raise SiaError("the example grid needs at least one image")
-    panels = [[_as_rgb(row.get(column)) for column in GRID_COLUMNS] for row in rows]
+    panels = [[_as_rgb(row.get(column)) for column in columns] for row in rows]
     present = [p for row in panels for p in row if p is not None]
     if not present:
         raise SiaError("the example grid has no images")
     cell_w, cell_h = _cell_size(present)
     header_h, row_h = _LINE + _PAD, cell_h + 2 * _LINE + _PAD
-    canvas = Image.new("RGB", (_PAD + 3 * (cell_w + _PAD), header_h + len(rows) * row_h + _PAD), "white")
+    canvas = Image.new("RGB", (_PAD + len(columns) * (cell_w + _PAD), header_h + len(rows) * row_h + _PAD), "white")
     draw, font = ImageDraw.Draw(canvas), _font()
-    for column, title in enumerate(GRID_COLUMNS):
+    for column, title in enumerate(columns):
         centre = _PAD + column * (cell_w + _PAD) + cell_w // 2
         draw.text((centre, _PAD // 2), title, fill="black", font=font, anchor="ma")
     text_width = canvas.width - 2 * _PAD
@@ -248,3 +249,18 @@ def grid_png(path: str | os.PathLike, rows: Sequence[dict]) -> None:
 
 
 # ---------------------------------------------------------------- self-contained HTML report
+
+
+def attribution_overlay(image: Any, importance: Any) -> np.ndarray:
+    """HxWx3 uint8: the image in grey, each pixel's importance (HxW, any scale) laid over it in
+    red to yellow. Importance is scaled by its own 99th percentile, so a map's few brightest
+    pixels do not wash out the rest; a map of zeros leaves the grey image."""
+    grey = _as_rgb(image).astype(np.float64).mean(axis=2, keepdims=True) / 255.0
+    heat = np.abs(np.asarray(importance, dtype=np.float64))
+    if heat.shape != grey.shape[:2]:
+        raise SiaError(f"an importance map must be HxW like its image {grey.shape[:2]}, got {heat.shape}")
+    scale = np.percentile(heat, 99)
+    heat = np.clip(heat / scale, 0.0, 1.0)[..., None] if scale > 0 else np.zeros_like(grey)
+    colour = np.concatenate([np.ones_like(heat), heat, np.zeros_like(heat)], axis=2)  # red -> yellow
+    blended = grey * 0.6 * (1 - heat) + colour * heat
+    return np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)

@@ -48,7 +48,8 @@ def _number(value: Any, digits: int = 3) -> str:
 
 
 def _interval_text(interval: dict | None, digits: int = 3, number=significant) -> str:
-    if not interval:
+    if not interval or not all(isinstance(interval.get(end), (int, float)) and math.isfinite(interval[end])
+                               for end in ("low", "high")):
         return ""
     return f"[{number(interval.get('low'), digits)}, {number(interval.get('high'), digits)}]"
 
@@ -118,8 +119,9 @@ def headline_sentence(report: dict, top_k: int = 3) -> str:
                 f"measured, and a finding needs at least {minimum}. Diagnose more images.")
         winner = None
     elif effect.get("moves") is False:
+        beyond = ("not clearly more than" if effect["total"] > effect["floor"] else "less than")
         text = (f"The model hardly moves under any edit: all attributes together change its output by "
-                f"{significant(effect['total'])} ({effect['unit']}), less than the reconstruction alone does "
+                f"{significant(effect['total'])} ({effect['unit']}), {beyond} the reconstruction alone does "
                 f"({significant(effect['floor'])}); no attribute is ranked.")
         winner = None
     elif winner in shares:
@@ -277,8 +279,83 @@ def _details(report: dict) -> str:
             f"<table>{timing_rows}</table><details><summary>settings</summary><pre>{_e(settings)}</pre></details>")
 
 
+def explanation_sentence(report: dict) -> str | None:
+    """What `--explanations` found, in the words the terminal and the HTML page share."""
+    section = report.get("explanations")
+    if not section:
+        return None
+    if not section.get("images"):
+        return "Explanations: no image could be measured."
+    settings, attack = section["settings"], section.get("attack") or {}
+    interval = _interval_text(((section.get("intervals") or {}).get("attack") or {}).get("top_k_intersection"), 2,
+                              _number)
+    text = (f"Explanations: under the feature-importance attack (eps {settings['explain_epsilon'] * 255:.3g}/255, "
+            f"{settings['explain_steps']} steps) the map keeps {_number(attack.get('top_k_intersection'), 2)} "
+            f"{interval + ' ' if interval else ''}of its top-{settings['k']} pixels, Kendall's tau "
+            f"{_number(attack.get('kendall_tau'), 2)}, on {attack.get('images', 0)} images whose prediction it kept"
+            + (f" ({attack['unattacked']} more changed their prediction at every step: not measured)"
+               if attack.get("unattacked") else "") + ".")
+    order, shift = section.get("ranking") or [], section.get("sensitivity") or {}
+    winner = section.get("stands_out")
+    if winner:
+        text += (f" The edit that moves it most without changing the prediction: {winner} "
+                 f"({shift[winner]:.2f} of the top-k pixels lost; its interval clears the runner-up's).")
+    elif order:
+        leaders = ", ".join(f"{name} {shift[name]:.2f}" for name in order[:3])
+        text += f" No single edit stands out in moving it (leaders' intervals overlap): {leaders}."
+    too_few = section.get("too_few") or []
+    if too_few:
+        text += (f" Not ranked: {first_few(too_few, 5)} (their edits kept the prediction on fewer than "
+                 f"{section.get('minimum_faces')} faces).")
+    blind = [name for name in report.get("blind_spots") or [] if name in shift]
+    if blind:
+        text += f" Blind spots (the backbone cannot edit them in most faces): {first_few(blind, 5)}."
+    return text
+
+
+def _explanations_section(report: dict, figures: dict) -> str:
+    section = report.get("explanations")
+    if not section:
+        return ""
+    settings = section["settings"]
+    intro = (f"<p class='muted'>Maps: {_e(settings['maps'])}. k = {settings['k']} of {settings['pixels']} pixels "
+             f"({_e(settings['k_rule'])}). The attack: top-k feature-importance attack of Ghorbani et al., L-inf "
+             f"{settings['explain_epsilon'] * 255:.3g}/255, {settings['explain_steps']} steps of "
+             f"{settings['explain_step_size'] * 255:.3g}/255, keeping the prediction. Explanation sensitivity of an "
+             "attribute: 1 - the top-k intersection between the map of the reconstruction and of the one-attribute "
+             "edit, on the faces where the edit kept the prediction.</p>")
+    parts = [f"<h2>Explanations</h2><p class='lead'>{_e(explanation_sentence(report))}</p>", intro]
+    if "histogram" in figures:
+        parts.append(_image_tag(figures["histogram"], "explanation sensitivity histogram"))
+    shift = section.get("sensitivity") or {}
+    if shift:
+        parts.append(_explanations_table(report, section))
+    if "overlays" in figures:
+        parts.append("<p class='muted'>Each row: the clean image, the attacked image and the edit that moved its map "
+                     "most, each under its map (red to yellow: more important). Images saved as 8-bit PNG.</p>")
+        parts.append(_image_tag(figures["overlays"], "attribution maps of clean images, attacked images and edits"))
+    return "".join(parts)
+
+
+def _explanations_table(report: dict, section: dict) -> str:
+    shift, ranked = section["sensitivity"], section.get("ranking") or []
+    intervals = (section.get("intervals") or {}).get("sensitivity") or {}
+    edit = (report.get("backbone") or {}).get("edit_success") or {}
+    too_few, blind = set(section.get("too_few") or []), set(report.get("blind_spots") or [])
+    rows = "".join(
+        f"<tr><td>{_e(name)}</td><td>{_number(shift[name], 3)}</td>"
+        f"<td>{_e(_interval_text(intervals.get(name), 2, _number))}</td>"
+        f"<td>{_number((section.get('kendall_tau') or {}).get(name), 2)}</td>"
+        f"<td>{section['kept'][name]} / {section['flipped'][name]}{' (too few)' if name in too_few else ''}</td>"
+        f"<td>{edit_rate_text(edit[name]) if name in edit else '—'}{' (blind spot)' if name in blind else ''}</td></tr>"
+        for name in ranked + sorted(set(shift) - set(ranked)))
+    return ("<table><tr><th>attribute</th><th>explanation sensitivity</th><th>95% interval</th>"
+            "<th>Kendall's tau</th><th>faces kept / flipped</th><th>backbone edit success</th></tr>"
+            f"{rows}</table>")
+
+
 def report_html(path: str | os.PathLike, report: dict, sensitivity_png: Path, grid_png: Path | None,
-                top_k: int = 5) -> None:
+                top_k: int = 5, explanation_figures: dict | None = None) -> None:
     """One self-contained page (inline CSS, base64 images) summarising a diagnosis report."""
     banner = ("<p class='warning'>Incomplete run: this report covers only the images processed so far.</p>"
               if report.get("complete") is False else "")
@@ -303,6 +380,7 @@ Protected attributes are left out.</p>
 {_measures_table(report)}
 {_groups_section(report)}
 {grid}
+{_explanations_section(report, explanation_figures or {})}
 {_skipped_list(report)}
 {_details(report)}
 </body></html>
@@ -321,6 +399,11 @@ def _evaluation_rows(summary: dict) -> str:
                          (after.get("accuracy_under_attack") or {}).get(method, {}).get(eps)))
     rows.append(("SDAR", before.get("sdar"), after.get("sdar")))
     rows.append(("attribute that stands out", before.get("stands_out"), after.get("stands_out")))
+    if before.get("attributional") or after.get("attributional"):
+        for key, name in (("top_k_intersection", "top-k intersection under the feature-importance attack"),
+                          ("kendall_tau", "Kendall's tau under the feature-importance attack"),
+                          ("explanation_stands_out", "edit that moves the explanation most (stands out)")):
+            rows.append((name, (before.get("attributional") or {}).get(key), (after.get("attributional") or {}).get(key)))
     cells = "".join(f"<tr><td>{_e(name)}</td><td>{_number(a, 4) if not isinstance(a, str) else _e(a)}</td>"
                     f"<td>{_number(b, 4) if not isinstance(b, str) else _e(b)}</td></tr>" for name, a, b in rows)
     return f"<table><tr><th></th><th>before</th><th>after</th></tr>{cells}</table>"

@@ -235,6 +235,10 @@ class Target(torch.nn.Module):
         reference class (binary, multilabel, multiclass); other kinds refuse."""
         return self.task.explained_score(out, ref)
 
+    def rival_score(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """The per-image score (B,) of the most likely other class (attributional robustness training)."""
+        return self.task.rival_score(out, ref)
+
     def record_label(self, ref: torch.Tensor) -> torch.Tensor:
         """Per-image label value for a report record (points for keypoints/landmarks)."""
         return self.task.record_label(ref)

@@ -223,6 +223,11 @@ class Task:
         the reference class. Kinds without a class score refuse."""
         raise SiaError(f"explanations need a class score (a logit); a {self.name} model has none")
 
+    def rival_score(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """The per-image score (B,) of the most likely class other than the reference: the
+        negative of attributional robustness training's triplet. Kinds without a class score refuse."""
+        raise SiaError(f"attributional robustness training needs class scores (logits); a {self.name} model has none")
+
     # --------------------------------------------------------------- labels
 
     @classmethod

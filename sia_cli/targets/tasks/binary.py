@@ -99,6 +99,10 @@ class Binary(Task):
             scores = torch.logit(scores.clamp(PROBABILITY_EPS, 1 - PROBABILITY_EPS))
         return torch.where(ref > 0.5, scores, -scores)
 
+    def rival_score(self, out, ref):
+        """The other class's log-odds: the reference class's, negated."""
+        return -self.explained_score(out, ref)
+
     def error(self, out, ref):
         """|P(class 1) - label|."""
         return (self.probability(out.detach()) - ref.float()).abs()

@@ -98,6 +98,11 @@ class Multiclass(Task):
         scores = out.float().clamp(PROBABILITY_EPS, 1.0).log() if self.output_is_probability else out.float()
         return scores.gather(1, ref.view(-1, 1)).squeeze(1)
 
+    def rival_score(self, out, ref):
+        """The largest logit (log-probability) of the other classes."""
+        scores = out.float().clamp(PROBABILITY_EPS, 1.0).log() if self.output_is_probability else out.float()
+        return scores.scatter(1, ref.view(-1, 1), float("-inf")).amax(dim=1)
+
     def error(self, out, ref):
         """1 - P(reference class)."""
         return 1 - self.probability(out.detach()).gather(1, ref.view(-1, 1)).squeeze(1)
