@@ -70,6 +70,7 @@ VARIANTS = {
     # ART as its authors train it: the task loss at its own training point only (mix 0), plus the
     # triplet term (weight 0.5; sia_cli.engine.art)
     "ART": ("art", True, 0.0),
+    "ART, clean loss kept": ("art", True, None),  # --mix as given: the clean images' loss stays
 }
 EVAL_SEED, TRUTH_SEED = 9401, 9402  # no training set uses these
 
