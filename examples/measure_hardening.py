@@ -125,7 +125,7 @@ def settings(args) -> AttackSettings:
 def harden_variant(model: Path, faces: Path, label: str, name: str, args) -> tuple[Path, float]:
     """One hardening (cached); returns the hardened model and the training's wall time in seconds."""
     method, labelled, mix = VARIANTS[name]
-    values = dict(model=model.name, faces=faces.name, method=method, labelled=labelled, mix=mix or args.mix,
+    values = dict(model=model.name, faces=faces.name, method=method, labelled=labelled, mix=mix if mix is not None else args.mix,
                   epochs=args.epochs, lr=args.lr, batch=args.batch_size, steps=args.steps, step=args.step_size,
                   attr_step=args.attr_step_size, seed=args.seed)
     out = args.work / "hardened" / f"{model.stem}-{method}-{'labels' if labelled else 'own'}-{short_hash(values)}"

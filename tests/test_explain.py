@@ -128,6 +128,9 @@ def test_the_explanation_histogram_names_the_edit_planted_to_move_the_explanatio
     assert page.count("data:image/png;base64") >= 4  # histogram, grid, explanation histogram, overlays
     record = report["images"][0]
     assert len(record[SHIFT_TOP_K]) == len(report["attributes"]) and record["explanation_edit"] in report["attributes"]
+    column = report["attributes"].index(record["explanation_edit"])
+    assert record["explanation_edit_top_k"] == min(v for v in record[SHIFT_TOP_K] if v is not None) \
+        == record[SHIFT_TOP_K][column]  # the overlay's edit is the one that moved this map most
 
 
 def test_a_model_without_a_class_score_is_refused_before_any_attack(faces, tmp_path):

@@ -135,7 +135,7 @@ class DiagnosePlan(ImagePlan):
         _attach(records, extras)
         if config.explanations:
             fields, strips = explain.explain_batch(inputs.target, inputs.backbone, batch.x0, batch.a0,
-                                                   clean["reference"], config.explanation)
+                                                   clean["reference"], config.explanation, inputs.protected)
             for record, values in zip(records, fields):
                 if "error" not in record:
                     record.update(values)

@@ -57,9 +57,11 @@ def _value(v: float) -> float | None:
 
 
 def explain_batch(target, backbone, x0: torch.Tensor, a0: torch.Tensor, reference: torch.Tensor,
-                  settings: ExplanationSettings) -> tuple[list[dict], list[np.ndarray]]:
+                  settings: ExplanationSettings, protected: torch.Tensor | None = None
+                  ) -> tuple[list[dict], list[np.ndarray]]:
     """Per image of a batch (x0 in [0, 1]): its record fields and its overlays (one HxWx3 strip:
-    clean | attacked | the edit that moved its map most, grey where no edit kept the prediction)."""
+    clean | attacked | the unprotected edit that moved its map most, grey where none kept the
+    prediction)."""
     x = x0 * 2 - 1
     k = settings.k_for(x.shape[-2] * x.shape[-1])
     attack = feature_importance_attack(target, x, reference, k, settings.explain_epsilon, settings.explain_steps,
@@ -75,7 +77,10 @@ def explain_batch(target, backbone, x0: torch.Tensor, a0: torch.Tensor, referenc
         entry = shifts[name]
         top[entry["kept"], column] = entry["top_k_intersection"]
         tau[entry["kept"], column] = entry["kendall_tau"]
-    moved = [int(np.nanargmin(row)) if np.isfinite(row).any() else None for row in top]
+    shown = top.copy()
+    if protected is not None:
+        shown[:, protected.cpu().numpy().astype(bool)] = np.nan  # the report leaves them out too
+    moved = [int(np.nanargmin(row)) if np.isfinite(row).any() else None for row in shown]
     edit_maps = _edit_maps(target, backbone, x, attrs, reference, moved, settings)
     fields, strips = [], []
     for i in range(len(x)):
@@ -89,6 +94,7 @@ def explain_batch(target, backbone, x0: torch.Tensor, a0: torch.Tensor, referenc
             SHIFT_TOP_K: [_value(v) for v in top[i]],
             SHIFT_TAU: [_value(v) for v in tau[i]],
             "explanation_edit": names[moved[i]] if moved[i] is not None else None,
+            "explanation_edit_top_k": _value(top[i, moved[i]]) if moved[i] is not None else None,
         })
         panels = [_overlay(x0[i], attack["clean_maps"][i]),
                   _overlay((attack["adversaries"][i] + 1) / 2, attack["attacked_maps"][i])]
@@ -143,12 +149,8 @@ def overlay_caption(record: dict) -> str:
     top, tau = record.get("explanation_attack_top_k"), record.get("explanation_attack_tau")
     if top is None:
         return ""
-    edit = record.get("explanation_edit")
-    moved = ""
-    if edit is not None:
-        column = record[SHIFT_TOP_K]
-        value = min(v for v in column if v is not None)
-        moved = f"; edit {edit}: top-k {value:.2f}"
+    edit, value = record.get("explanation_edit"), record.get("explanation_edit_top_k")
+    moved = f"; edit {edit}: top-k {value:.2f}" if edit is not None and value is not None else ""
     return f"attacked: top-k {top:.2f}, tau {'n/a' if tau is None else f'{tau:.2f}'}{moved}"
 
 
