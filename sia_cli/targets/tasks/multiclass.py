@@ -95,13 +95,15 @@ class Multiclass(Task):
 
     def explained_score(self, out, ref):
         """The reference class's logit (a probability head's log-probability)."""
-        scores = out.float().clamp(PROBABILITY_EPS, 1.0).log() if self.output_is_probability else out.float()
-        return scores.gather(1, ref.view(-1, 1)).squeeze(1)
+        return self._class_scores(out).gather(1, ref.view(-1, 1)).squeeze(1)
 
     def rival_score(self, out, ref):
         """The largest logit (log-probability) of the other classes."""
-        scores = out.float().clamp(PROBABILITY_EPS, 1.0).log() if self.output_is_probability else out.float()
-        return scores.scatter(1, ref.view(-1, 1), float("-inf")).amax(dim=1)
+        return self._class_scores(out).scatter(1, ref.view(-1, 1), float("-inf")).amax(dim=1)
+
+    def _class_scores(self, out):
+        """Logits, or a probability head's log-probabilities: the scores explanations use."""
+        return out.float().clamp(PROBABILITY_EPS, 1.0).log() if self.output_is_probability else out.float()
 
     def error(self, out, ref):
         """1 - P(reference class)."""
