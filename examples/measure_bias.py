@@ -3,7 +3,7 @@
     python examples/measure_bias.py --n 48 --steps 100 --single-steps 40
 
 For each planted pair (label, confounder) and each shipped model (confounded, control),
-runs `sia diagnose` in multi mode (Eq. 2 and ablation) and single mode on fresh synth faces
+runs `sia diagnose` in multi mode (Eq. 2, flip and ablation) and single mode on fresh synth faces
 and prints the confounder's rank and normalised share under every measure.
 """
 

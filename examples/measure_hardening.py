@@ -21,7 +21,7 @@ Every model is then measured on the SAME held-out faces, drawn WITHOUT the confo
 
 * with the engine's own before/after evaluation (`sia_cli.jobs.harden_eval.evaluate`) on --n-eval faces
   with their true labels: clean accuracy, accuracy under FGSM, PGD and SIA at eps 1.5/255 and
-  4/255, SDAR and the headline (ablation) sensitivity of a diagnosis, LABEL protected; with
+  4/255, SDAR and the headline (flip) sensitivity of a diagnosis, LABEL protected; with
   --explanations also the attributional measures of `sia diagnose --explanations` (top-k
   intersection and Kendall's tau under the feature-importance attack; the ART paper's Table 1);
 * against the truth on --n-truth other faces, each re-rendered with one attribute flipped
@@ -57,6 +57,7 @@ from sia_cli.inputs.faces import ATTRIBUTES, face_labels  # noqa: E402
 from sia_cli.inputs.images import read_attributes  # noqa: E402
 from sia_cli.jobs.harden import HardenConfig, harden  # noqa: E402
 from sia_cli.jobs.harden_eval import EVAL_EPS, EVAL_METHODS, evaluate  # noqa: E402
+from sia_cli.measures.table import default_headline  # noqa: E402
 from sia_cli.measures.validity import bank_effects, counterfactual_bank  # noqa: E402
 from sia_cli.runs.distributed import World  # noqa: E402
 from sia_cli.targets import load_target  # noqa: E402
@@ -152,7 +153,8 @@ def measure(model: Path, label: str, confounder: str, eval_faces: Path, bank: to
         eval_labels=labels_csv(eval_faces, label), eval_steps=args.eval_steps, batch_size=args.batch_size,
         seed=args.seed)
     tag = short_hash(dict(sha=hashlib.sha256(model.read_bytes()).hexdigest(), eval=eval_faces.name,
-                          steps=args.eval_steps, step=args.step_size, attr_step=args.attr_step_size, label=label))
+                          steps=args.eval_steps, step=args.step_size, attr_step=args.attr_step_size, label=label,
+                          headline=default_headline("multi")))
     folder = args.work / "evaluations" / f"{model.parent.name}-{model.stem}-{tag}{'-explained' if args.explanations else ''}"
     figures = evaluate(config, model, folder, World(), lambda *_: None, explanations=args.explanations)
     target = load_target(model)

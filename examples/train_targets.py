@@ -30,11 +30,11 @@ SIZE = 64
 class Classifier(nn.Module):
     """Small CNN with one logit per output; input normalised with mean/std 0.5."""
 
-    def __init__(self, width: int = 16, outputs: int = 1):
+    def __init__(self, width: int = 16, outputs: int = 1, activation=nn.ReLU):
         super().__init__()
         layers, n_in = [], 3
         for n_out in (width, width * 2, width * 4, width * 4):
-            layers += [nn.Conv2d(n_in, n_out, 3, stride=2, padding=1), nn.BatchNorm2d(n_out), nn.ReLU()]
+            layers += [nn.Conv2d(n_in, n_out, 3, stride=2, padding=1), nn.BatchNorm2d(n_out), activation()]
             n_in = n_out
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(n_in, outputs)

@@ -98,13 +98,15 @@ def test_sensitivity_and_sdar_equal_recomputation_from_records(reports):
     assert report["sensitivity_ablation"] == pytest.approx({names[i]: ablation[i] for i in kept}, abs=1e-9)
     total = sum(report["sensitivity_ablation"].values())
     assert report["sensitivity_ablation_normalized"]["Blond_Hair"] == pytest.approx(report["sensitivity_ablation"]["Blond_Hair"] / total)
+    flip = np.array([r["flip"] for r in report["images"]]).mean(axis=0)
+    assert report["sensitivity_flip"] == pytest.approx({names[i]: flip[i] for i in kept}, abs=1e-9)
 
 
 def test_report_schema_and_files(reports):
     report = reports["smiling", "confounded"]
     for key in ("schema_version", "version", "command", "settings", "backbone", "target", "attributes",
                 "sensitivity", "sensitivity_normalized", "sensitivity_ablation", "sensitivity_ablation_normalized",
-                "ranking", "sdar", "attack_success_rate", "psnr", "ssim", "images", "skipped", "timing"):
+                "sensitivity_flip", "sensitivity_flip_normalized", "ranking", "sdar", "attack_success_rate", "psnr", "ssim", "images", "skipped", "timing"):
         assert key in report, key
     record = report["images"][0]
     assert set(record) >= {"file", "attrs_start", "attrs_end", "label", "pred_clean", "pred_adv", "success"}
@@ -255,15 +257,16 @@ def test_a_model_that_hardly_moves_is_said_to_and_ranks_nothing(faces, tmp_path)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     effect = report["effect"]
-    assert effect["unit"] == "probability" and effect["measure"] == "ablation"
+    assert effect["unit"] == "probability" and effect["measure"] == "flip"
     # The truth: no flip of any attribute moves it at all.
     from sia_cli.measures.validity import true_effects
     from sia_cli.targets import load_target
 
     assert max(true_effects(load_target(path), seed=5, n=6, size=64).values()) == 0.0
-    # Measured with the default backbone: the 15 edits together move it 0.01215, the
-    # reconstruction alone 0.01213; so the total must clear the floor beyond chance.
-    assert effect["moves"] is False and effect["excess_interval"]["low"] <= 0 < effect["excess_interval"]["high"], effect
+    # Measured with the default backbone: the 15 flips together move it 0.039, each one 0.006
+    # at most, the reconstruction alone 0.012: no edit moves it more than redrawing the face does.
+    assert effect["moves"] is False and effect["excess_interval"]["low"] <= 0, effect
+    assert effect["largest"] < effect["floor"] < effect["total"], effect
     assert report["stands_out"] is None
     assert report["ranking"] == [] and "hardly moves" in report["ranking_withheld"]
     text = " ".join(result.output.split())
@@ -276,8 +279,25 @@ def test_a_model_that_hardly_moves_is_said_to_and_ranks_nothing(faces, tmp_path)
 def test_a_model_that_moves_carries_its_effect_size_beside_every_share(reports):
     report = reports["smiling", "confounded"]
     effect = report["effect"]
-    assert effect["moves"] is True and effect["total"] > effect["floor"] > 0, effect
-    assert effect["total"] == pytest.approx(sum(report["sensitivity_ablation"].values()))
+    assert effect["moves"] is True and effect["largest"] > effect["floor"] > 0, effect
+    assert effect["measure"] == report["settings"]["headline"] == "flip"
+    assert effect["total"] == pytest.approx(sum(report["sensitivity_flip"].values()))
     page = (Path(report["_folder"]) / "report.html").read_text()
     top = report["ranking"][0]
-    assert f"{report['sensitivity_ablation'][top]:.3g} probability" in page
+    assert f"{report['sensitivity_flip'][top]:.3g} probability" in page
+
+
+def test_headline_is_chosen_on_the_command_line(faces, tmp_path):
+    """--headline ablation ranks by the attack's end point, as reports did before the flip; a
+    measure that does not rank in the mode is one line and exit 2, before any attack."""
+    report = run_diagnose(faces, tmp_path / "run", "mustache_confounded.pt", "Mustache", "--headline", "ablation",
+                          "--steps", "10")
+    assert report["settings"]["headline"] == report["effect"]["measure"] == "ablation"
+    assert report["sensitivity_flip"] and report["ranking"] == sorted(
+        report["sensitivity_ablation"], key=report["sensitivity_ablation"].get, reverse=True)[:len(report["ranking"])]
+    result = CliRunner().invoke(app, [
+        "diagnose", str(TARGETS / "mustache_confounded.pt"), "--images", str(faces / "images"),
+        "--headline", "single", "--out", str(tmp_path / "no"), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == ["error: headline measure 'single' does not fit --mode multi"]
+    assert not (tmp_path / "no" / "report.json").exists()

@@ -12,13 +12,14 @@ PROTECTED = ["c"]
 # Two images worked by hand; column c is protected, so its (large) numbers must never show.
 RECORDS = [
     {"attrs_start": [0.0, 0.5, 0.0], "attrs_end": [1.0, 0.5, 0.9], "ablation": [0.2, 0.0, 9.0],
-     "single_effect": [0.1, 0.6, 9.0], "single_flip": [True, False, True]},
+     "flip": [0.5, 0.1, 9.0], "single_effect": [0.1, 0.6, 9.0], "single_flip": [True, False, True]},
     {"attrs_start": [0.5, 0.5, 0.0], "attrs_end": [0.0, 0.75, 0.9], "ablation": [0.4, 0.1, 9.0],
-     "single_effect": [0.3, 0.2, 9.0], "single_flip": [False, False, True]},
+     "flip": [0.3, 0.0, 9.0], "single_effect": [0.3, 0.2, 9.0], "single_flip": [False, False, True]},
 ]
 EXPECTED = {  # report key -> per-attribute mean over the two records above
     "sensitivity": {"a": 0.75, "b": 0.125},  # |end - start|
     "sensitivity_ablation": {"a": 0.3, "b": 0.05},
+    "sensitivity_flip": {"a": 0.4, "b": 0.05},
     "sensitivity_single": {"a": 0.2, "b": 0.4},
 }
 
@@ -57,8 +58,10 @@ def test_diagnosis_writes_exactly_the_table_measures_of_each_mode(mode):
 
 
 def test_the_report_keys_the_readme_documents_per_mode():
-    assert [measure.key for measure in M.for_mode("multi")] == ["sensitivity", "sensitivity_ablation"]
-    assert [measure.key for measure in M.for_mode("single")] == ["sensitivity", "sensitivity_single"]
+    assert [measure.key for measure in M.for_mode("multi")] == ["sensitivity", "sensitivity_flip",
+                                                              "sensitivity_ablation"]
+    assert [measure.key for measure in M.for_mode("single")] == ["sensitivity", "sensitivity_flip",
+                                                               "sensitivity_single"]
 
 
 @pytest.mark.parametrize("mode", M.MODES)
@@ -78,18 +81,20 @@ def test_every_measure_ranks_only_in_a_mode_that_computes_it():
 def test_the_headlines_each_mode_accepts_are_unchanged():
     accepted = {(name, mode) for name in [m.name for m in M.TABLE] + ["bogus", ""] for mode in M.MODES
                 if M.may_rank(name, mode)}
-    assert accepted == {("attribute_shift", "multi"), ("ablation", "multi"), ("single", "single")}
+    assert accepted == {("attribute_shift", "multi"), ("flip", "multi"), ("ablation", "multi"),
+                        ("single", "single")}
 
 
 def test_chosen_headline_is_the_choice_or_the_modes_default(tmp_path):
-    assert config(tmp_path).chosen_headline() == "ablation"
+    assert config(tmp_path).chosen_headline() == "flip"
     assert config(tmp_path, mode="single").chosen_headline() == "single"
     assert config(tmp_path, headline="attribute_shift").chosen_headline() == "attribute_shift"
     assert config(tmp_path, mode="single", headline="").chosen_headline() == "single"
 
 
 @pytest.mark.parametrize("mode, headline", [("multi", "single"), ("single", "attribute_shift"),
-                                            ("single", "ablation"), ("multi", "bogus")])
+                                            ("single", "ablation"), ("single", "flip"),
+                                            ("multi", "bogus")])
 def test_diagnose_refuses_a_headline_that_does_not_fit_its_mode(tmp_path, mode, headline):
     with pytest.raises(SiaError, match=f"headline measure '{headline}' does not fit --mode {mode}"):
         diagnose(config(tmp_path, mode=mode, headline=headline))

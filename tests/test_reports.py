@@ -382,3 +382,18 @@ def test_report_html_shows_groups_and_flip_rate(tmp_path):
     page = render(tmp_path, sample_report(groups=groups, flip_rate={"Bangs": 0.25, "Smiling": 0.75}))
     assert "Male=1" in page and "Bangs 0.70, Smiling 0.30" in page and "Smiling 0.80, Bangs 0.20" in page
     assert "flip rate" in page and "0.75" in page
+
+
+@pytest.mark.parametrize("largest, floor, expected", [
+    (0.172, 0.0917, "No edit moves the model clearly more than the reconstruction alone does: the edit that moves "
+                    "it most changes its output by 0.172 (probability), against 0.0917"),
+    (0.0063, 0.012, "The model hardly moves under any edit: the edit that moves it most changes its output by "
+                    "0.0063 (probability), less than the reconstruction alone does (0.012)")])
+def test_a_withheld_ranking_says_whether_the_model_hardly_moves_or_the_images_cannot_tell(largest, floor, expected):
+    """An edit above the floor but within chance is a 'cannot tell', never 'hardly moves': the
+    mustache control on 24 faces moves 0.172 under its largest edit (true 0.228)."""
+    report = sample_report(effect={"measure": "flip", "unit": "probability", "total": 1.0, "largest": largest,
+                                   "floor": floor, "moves": False}, stands_out=None)
+    text = H.headline_sentence(report)
+    assert text.startswith(expected) and "no attribute is ranked" in text
+    assert ("hardly moves" in text) is (largest < floor)

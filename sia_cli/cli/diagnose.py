@@ -32,6 +32,7 @@ def diagnose(
     top_k: int = typer.Option(o.default(DiagnoseConfig, "top_k"), "--top-k", help="Attributes named in the summary."),
     group_by: list[str] = typer.Option(None, "--group-by", help="Repeat the sensitivity for images with and without this starting attribute."),
     bootstrap: int = typer.Option(o.default(DiagnoseConfig, "bootstrap"), "--bootstrap", help="Bootstrap resamples for confidence intervals (0: none)."),
+    headline: str = typer.Option(None, "--headline", help="The measure that ranks: flip (multi mode's default), ablation or attribute_shift in multi mode; single in single mode."),
     steps: int = o.STEPS, eps: str = o.EPS, step_size: str = o.STEP_SIZE, eps_attr: str = o.EPS_ATTR,
     seed: int = o.SEED, batch_size: int = o.BATCH_SIZE, device: str = o.DEVICE, amp: str = o.AMP,
     compile: bool = o.COMPILE,

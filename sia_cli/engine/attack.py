@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 
+from sia_cli.backbone.attgan import edited
 from sia_cli.errors import SiaError
 
 AMP_MODES = (None, "bf16")
@@ -259,6 +261,18 @@ def _rmsprop_(a: torch.Tensor, grad: torch.Tensor, square_avg: torch.Tensor, lr:
     a.addcdiv_(grad, square_avg.sqrt().add_(1e-8), value=lr)
 
 
+def _one_attribute_effects(backbone, target, x: torch.Tensor, base: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, K): target.distance between `base` (B outputs) and f(G(x, rows[:, j])) for each of
+    the K attribute vectors `rows` (B, K, K) holds per image; x in [0, 1]."""
+    batch, k = rows.shape[:2]
+    images = (x * 2 - 1).unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
+    # In pieces of the attack's own batch size: B * K images at once could exhaust the memory
+    # that --batch-size auto sized for B.
+    pieces = zip(images.split(batch), rows.flatten(0, 1).split(batch))
+    outputs = torch.cat([target(backbone(piece, attrs)) for piece, attrs in pieces])
+    return target.distance(base.repeat_interleave(k, dim=0), outputs).view(batch, k)
+
+
 @torch.inference_mode()
 def ablation_effects(backbone, target, x: torch.Tensor, a: torch.Tensor, a0: torch.Tensor) -> torch.Tensor:
     """d_k per image: |p(G(x, a)) - p(G(x, a with a_k reset to a0_k))|, K extra forwards per image.
@@ -266,17 +280,38 @@ def ablation_effects(backbone, target, x: torch.Tensor, a: torch.Tensor, a0: tor
     `target.distance` compares two outputs (probabilities, or keypoint error), so the measure
     reflects how much each attribute's move matters to the model, not only that it moved.
     """
-    batch, k = a.shape
-    base = target(backbone(x * 2 - 1, a))
+    k = a.shape[1]
     reset = a.unsqueeze(1).repeat(1, k, 1)  # (B, K, K): row j has attribute j reset
     index = torch.arange(k, device=a.device)
     reset[:, index, index] = a0
-    images = (x * 2 - 1).unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
-    # In pieces of the attack's own batch size: B * K images at once could exhaust the memory
-    # that --batch-size auto sized for B.
-    pieces = zip(images.split(batch), reset.flatten(0, 1).split(batch))
-    ablated = torch.cat([target(backbone(piece, attrs)) for piece, attrs in pieces])
-    effect = target.distance(base.repeat_interleave(k, dim=0), ablated).view(batch, k)
+    effect = _one_attribute_effects(backbone, target, x, target(backbone(x * 2 - 1, a)), reset)
     # Resetting an attribute that never moved changes nothing; without the mask, kernels that
     # vary with batch composition would report ~1e-7 for it.
     return effect * (a != a0)
+
+
+@torch.inference_mode()
+def flip_effects(backbone, target, x0: torch.Tensor, a0: torch.Tensor, attributes: Sequence[str] = ()) -> torch.Tensor:
+    """c_k per image: distance(f(G(x0, a0)), f(G(x0, a0 with a_k flipped))), K extra forwards per
+    image; no attack.
+
+    Each attribute is switched to the other side of 0.5 (a_k -> 1 if a_k <= 0.5, else 0), so a
+    starting vector that the critic's head estimated (values between 0 and 1) is flipped as fully
+    as a labelled one; given the backbone's `attributes`, an attribute turned on turns off what
+    cannot go with it (`attgan.edited`: another hair colour, Bald against Bangs), the edit the
+    backbone was trained and judged on, and the one the renderer's true effects are made of.
+    Where the backbone edits what it names, this estimates each attribute's true effect
+    directly, whatever path an attack took.
+    """
+    k = a0.shape[1]
+    rows = []
+    for column in range(k):
+        start = a0.clone()
+        start[:, column] = (a0[:, column] > 0.5).to(a0.dtype)  # so that edited's 1 - a lands across 0.5
+        if attributes:
+            rows.append(edited(start, column, attributes)[0])
+        else:
+            start[:, column] = 1 - start[:, column]
+            rows.append(start)
+    flipped = torch.stack(rows, dim=1)  # (B, K, K): row j has attribute j flipped
+    return _one_attribute_effects(backbone, target, x0, target(backbone(x0 * 2 - 1, a0)), flipped)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sia_cli.engine.attack import flip_effects
 from sia_cli.errors import SiaError
 from sia_cli.inputs.faces import (
     ATTRIBUTES,
@@ -120,26 +121,20 @@ def true_effects(target, seed: int, n: int, size: int = 64, correlations=(),
     return {name: float(v) for name, v in zip(attributes, matrix.mean(axis=0))}
 
 
-@torch.no_grad()
-def generator_flip_effects(backbone, target, x0: torch.Tensor, a0: torch.Tensor, batch_size: int = 8) -> np.ndarray:
-    """(n, K) effects of flipping each attribute through the generator instead of the renderer:
-    distance(f(G(x, a0 with a_k flipped)), f(G(x, a0))), x0 in [0, 1], a0 in [0, 1].
+def generator_flip_effects(backbone, target, x0: torch.Tensor, a0: torch.Tensor, batch_size: int = 8,
+                           attributes: Sequence[str] = ()) -> np.ndarray:
+    """(n, K) effects of flipping each attribute through the generator instead of the renderer
+    (`sia_cli.engine.attack.flip_effects`, the raw material of the `flip` measure), x0 in [0, 1],
+    a0 in [0, 1], in batches; `attributes` (the backbone's names) turn off what cannot go with an
+    attribute turned on, as the renderer's flips do.
 
-    What the backbone lets any attribute-space diagnosis see at best: where it is much smaller
-    than the true effect, the backbone cannot edit that feature (a blind spot), whatever the attack.
+    Where it is much smaller than the true effect, the backbone cannot edit that feature (a
+    blind spot), whatever the attack.
     """
-    n, k = a0.shape
-    rows = []
-    for start in range(0, n, max(1, batch_size)):
-        x, a = x0[start : start + batch_size] * 2 - 1, a0[start : start + batch_size]
-        count = x.shape[0]
-        flipped = a.repeat_interleave(k, dim=0)
-        columns = torch.arange(k).repeat(count)
-        flipped[torch.arange(count * k), columns] = 1 - flipped[torch.arange(count * k), columns]
-        base = target(backbone(x, a)).repeat_interleave(k, dim=0)
-        out = target(backbone(x.repeat_interleave(k, dim=0), flipped))
-        rows.append(target.distance(out, base).view(count, k).float().cpu().numpy())
-    return np.concatenate(rows)
+    step = max(1, batch_size)
+    rows = [flip_effects(backbone, target, x0[start : start + step], a0[start : start + step], attributes)
+            for start in range(0, x0.shape[0], step)]
+    return torch.cat(rows).float().cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- scoring

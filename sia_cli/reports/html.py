@@ -26,7 +26,7 @@ table{border-collapse:collapse;margin:.5em 0} th,td{padding:.25em .7em;border-bo
 th:first-child,td:first-child{text-align:left} th{background:#f5f5f5} .headline{background:#fdf2e9}
 .warning{background:#fff3cd;border:1px solid #e0b000;padding:.8em 1em;border-radius:4px;font-weight:bold}
 .lead{font-size:1.15em} .muted{color:#666;font-size:.9em} code{font-size:.9em}
-img{max-width:100%;height:auto;border:1px solid #eee}
+img{max-width:100%;height:auto;border:1px solid #eee} .wide{overflow-x:auto}
 """
 
 
@@ -119,10 +119,15 @@ def headline_sentence(report: dict, top_k: int = 3) -> str:
                 f"measured, and a finding needs at least {minimum}. Diagnose more images.")
         winner = None
     elif effect.get("moves") is False:
-        beyond = ("not clearly more than" if effect["total"] > effect["floor"] else "less than")
-        text = (f"The model hardly moves under any edit: all attributes together change its output by "
-                f"{significant(effect['total'])} ({effect['unit']}), {beyond} the reconstruction alone does "
-                f"({significant(effect['floor'])}); no attribute is ranked.")
+        largest, floor = significant(effect["largest"]), significant(effect["floor"])
+        if effect["largest"] > effect["floor"]:  # above the floor, but within chance on these images
+            text = (f"No edit moves the model clearly more than the reconstruction alone does: the edit that "
+                    f"moves it most changes its output by {largest} ({effect['unit']}), against {floor} for the "
+                    "reconstruction alone, within chance on these images; no attribute is ranked. Diagnose more images.")
+        else:
+            text = (f"The model hardly moves under any edit: the edit that moves it most changes its output by "
+                    f"{largest} ({effect['unit']}), less than the reconstruction alone does ({floor}); "
+                    "no attribute is ranked.")
         winner = None
     elif winner in shares:
         size = ""
@@ -377,7 +382,7 @@ def report_html(path: str | os.PathLike, report: dict, sensitivity_png: Path, gr
 <p class="muted">Attribute shift is paper Eq. 2 measured from the starting attributes a0 (the paper writes a1).
 Shares are each measure divided by its total; the highlighted columns are the headline measure.
 Protected attributes are left out.</p>
-{_measures_table(report)}
+<div class="wide">{_measures_table(report)}</div>
 {_groups_section(report)}
 {grid}
 {_explanations_section(report, explanation_figures or {})}
