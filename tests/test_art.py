@@ -56,7 +56,7 @@ def test_the_rival_of_a_binary_class_is_the_other_and_of_a_multiclass_one_the_la
     expected = torch.stack([torch.cat([row[:r], row[r + 1:]]).max() for row, r in zip(out, reference)])
     assert torch.allclose(multi.rival_score(out, reference), expected)
     regression = load_target(tmp_path / "b.pt", task="regression", probe_size=SIZE)
-    with pytest.raises(SiaError, match="needs class scores"):
+    with pytest.raises(SiaError, match="need class scores"):
         regression.rival_score(regression(images), torch.zeros(6))
 
 
@@ -145,7 +145,7 @@ def test_harden_with_art_refuses_a_model_without_class_scores_in_one_line(tmp_pa
     result = CliRunner().invoke(app, [
         "harden", str(TARGETS / "landmarks.pt"), "--images", str(faces / "images"), "--out", str(tmp_path / "out"),
         "--method", "art", "--no-progress", "--device", "cpu"])
-    assert result.exit_code != 0 and "needs class scores" in result.output and "Traceback" not in result.output
+    assert result.exit_code != 0 and "need class scores" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, [
         "harden", str(TARGETS / "mustache_confounded.pt"), "--images", str(faces / "images"),
         "--out", str(tmp_path / "out2"), "--method", "nonsense+art", "--no-progress"])

@@ -100,7 +100,7 @@ def test_gradient_shap_is_seeded_and_runs_on_a_model_file(tmp_path, images):
 
 def test_a_model_without_a_class_score_is_refused_in_one_line(tmp_path, images):
     target = load_target(scripted(Small(1), tmp_path / "r.pt"), task="regression", probe_size=SIZE)
-    with pytest.raises(SiaError, match="explanations need a class score"):
+    with pytest.raises(SiaError, match="need class scores"):
         attribution_maps(target, images, torch.zeros(3), "saliency")
 
 

@@ -163,9 +163,7 @@ class HardenPlan(Plan):
     def load(self, config: HardenConfig, device: str, progress: ProgressFn) -> Inputs:
         inputs = load_inputs(config, device, progress)
         if self.with_art:  # a model without class scores refuses before any step (one line)
-            with torch.no_grad():
-                out = inputs.target(torch.zeros(1, 3, inputs.backbone.img_size, inputs.backbone.img_size, device=device))
-            inputs.target.rival_score(out, inputs.target.reference(out))
+            inputs.target.check_class_scores(inputs.backbone.img_size, device)
         trainable = [p for p in inputs.target.model.parameters() if p.is_floating_point()]
         if not trainable:
             raise SiaError(f"{config.model} has no trainable parameters (its weights are constants of the graph): "

@@ -239,6 +239,15 @@ class Target(torch.nn.Module):
         """The per-image score (B,) of the most likely other class (attributional robustness training)."""
         return self.task.rival_score(out, ref)
 
+    def check_class_scores(self, size: int, device) -> None:
+        """One probe before any image is attacked: a zero image through the model and both class
+        scores that an attribution map and ART read; kinds without a class score refuse in one line."""
+        with torch.no_grad():
+            out = self(torch.zeros(1, 3, size, size, device=device))
+            reference = self.reference(out)
+            self.explained_score(out, reference)
+            self.rival_score(out, reference)
+
     def record_label(self, ref: torch.Tensor) -> torch.Tensor:
         """Per-image label value for a report record (points for keypoints/landmarks)."""
         return self.task.record_label(ref)

@@ -15,6 +15,9 @@ HEATMAP_SIGMA = 1.5
 # finite loss and gradient.
 PROBABILITY_EPS = 1e-6
 DEFAULT_MARGIN = 1.0
+# Explanations (`--explanations`) and ART (`--method art`) read the same class scores.
+_NO_CLASS_SCORES = ("explanations and attributional robustness training need class scores (logits); "
+                    "a {name} model has none")
 
 
 # ------------------------------------------------------------------ coordinates
@@ -221,12 +224,12 @@ class Task:
     def explained_score(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """The per-image score (B,) whose input gradient is the model's explanation: the logit of
         the reference class. Kinds without a class score refuse."""
-        raise SiaError(f"explanations need a class score (a logit); a {self.name} model has none")
+        raise SiaError(_NO_CLASS_SCORES.format(name=self.name))
 
     def rival_score(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """The per-image score (B,) of the most likely class other than the reference: the
         negative of attributional robustness training's triplet. Kinds without a class score refuse."""
-        raise SiaError(f"attributional robustness training needs class scores (logits); a {self.name} model has none")
+        raise SiaError(_NO_CLASS_SCORES.format(name=self.name))
 
     # --------------------------------------------------------------- labels
 
