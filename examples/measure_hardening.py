@@ -162,9 +162,28 @@ def measure(model: Path, label: str, confounder: str, eval_faces: Path, bank: to
     with torch.no_grad():
         p = target.probability(target(bank[:, 0].float() / 127.5 - 1)).numpy()
     shares = figures.get("sensitivity") or {}
-    return {**figures, "truth": truth, "truth_accuracy": float(((p > 0.5) == bank_labels).mean()),
+    per_image = {}
+    if args.explanations:  # each image's own figures, for the paired change against the original
+        report = json.loads((folder / "diagnosis" / "report.json").read_text())
+        per_image = {r["file"]: (r.get("explanation_attack_top_k"), r.get("explanation_attack_tau"))
+                     for r in report["images"]}
+    return {**figures, "truth": truth, "per_image_attributional": per_image, "truth_accuracy": float(((p > 0.5) == bank_labels).mean()),
             "confounder_share": shares.get(confounder),
             "top": max(shares, key=shares.get) if shares else None}
+
+
+def paired_change(before: dict, after: dict, which: int, n: int = 2000) -> str:
+    """Mean change of one attributional measure (0: top-k, 1: tau) on the images both models
+    measured (their prediction kept by some step of the attack), with a 95% percentile bootstrap
+    interval over those images."""
+    files = [f for f in before if before[f][which] is not None and (after.get(f) or (None, None))[which] is not None]
+    if len(files) < 2:
+        return "-"
+    change = np.array([after[f][which] - before[f][which] for f in files])
+    rng = np.random.default_rng(0)
+    means = change[rng.integers(0, len(change), (n, len(change)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return f"{change.mean():+.3f} [{low:+.3f}, {high:+.3f}] on {len(files)}"
 
 
 def fmt(value, digits: int = 2) -> str:
@@ -202,8 +221,10 @@ def tables(title: str, rows: list[tuple[str, dict, float | None]], label: str, c
                 "(`sia diagnose --explanations` defaults: top-k feature-importance attack, eps 8/255, 50 steps of "
                 "1/255, integrated gradients of 100 steps, k = 400 of 4,096 pixels)", "",
                 "| model | clean accuracy | PGD 4/255 | top-k intersection | Kendall's tau | images measured "
+                "| top-k, paired change from the original | tau, paired change from the original "
                 "| explanation sensitivity, top 3 (edits that keep the prediction) | stands out |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        original = rows[0][1].get("per_image_attributional") or {}
         for name, row, _ in rows:
             found = row.get("attributional") or {}
             moved = {k: v for k, v in (found.get("explanation_sensitivity") or {}).items() if v == v}  # not NaN
@@ -211,7 +232,10 @@ def tables(title: str, rows: list[tuple[str, dict, float | None]], label: str, c
             out.append(f"| {name} | {fmt(row['clean_accuracy'])} | "
                        f"{fmt(row['accuracy_under_attack'].get('pgd', {}).get('4/255'))} | "
                        f"{fmt(found.get('top_k_intersection'))} | {fmt(found.get('kendall_tau'))} | "
-                       f"{found.get('images', '-')} | {top or '-'} | {found.get('explanation_stands_out') or 'none'} |")
+                       f"{found.get('images', '-')} | "
+                       + " | ".join(paired_change(original, row.get("per_image_attributional") or {}, which)
+                                    for which in (0, 1))
+                       + f" | {top or '-'} | {found.get('explanation_stands_out') or 'none'} |")
     return out + [""]
 
 

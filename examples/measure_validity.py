@@ -1,6 +1,6 @@
 """Measure each diagnosis measure against the TRUE effects of planted confounders.
 
-    python examples/measure_validity.py                 # about 20-25 minutes on 2 CPU cores
+    python examples/measure_validity.py --threads 2     # about 13 minutes on 2 CPU cores
     python examples/measure_validity.py --quick         # a few minutes, a smaller table
 
 Trains small binary classifiers on synth faces whose label co-occurs with a planted confounder
