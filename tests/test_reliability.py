@@ -530,10 +530,16 @@ def command_line(command: str, faces: Path, out: Path, steps: list = SLOW) -> li
     return [sys.executable, "-m", "sia_cli", *map(str, args)]
 
 
+def _as_from_a_terminal() -> None:
+    # A job that a non-interactive shell started with `&` (a CI script run in the background)
+    # ignores SIGINT, and its children inherit that: Ctrl-C would then never reach the command.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(command: str, faces: Path, out: Path, steps: list = SLOW) -> subprocess.Popen:
     env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}  # steadier speed beside other work
     return subprocess.Popen(command_line(command, faces, out, steps), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_as_from_a_terminal)
 
 
 def wait_for_lines(path: Path, count: int, process: subprocess.Popen, seconds: float = 240) -> None:
@@ -651,7 +657,8 @@ def test_ctrl_c_in_train_gan_saves_the_last_step_and_resume_continues(six_faces,
             "--enc-dim", "8", "--dec-dim", "8", "--dis-dim", "8", "--layers", "3", "--save-every", "100000",
             "--sample-every", "100000", "--no-progress"]
     process = subprocess.Popen([*map(str, args), "--max-steps", "100000"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=_as_from_a_terminal)
     wait_for_lines(out / "setting.txt", 1, process)  # written just before the first step
     time.sleep(3)
     code, stderr = interrupt(process)
