@@ -53,8 +53,7 @@ def _multi(inputs: Inputs, batch, clean: dict, config: DiagnoseConfig):
     state = attack_batch(inputs.backbone, inputs.target, METHODS["sia"], batch.x0, batch.a0, clean["reference"],
                          config.settings, inputs.protected)
     effects = ablation_effects(inputs.backbone, inputs.target, state.x, state.a, batch.a0)
-    flips = flip_effects(inputs.backbone, inputs.target, batch.x0, batch.a0, inputs.backbone.attributes)
-    return state, {"ablation": effects, "flip": flips}
+    return state, {"ablation": effects}
 
 
 def _single(inputs: Inputs, batch, clean: dict, config: DiagnoseConfig):
@@ -75,8 +74,7 @@ def _single(inputs: Inputs, batch, clean: dict, config: DiagnoseConfig):
     flips = inputs.target.success(state.output, start_label, config.settings.nme_threshold).view(b, k)
     best = effect.argmax(dim=1) + torch.arange(b, device=effect.device) * k
     state.x, state.a, state.adversary, state.output = (t[best] for t in (x0, state.a, state.adversary, state.output))
-    return state, {"single_effect": effect, "single_flip": flips & movable.any(dim=1),
-                   "flip": flip_effects(inputs.backbone, inputs.target, batch.x0, batch.a0, inputs.backbone.attributes)}
+    return state, {"single_effect": effect, "single_flip": flips & movable.any(dim=1)}
 
 
 def _attach(records: list[dict], extras: dict) -> None:
@@ -135,6 +133,8 @@ class DiagnosePlan(ImagePlan):
         config, inputs = self.config, context.inputs
         clean = clean_pass(inputs, batch)
         state, extras = (_single if config.mode == "single" else _multi)(inputs, batch, clean, config)
+        # The flip needs no attack: one computation for both modes.
+        extras["flip"] = flip_effects(inputs.backbone, inputs.target, batch.x0, batch.a0, inputs.backbone.attributes)
         records = self.run.add(batch, inputs, clean, state, config.settings, config.keep_lost)
         _attach(records, extras)
         if config.explanations:
