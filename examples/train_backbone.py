@@ -50,12 +50,13 @@ JUDGE = Path(__file__).resolve().parent / "targets" / "attribute_judge.pt"
 
 
 def recipe(work: Path, faces: int, steps: int, lambda_change: float, lr: float = 4e-4, refine_layers: int = 0,
-           change_focus: float = 0.0) -> list[list[str]]:
+           change_focus: float = 0.0, detail_layers: int = 0) -> list[list[str]]:
     data = work / "data"
     synth = ["synth", str(data), "--n", str(faces), "--seed", "1000", "--no-progress"]
     train = ["train-gan", "--images", str(data / "images"), "--attrs", str(data / "list_attr.txt"),
              "--out", str(work / "run"), "--max-steps", str(steps), "--batch-size", "32", "--n-d", "1",
-             "--shortcut-layers", "3", "--inject-layers", "3", "--refine-layers", str(refine_layers), "--lr", f"{lr:g}", "--lr-schedule", "cosine",
+             "--shortcut-layers", "3", "--inject-layers", "3", "--refine-layers", str(refine_layers),
+             "--detail-layers", str(detail_layers), "--lr", f"{lr:g}", "--lr-schedule", "cosine",
              "--lambda-change", f"{lambda_change:g}", "--change-focus", f"{change_focus:g}", "--save-every", "1000", "--sample-every", "1000",
              "--judge", str(JUDGE), "--no-progress"]
     last = latest_checkpoint(work / "run")
@@ -64,12 +65,13 @@ def recipe(work: Path, faces: int, steps: int, lambda_change: float, lr: float =
     return ([] if (data / "list_attr.txt").is_file() else [synth]) + ([train] if train else [])
 
 
-def warm_start(backbone: Path, run: Path, refine_layers: int = 0) -> None:
+def warm_start(backbone: Path, run: Path, refine_layers: int = 0, detail_layers: int = 0) -> None:
     """Continue from a backbone folder (setting.txt + checkpoint/weights.N.pth, no optimiser
     states): its weights become the run's first checkpoint, and training resumes at step N with
     fresh Adam moments and the learning rate the schedule gives step N of the new --steps.
-    Refine blocks the backbone lacks are added as built (attgan.Refine starts as the identity),
-    so the warm-started generator draws exactly what the backbone drew."""
+    Refine and detail blocks the backbone lacks are added as built (attgan.Refine and
+    attgan.Detail start as the identity), so the warm-started generator draws exactly what the
+    backbone drew."""
     if latest_checkpoint(run) is not None:
         return  # already started: resume the run itself
     source = latest_checkpoint(backbone)
@@ -78,11 +80,12 @@ def warm_start(backbone: Path, run: Path, refine_layers: int = 0) -> None:
     (run / "checkpoint").mkdir(parents=True, exist_ok=True)
     shutil.copy(backbone / SETTING_FILE, run / SETTING_FILE)
     state = torch.load(source, map_location="cpu", weights_only=True)
-    setting = {**read_setting(backbone / SETTING_FILE), "refine_layers": refine_layers}
+    setting = {**read_setting(backbone / SETTING_FILE), "refine_layers": refine_layers, "detail_layers": detail_layers}
     generator = Generator(GeneratorConfig.from_setting(setting))
     missing, unexpected = generator.load_state_dict(state["G"], strict=False)
-    if unexpected or any(not key.startswith("refine.") for key in missing):
-        raise SystemExit(f"--from {backbone}: its generator does not fit --refine-layers {refine_layers}")
+    if unexpected or any(not key.startswith(("refine.", "detail.")) for key in missing):
+        raise SystemExit(f"--from {backbone}: its generator does not fit --refine-layers {refine_layers} "
+                         f"--detail-layers {detail_layers}")
     state["G"] = generator.state_dict()
     torch.save(state, run / "checkpoint" / source.name)
 
@@ -108,6 +111,8 @@ def main() -> None:
     parser.add_argument("--lambda-change", type=float, default=100.0, help="weight of the change loss")
     parser.add_argument("--lr", type=float, default=4e-4, help="peak learning rate of the cosine schedule")
     parser.add_argument("--refine-layers", type=int, default=0, help="residual blocks before the image layer")
+    parser.add_argument("--detail-layers", type=int, default=0,
+                        help="blocks at the image's resolution that read the input image")
     parser.add_argument("--change-focus", type=float, default=0.0,
                         help="weigh the change loss of the edits the generator does worst (sia train-gan --change-focus)")
     parser.add_argument("--from", dest="start", type=Path, default=None,
@@ -115,9 +120,9 @@ def main() -> None:
     parser.add_argument("--export", type=Path, default=None, help="write the backbone here when done")
     args = parser.parse_args()
     if args.start is not None:
-        warm_start(args.start, args.work / "run", args.refine_layers)
+        warm_start(args.start, args.work / "run", args.refine_layers, args.detail_layers)
     for command in recipe(args.work, args.faces, args.steps, args.lambda_change, args.lr, args.refine_layers,
-                          args.change_focus):
+                          args.change_focus, args.detail_layers):
         print("sia", shlex.join(command), flush=True)
         subprocess.run([sys.executable, "-m", "sia_cli", *command], check=True)
     if args.export:

@@ -161,6 +161,50 @@ def test_bad_options_are_one_line(photos, tmp_path, args, message):
     assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
 
+def test_align_never_touches_files_it_did_not_write_and_a_rerun_replaces_its_own(photos, tmp_path):
+    """A user's file in OUT/images would be overwritten by a crop of the same name, deleted as a
+    stale crop, or read by the next diagnosis as a face: refused before any work, the file kept.
+    A rerun into its own folder replaces its crops and removes those no photo gives any more."""
+    import shutil
+
+    out = tmp_path / "aligned"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "precious.png").write_bytes(b"mine")
+    result = sia("align", photos, out, "--no-progress")
+    assert result.exit_code == 2 and "precious.png" in result.stderr and result.stderr.count("\n") == 1
+    assert (out / "images" / "precious.png").read_bytes() == b"mine"
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["precious.png"]
+
+    (out / "images" / "precious.png").unlink()
+    assert sia("align", photos, out, "--no-progress").exit_code == 0
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    shutil.copy(photos / "rgba.png", fewer / "rgba.png")
+    result = sia("align", fewer, out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["rgba_0.png"]
+
+    # Photos aligned into their own folder: their images/ subfolder holds the user's files.
+    own = tmp_path / "own"
+    (own / "images").mkdir(parents=True)
+    shutil.copy(photos / "rgba.png", own / "rgba.png")
+    shutil.copy(photos / "rgba.png", own / "images" / "rgba_0.png")
+    result = sia("align", own, own, "--no-progress")
+    assert result.exit_code == 2 and "rgba_0.png" in result.stderr
+    assert (own / "images" / "rgba_0.png").read_bytes() == (photos / "rgba.png").read_bytes()
+
+
+def test_photos_without_a_face_exit_1_so_a_script_stops_there(photos, tmp_path):
+    import shutil
+
+    cats = tmp_path / "cats"
+    cats.mkdir()
+    shutil.copy(photos / "cat.png", cats / "cat.png")
+    result = sia("align", cats, tmp_path / "o", "--no-progress")
+    assert result.exit_code == 1 and "no face found in any of the 1 files" in result.stderr, result.output
+    assert rows(tmp_path / "o" / "unaligned.csv") == [{"source": "cat.png", "reason": "no face found"}]
+
+
 def test_a_folder_without_images_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     result = sia("align", tmp_path / "empty", tmp_path / "o")

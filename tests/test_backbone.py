@@ -227,3 +227,28 @@ def test_refine_blocks_start_as_the_identity_and_load_where_absent_they_are_not(
         assert torch.equal(plain(x, a), refined(x, a))
     assert not any(key.startswith("refine") for key in plain.state_dict())
     assert GeneratorConfig.from_setting(json.loads(PUBLIC_SETTING.read_text())).refine_layers == 0
+
+
+def test_detail_blocks_start_as_the_identity_then_carry_the_input_image_into_the_output():
+    """A detail block added to a trained generator draws what it drew (its second convolution
+    starts at zero); once trained it reads the encoded image at full resolution, so a one-pixel
+    change of the input reaches the output pixels around it by a path the coarse decoder lacks.
+    Its keys sit apart from the public ones, and decoding without the image is refused."""
+    torch.manual_seed(0)
+    config = dict(enc_dim=8, dec_dim=8, enc_layers=3, dec_layers=3, n_attrs=3, img_size=32, shortcut_layers=2,
+                  inject_layers=2, refine_layers=1)
+    plain, detailed = Generator(GeneratorConfig(**config)), Generator(GeneratorConfig(**config, detail_layers=1))
+    missing, unexpected = detailed.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(key.startswith("detail.") for key in missing)
+    plain.eval(), detailed.eval()
+    x, a = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([[0.5, -0.5, 0.5], [-0.5, 0.5, 0.5]])
+    with torch.no_grad():
+        assert torch.equal(plain(x, a), detailed(x, a))
+        torch.nn.init.normal_(detailed.detail[0].outer.weight, std=0.1)
+        nudged = x.clone()
+        nudged[:, :, 16, 16] += 0.5
+        change = (detailed(nudged, a) - detailed(x, a)).abs().sum(dim=(0, 1))
+        coarse_change = (plain(nudged, a) - plain(x, a)).abs().sum(dim=(0, 1))
+    assert (change - coarse_change)[15:18, 15:18].abs().min() > 1e-3
+    with pytest.raises(ValueError, match="encoded image"):
+        detailed.decode(detailed.encode(x), a)

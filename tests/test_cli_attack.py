@@ -263,6 +263,7 @@ def wrong_shape_model(tmp_path_factory) -> Path:
     ("nan eps", ["--eps", "finite"]),
     ("no method", ["--method names no method"]),
     ("zero batch size", ["--batch-size must be at least 1"]),
+    ("negative seed", ["--seed must be non-negative"]),
     ("unknown method", ["unknown method 'cw'"]),
     ("unknown protect", ["--protect Wings"]),
     ("missing images", ["image folder not found"]),
@@ -286,6 +287,8 @@ def test_bad_input_exits_2_with_one_line(faces, wrong_shape_model, tmp_path, cas
         extra = ["--method", ","]
     elif case == "zero batch size":
         extra = ["--batch-size", "0"]
+    elif case == "negative seed":
+        extra = ["--seed", "-1"]
     elif case == "unknown method":
         extra = ["--method", "sia,cw"]
     elif case == "unknown protect":
@@ -300,6 +303,8 @@ def test_bad_input_exits_2_with_one_line(faces, wrong_shape_model, tmp_path, cas
         extra = ["--attrs-file", write_attrs(tmp_path / "attrs.txt", faces, drop="Young")]
     result = sia(model, "--images", images, "--out", tmp_path / "run", *FAST, *extra)
     assert_one_line_error(result, *words)
+    if case == "negative seed":  # refused before any work: nothing for a corrected rerun to trip on
+        assert not (tmp_path / "run").exists()
 
 
 def write_attrs(path: Path, faces: Path, extra: str | None = None, drop: str | None = None) -> Path:

@@ -187,7 +187,7 @@ def test_read_attributes_maps_signed_and_binary_values_to_01(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("3\nBangs Smiling\na.png 1 1\nb.png 1 -1\n", "declares 3 images but 2 rows"),
-    ("2\nBangs Smiling\na.png 1 1\nb.png 1\n", "line 4: expected a file name and 2 values"),
+    ("2\nBangs Smiling\na.png 1 1\nb.png 1\n", "line 4: expected a file name and 2 values, found a file name and 1 value"),
     ("1\nBangs Smiling\na.png 1 2\n", "values must be -1, 0 or 1"),
     ("1\nBangs Smiling\na.png 1 yes\n", "values must be -1, 0 or 1"),
     ("1\nBangs Smiling Bangs\na.png 1 1 1\n", "listed twice: Bangs"),

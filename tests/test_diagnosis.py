@@ -189,6 +189,39 @@ def test_sdar_gate_fails_closed(reports, tmp_path):
     assert gate(few, "--max", "1", "--allow-few-images") == 0
     assert gate({"evidence": None}, "--max", "1") == FEW_IMAGES  # an older report never said: fail closed
 
+    # A baseline attacked otherwise, or through another backbone, is no baseline: SDAR scales with
+    # the budget, so a "significant" difference there would be the settings', not the model's.
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    settings = report["settings"]
+    for changed, words in [
+        ({"settings": {**settings, "settings": {**settings["settings"], "steps": 5, "eps": 8 / 255}}},
+         f"differ in steps {settings['settings']['steps']} -> 5"),
+        ({"backbone": {**report["backbone"], "sha256": "0" * 64}}, "differ in backbone 000000000000..."),
+    ]:
+        (tmp_path / "base.json").write_text(json.dumps({**report, **changed}))
+        result = runner.invoke(app, ["sdar", str(path), "--baseline", str(tmp_path / "base.json"), "--max", "1"])
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert "cannot compare with the baseline" in result.output
+
+
+def test_sdar_of_a_model_says_where_its_report_is_so_a_retry_gates_on_it(faces, tmp_path):
+    """Gating a model diagnoses it into --out (./sia-out by default); a refusal there must point
+    at that report, because the same command again is refused as a finished run."""
+    few = tmp_path / "few"
+    (few / "images").mkdir(parents=True)
+    for path in sorted((faces / "images").iterdir())[:3]:
+        (few / "images" / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "gate"
+    runner = CliRunner()
+    result = runner.invoke(app, ["sdar", str(TARGETS / "mustache_confounded.pt"), "--images", str(few / "images"),
+                                 "--steps", "2", "--max", "1", "--out", str(out), "--no-progress"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == FEW_IMAGES and f"diagnosis written to {out / 'report.json'}" in text, text
+    assert f"{out / 'report.json'} counted 3 image(s)" in text
+    retry = runner.invoke(app, ["sdar", str(out / "report.json"), "--max", "1", "--allow-few-images"])
+    assert retry.exit_code == 0, retry.output
+
 
 def test_one_face_names_no_attribute_and_the_gate_refuses_it(faces, tmp_path):
     """One counted image gives every attribute an interval of width 0, which 'cleared' the

@@ -288,6 +288,19 @@ def test_a_softmax_head_is_refused_without_output_like_a_sigmoid_one(tmp_path):
     assert target.kind == "multiclass" and target.output_is_probability
 
 
+def test_a_label_on_a_softmax_head_is_refused_unless_multilabel_is_said(tmp_path):
+    """--label alone reads (B, C) as independent labels; a softmax's rows sum to 1, so that
+    reading was silently wrong (a class's probability below 0.5 can still be the arg-max)."""
+    torch.manual_seed(0)
+    path = save_script(Softmax(), tmp_path / "softmax.pt")
+    with pytest.raises(SiaError) as error:
+        load_target(path, output="probability", label="1", probe_size=SIZE)
+    line = one_line(error)
+    assert "--label 1" in line and "sums to 1" in line and "drop --label" in line and "--task multilabel" in line
+    said = load_target(path, output="probability", label="1", task="multilabel", probe_size=SIZE)
+    assert said.kind == "multilabel" and any("sums to 1" in text for text in said.assumptions)
+
+
 def test_the_refusal_shows_the_range_with_digits_that_mean_something(tmp_path):
     torch.manual_seed(0)
     path = save_script(Pooled(1, scale=0.01, offset=-9, sigmoid=True), tmp_path / "tiny.pt")  # p about 1.2e-4
@@ -336,10 +349,26 @@ def test_regression_with_a_margin(models):
     assert torch.allclose(target.distance(out + 3, out), torch.full((3,), 1.5))
 
 
+class Squeezed(torch.nn.Module):
+    """One number per image as (B,), not (B, 1): how many regression heads end."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Pooled(1, scale=10, offset=30)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).squeeze(1)
+
+
+def test_the_assumption_names_the_shape_the_model_returns(tmp_path):
+    target = load_target(save_script(Squeezed(), tmp_path / "squeezed.pt"), probe_size=SIZE)
+    assert target.kind == "binary" and any(line.startswith("output (B) read as binary") for line in target.assumptions)
+
+
 def test_one_output_without_task_is_binary_with_an_assumption(models):
     target = load_target(models["age"], probe_size=SIZE)
     assert target.kind == "binary" and target.describe()["sources"]["output"].startswith("probe")
-    assert any("--task regression" in line for line in target.assumptions)
+    assert any("output (B, 1) read as binary" in line and "--task regression" in line for line in target.assumptions)
     assert load_target(models["age"], task="regression", probe_size=SIZE).describe()["margin"] == 1.0
     with pytest.raises(SiaError) as error:
         load_target(models["landmarks"], margin=2.0, probe_size=SIZE)
@@ -414,6 +443,18 @@ def test_tuple_element_that_does_not_fit_is_refused_naming_output_key(models):
     target = load_target(models["tuple"], task="multiclass", probe_size=SIZE)
     assert target.output_key == 1
     assert any("output 1 is used" in line and "--output-key" in line for line in target.assumptions)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"output_key": 5}, ["--output-key 5", "returns one tensor", "drop --output-key"]),
+    ({"landmark_layout": "xxyy"}, ["--landmark-layout xxyy", "this model is multiclass", "--task landmarks"]),
+])
+def test_options_that_would_change_nothing_are_refused_not_ignored(models, kwargs, words):
+    """An option the model gives no use to is a sign the user meant another model or reading."""
+    with pytest.raises(SiaError) as error:
+        load_target(models["multilabel"], probe_size=SIZE, **kwargs)
+    for word in words:
+        assert word in one_line(error)
 
 
 def test_tuple_element_without_gradient_is_refused_naming_output_key(models):

@@ -114,6 +114,11 @@ def test_warnings_name_every_reason_not_to_trust():
     assert any(line.startswith("blind spots: the backbone edits B") for line in lines)
     assert any("estimated by the backbone's discriminator" in line and "--group-by" in line for line in lines)
     assert lines[-1].startswith("output (B, 40)")
+    # 30% lost is no reason of the fit (at most 50%), so a fit refused for its domain must still say it.
+    assert any(line.startswith("30% of the images are lost in reconstruction") for line in lines)
+    most = trust.backbone_fit([record(f"{i}.png", lost=i < 6, margin=0.1) for i in range(10)], CARD)
+    lines = trust.warnings_for(most, [], [])
+    assert "60% of the images are lost" in lines[0] and not any(line.startswith("60%") for line in lines)
     fine = trust.backbone_fit([record(f"{i}.png") for i in range(10)], CARD)
     assert trust.warnings_for(fine, [], [{"file": "a.png", "attrs_source": "attrs_file"}]) == []
     assert any("never measured" in line for line in trust.warnings_for(fine, None, []))

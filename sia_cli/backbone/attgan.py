@@ -80,6 +80,26 @@ class Refine(nn.Module):
         return z + self.outer(torch.relu(self.inner(z)))
 
 
+class Detail(nn.Module):
+    """Ours: a pair of 3x3 convolutions at the image's own resolution that see the input image
+    beside the decoder's image and the attributes, and add to the image layer's pre-activation.
+    Every other map of the generator is at half the resolution or less, so without it fine
+    detail the encoder saw is drawn again from coarse maps (the reconstruction's blur). The
+    second convolution starts at zero: added to a trained generator it leaves its images as
+    they were until training moves it (examples/train_backbone.py --detail-layers)."""
+
+    def __init__(self, n_attrs: int, width: int = 32):
+        super().__init__()
+        self.inner = nn.Conv2d(3 + 3 + n_attrs, width, 3, padding=1)
+        self.outer = nn.Conv2d(width, 3, 3, padding=1)
+        nn.init.zeros_(self.outer.weight)
+        nn.init.zeros_(self.outer.bias)
+
+    def forward(self, logits: torch.Tensor, image: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        seen = torch.cat([torch.tanh(logits), image, _tile(a, image.size(-1))], dim=1)
+        return logits + self.outer(torch.relu(self.inner(seen)))
+
+
 @dataclass
 class GeneratorConfig:
     """Constructor settings of the generator, named as in a public `setting.txt`."""
@@ -101,6 +121,8 @@ class GeneratorConfig:
     # the image layer. Small features (a mouth opening: 4x2 pixels there) need more than the one
     # transposed convolution that turns those maps into the image.
     refine_layers: int = 0
+    # Ours too: attgan.Detail blocks at the image's resolution, which see the input image.
+    detail_layers: int = 0
 
     @classmethod
     def from_setting(cls, setting: dict) -> "GeneratorConfig":
@@ -165,6 +187,7 @@ class Generator(nn.Module):
                 n_in += c.n_attrs
         self.refine = nn.ModuleList(Refine(n_in) for _ in range(c.refine_layers))
         self.dec_layers.append(deconv_block(n_in, 3, "none", "tanh"))
+        self.detail = nn.ModuleList(Detail(c.n_attrs) for _ in range(c.detail_layers))
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []
@@ -173,14 +196,20 @@ class Generator(nn.Module):
             features.append(x)
         return features
 
-    def decode(self, features: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
+    def decode(self, features: list[torch.Tensor], a: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        """The image for attributes `a` from the encoder's `features`; detail blocks also read
+        the encoded `image`."""
         c = self.config
+        if self.detail and image is None:
+            raise ValueError("a generator with detail layers decodes with the encoded image")
         z = features[-1]
         z = torch.cat([z, _tile(a, z.size(-1))], dim=1)
         for i, layer in enumerate(self.dec_layers):
             if i == len(self.dec_layers) - 1:
                 for block in self.refine:
                     z = block(z)
+                if self.detail:
+                    return self._detailed(layer, z, image, a)
             z = layer(z)
             if i < c.shortcut_layers:
                 z = torch.cat([z, features[c.dec_layers - 2 - i]], dim=1)
@@ -188,8 +217,15 @@ class Generator(nn.Module):
                 z = torch.cat([z, _tile(a, z.size(-1))], dim=1)
         return z
 
+    def _detailed(self, layer: Block, z: torch.Tensor, image: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        transposed, activation = layer.layers  # the image layer's parts, keys kept for checkpoints
+        logits = transposed(z)
+        for block in self.detail:
+            logits = block(logits, image, a)
+        return activation(logits)
+
     def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x), a)
+        return self.decode(self.encode(x), a, x)
 
 
 class Discriminator(nn.Module):

@@ -44,6 +44,7 @@ class TrainConfig:
     shortcut_layers: int = 1
     inject_layers: int = 1
     refine_layers: int = 0  # residual blocks before the image layer (attgan.Refine; not public AttGAN's)
+    detail_layers: int = 0  # blocks at the image's resolution that read the input image (attgan.Detail; ours)
     thres_int: float = 0.5
     lambda_1: float = 100.0  # reconstruction
     lambda_2: float = 10.0  # generator attribute classification
@@ -88,6 +89,7 @@ class TrainConfig:
             "shortcut_layers": self.shortcut_layers,
             "inject_layers": self.inject_layers,
             "refine_layers": self.refine_layers,
+            "detail_layers": self.detail_layers,
             "enc_dim": self.enc_dim,
             "dec_dim": self.dec_dim,
             "dis_dim": self.dis_dim,
@@ -143,7 +145,7 @@ class Edits(torch.nn.Module):
 
     def forward(self, real: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.generator.encode(real)
-        return self.generator.decode(features, b), self.generator.decode(features, a)
+        return self.generator.decode(features, b, real), self.generator.decode(features, a, real)
 
 
 class Trainer:

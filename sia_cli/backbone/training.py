@@ -110,7 +110,8 @@ def check_config(config: TrainConfig) -> None:
         if value < 1:
             raise SiaError(f"{flag} must be at least 1 (got {value})")
     for flag, value in {"--shortcut-layers": config.shortcut_layers, "--inject-layers": config.inject_layers,
-                        "--refine-layers": config.refine_layers, "--change-focus": config.change_focus,
+                        "--refine-layers": config.refine_layers, "--detail-layers": config.detail_layers,
+                        "--change-focus": config.change_focus,
                         "--workers": config.workers, "--seed": config.seed}.items():
         if value < 0:
             raise SiaError(f"{flag} must be non-negative (got {value})")

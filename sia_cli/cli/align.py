@@ -16,8 +16,8 @@ from sia_cli.inputs.align import FRAMINGS, AlignConfig, align_folder, framing_na
 
 @handle_errors
 def align(
-    images: Path = typer.Argument(..., help="Folder of photos (any size, mode and format the other commands read)."),
-    out: Path = typer.Argument(..., help="Output folder: images/ (one crop per face), alignment.csv, unaligned.csv."),
+    images: Path = typer.Argument(..., metavar="PHOTOS", help="Folder of photos (any size, mode and format the other commands read)."),
+    out: Path = typer.Argument(..., metavar="OUT", help="Output folder: images/ (one crop per face), alignment.csv, unaligned.csv."),
     gan: str = o.GAN,
     framing: Optional[str] = typer.Option(
         None, "--framing", help=f"Crop layout ({', '.join(sorted(FRAMINGS))}); default: the one --gan was trained on."),
@@ -25,7 +25,7 @@ def align(
     min_score: float = typer.Option(0.5, "--min-score", help="Detector score below which a face is ignored."),
     no_progress: bool = o.NO_PROGRESS, config_file: Optional[Path] = o.CONFIG,
 ) -> None:
-    """Detect the faces in IMAGES and write each, aligned by its eyes, nose and mouth corners to
+    """Detect the faces in PHOTOS and write each, aligned by its eyes, nose and mouth corners to
     the framing of the backbone's training faces, into OUT in CelebA layout."""
     if not Path(images).is_dir():
         raise SiaError(f"{images}: no such folder")
@@ -42,3 +42,7 @@ def align(
     console.print(f"{len(result.rows)} faces from {len(sources)} photos written to {out / 'images'} "
                   f"({chosen.name} framing, {chosen.side}x{chosen.side}); {len(result.unaligned)} photos without "
                   f"a usable face listed in {out / 'unaligned.csv'}", markup=False, highlight=False, soft_wrap=True)
+    if not result.rows:
+        # Exit 1, as a gate that finds nothing: a script must not go on to diagnose an empty folder.
+        raise SiaError(f"no face found in any of the {len(result.unaligned)} files of {images} "
+                       "(faces under about 20 pixels across are not found)", exit_code=1)

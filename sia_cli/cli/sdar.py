@@ -99,10 +99,15 @@ def sdar(
         config = o.build(DiagnoseConfig, locals())
         with rich_progress(progress_enabled(no_progress)) as progress:
             report = diagnose(config, progress)
+        # From here the gate speaks of the report, which a retry reads instead of diagnosing again
+        # (a rerun into the same --out is refused as a finished run).
+        source = Path(out) / "report.json"
+        console.print(f"diagnosis written to {source}", markup=False, highlight=False)
     interval = report.get("intervals", {}).get("sdar")
     text = f"SDAR {report['sdar']:.5f}" + (f" (95% interval {interval['low']:.5f} to {interval['high']:.5f})" if interval else "")
     if baseline is not None:
         before = read_report(baseline)
+        refuse_incomparable(before, report, baseline)
         console.print(change_table(before, report))
         console.print(paired_text(before, report), highlight=False, markup=False)
     print_warnings(report)
@@ -118,12 +123,43 @@ def sdar(
     raise typer.Exit(1 if above else 0)
 
 
+# What makes two SDARs comparable: the same backbone editing the same attributes, attacked alike.
+# amp is left out: bf16 changes the arithmetic, not the attack.
+ATTACK_SETTINGS = ("steps", "eps", "step_size", "eps_attr", "attr_step_size", "protect_eps", "nme_threshold")
+
+
+def comparison_basis(report: dict) -> dict:
+    settings = report.get("settings") or {}
+    attack = settings.get("settings") or {}
+    basis = {"backbone": (report.get("backbone") or {}).get("sha256"), "attributes": report.get("attributes"),
+             "protected": report.get("protected"), "methods": settings.get("methods"), "mode": settings.get("mode")}
+    return {**basis, **{name: attack.get(name) for name in ATTACK_SETTINGS}}
+
+
+def refuse_incomparable(before: dict, after: dict, path: Path | str) -> None:
+    """A comparison fails closed as the gate does: SDAR scales with the attack's budget and
+    depends on the backbone, so a difference between runs that differ there is no finding."""
+    old, new = comparison_basis(before), comparison_basis(after)
+    differ = [name for name in new if old[name] != new[name]]
+    if differ:
+        shown = "; ".join(f"{name} {_short(old[name])} -> {_short(new[name])}" for name in differ[:3])
+        raise SiaError(f"cannot compare with the baseline {path}: the runs differ in {shown}"
+                       f"{' and more' if len(differ) > 3 else ''}; SDARs compare only under the same backbone, "
+                       "attributes and attack settings")
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str) and len(value) > 12:
+        return value[:12] + "..."
+    return str(value)
+
+
 def paired_text(before: dict, after: dict) -> str:
     """The SDAR change between two reports on the same images, with a paired bootstrap interval."""
     attributes = after.get("attributes") or []
     protected = after.get("protected") or []
-    if (before.get("attributes") or []) != attributes or (before.get("protected") or []) != protected:
-        return "paired SDAR difference: not computed (the reports differ in attributes or protected ones)"
 
     def statistic(records):
         return sdar_of(attribute_shift(records, attributes, protected))

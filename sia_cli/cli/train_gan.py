@@ -34,6 +34,10 @@ def train_gan(
     refine_layers: int = typer.Option(
         default("refine_layers"),
         help="Residual 3x3 blocks before the image layer (ours, not public AttGAN's): room for small features."),
+    detail_layers: int = typer.Option(
+        default("detail_layers"),
+        help="3x3 blocks at the image's resolution that read the input image (ours, not public AttGAN's): "
+             "fine detail kept instead of drawn again from coarse maps."),
     lr: float = typer.Option(default("lr"), help="Adam learning rate (betas 0.5, 0.999)."),
     sample_every: int = typer.Option(default("sample_every"), help="Write a sample grid every N steps."),
     save_every: int = typer.Option(default("save_every"), help="Write a checkpoint every N steps."),

@@ -169,6 +169,7 @@ def align_folder(config: AlignConfig, detector: Detector, progress: ProgressFn =
     if not photos:
         raise SiaError(f"no images in {config.images}")
     images = Path(config.out) / "images"
+    earlier = refuse_foreign_files(images, Path(config.out))
     images.mkdir(parents=True, exist_ok=True)
     stems = crop_names(photos)
     result = Aligned()
@@ -196,11 +197,27 @@ def align_folder(config: AlignConfig, detector: Detector, progress: ProgressFn =
                                     padding_share(matrix, config.framing.side, photo.width, photo.height)))
         progress("align", number, len(photos), {"faces": len(result.rows)})
     written = {row["file"] for row in result.rows}
-    for stale in images.glob("*.png"):  # crops of an earlier alignment into this folder
-        if stale.name not in written:
-            stale.unlink()
+    for name in earlier - written:  # crops of an earlier alignment into this folder, and only those
+        (images / name).unlink(missing_ok=True)
     _write_tables(Path(config.out), result)
     return result
+
+
+def refuse_foreign_files(images: Path, out: Path) -> set[str]:
+    """The crops an earlier alignment wrote into `images` (listed in OUT/alignment.csv), which a
+    rerun may replace or remove. Any other file there is someone else's: refused before any work,
+    because crops would overwrite it or a later run would read it as a face."""
+    earlier = set()
+    if (out / TABLE).is_file():
+        with open(out / TABLE, newline="") as handle:
+            earlier = {row.get("file", "") for row in csv.DictReader(handle)}
+    if not images.is_dir():
+        return earlier
+    foreign = sorted(p.name for p in images.iterdir() if not p.name.startswith(".") and p.name not in earlier)
+    if foreign:
+        raise SiaError(f"{images} holds files that no alignment into {out} wrote ({first_few(foreign, 3)}): "
+                       "align into a new or empty folder (nothing was changed)")
+    return earlier
 
 
 ALIGNED = "aligned"  # --align: the crops and their tables, inside the run's --out

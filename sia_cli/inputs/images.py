@@ -230,7 +230,8 @@ def read_attributes(path: Path) -> AttributeTable:
 def _parse_row(fields: list[str], names: list[str], path: Path, number: int) -> np.ndarray:
     if len(fields) != len(names) + 1:
         raise SiaError(
-            f"{path} line {number}: expected a file name and {len(names)} values, found {len(fields)} fields"
+            f"{path} line {number}: expected a file name and {len(names)} values, found "
+            + (f"a file name and {len(fields) - 1} value{'' if len(fields) == 2 else 's'}" if fields else "nothing")
         )
     for name, value in zip(names, fields[1:]):
         if value not in ("-1", "0", "1"):

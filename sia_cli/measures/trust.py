@@ -180,7 +180,9 @@ def warnings_for(fit: dict, blind: list[str] | None, records: Sequence[dict], as
     elif fit.get("ok") is None:
         out.append("; ".join(fit["reasons"]))
     lost = fit.get("lost_in_reconstruction")
-    if lost is not None and lost >= LOST_SHARE_WARNING and fit.get("ok") is not False:
+    # Said here unless the fit's reasons already say it (above the limit): a fit refused for its
+    # domain must not hide that many images were lost too.
+    if lost is not None and LOST_SHARE_WARNING <= lost and not (lost > LOST_SHARE_LIMIT and fit.get("ok") is False):
         out.append(f"{lost:.0%} of the images are lost in reconstruction (the backbone's reconstruction alone "
                    "changes the prediction); they are left out of the success rate and the measures")
     if measures_include_lost:

@@ -149,6 +149,8 @@ def execute(config, plan: Plan, progress: ProgressFn = silent):
     """
     if config.batch_size != AUTO and config.batch_size < 1:  # before --out is made
         raise SiaError(f"--batch-size must be at least 1 (got {config.batch_size})")
+    if getattr(config, "seed", 0) < 0:  # numpy's seeding refuses it, after the whole attack
+        raise SiaError(f"--seed must be non-negative (got {config.seed})")
     world, device = join(config.device)
     out = Path(config.out)
     agree(lambda: (plan.check_out(out, config.force), prepare_out(out)), world)

@@ -144,6 +144,9 @@ def _resolve_output_key(raw: Any, output_key: Any, task: str | None) -> tuple[in
     """Which part of the model's output is the prediction (None: the tensor itself, an index or a
     key), and a line to record when it was chosen for fitting --task among several."""
     if isinstance(raw, torch.Tensor):
+        if output_key is not None:  # ignored, it would hide a model that is not the one meant
+            raise SiaError(f"--output-key {output_key!r} picks one of several outputs; this model returns one tensor "
+                           f"{_shape_text(raw)}: drop --output-key")
         return None, None
     if isinstance(raw, (tuple, list)):
         entries = {index: value for index, value in enumerate(raw)}

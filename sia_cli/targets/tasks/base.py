@@ -173,6 +173,11 @@ class Task:
                 f"{settings.flag_text('label', settings.label)} picks a label of a multilabel model; this one is "
                 f"{self.name} (pass --task multilabel if its outputs are independent labels)"
             )
+        if settings.sources.get("landmark_layout") not in (None, "default") and "landmark_layout" not in self.accepts:
+            raise SiaError(
+                f"{settings.flag_text('landmark_layout', settings.landmark_layout)} says how (B, 2K) landmark "
+                f"coordinates are laid out; this model is {self.name} (pass --task landmarks if its outputs are points)"
+            )
         if settings.margin is not None and "margin" not in self.accepts:
             raise SiaError(
                 f"{settings.flag_text('margin', settings.margin)} is for regression models; this one is {self.name}"

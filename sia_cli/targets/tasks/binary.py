@@ -60,8 +60,9 @@ class Binary(Task):
         return []
 
     def assumption(self):
+        shape = "".join(f", {size}" for size in self.output_shape)  # (B,) and (B, 1) alike
         return (
-            "output (B, 1) read as binary (one score of class 1 per image); pass --task regression "
+            f"output (B{shape}) read as binary (one score of class 1 per image); pass --task regression "
             "if it is one continuous value such as an age"
         )
 
@@ -179,6 +180,23 @@ class Multilabel(Binary):
 
     def assumption(self):
         return None
+
+    def inspect(self, values, inferred):
+        """Rows that sum to 1 are one softmax, not independent labels: a label's probability then
+        falls as any other class rises, and crossing 0.5 is no change of the model's answer."""
+        in_unit_range = values.numel() and values.min().item() >= 0 and values.max().item() <= 1
+        softmax = in_unit_range and (values.float().sum(dim=1) - 1).abs().max().item() < 1e-3
+        label = self.settings.flag_text("label", self.settings.label)
+        if softmax and self.settings.task is None:
+            raise SiaError(
+                f"{label} reads this (B, {self.num_outputs}) output as independent labels, but each row sums to 1 "
+                "as a softmax does: drop --label to attack the class (multiclass), or pass --task multilabel "
+                "to read the label's column as its own probability anyway")
+        lines = super().inspect(values, inferred)
+        if softmax:
+            lines.append(f"each output row sums to 1 as a softmax does; read as independent labels (--task "
+                         f"multilabel): {label} succeeds when its probability crosses 0.5, not when the arg-max changes")
+        return lines
 
     def shape_output(self, out):
         return out

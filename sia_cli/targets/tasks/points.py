@@ -118,6 +118,7 @@ class Landmarks(_Points):
     effect_unit = "NME"
     shapes = "(B, K, 2) or (B, 2K) (x, y) points for landmarks"
     inferred = True
+    accepts = frozenset({"eye_indices", "landmark_layout"})
 
     @classmethod
     def fits(cls, shape):
