@@ -335,6 +335,7 @@ def test_unreadable_images_are_skipped_and_odd_ones_converted(faces, eyeglasses,
         face.convert("L").save(images / "gray.png")
         face.convert("RGBA").save(images / "rgba.png")
         face.resize((50, 70)).save(images / "odd_size.png")
+        face.resize((10, 10)).save(images / "tiny.png")
     (images / "text.png").write_text("not an image at all\n")
     data = sources[3].read_bytes()
     (images / "truncated.png").write_bytes(data[: len(data) // 2])
@@ -349,7 +350,10 @@ def test_unreadable_images_are_skipped_and_odd_ones_converted(faces, eyeglasses,
     assert any(w.startswith("2 image(s) skipped: ") and "truncated.png" in w for w in report["warnings"])
     assert all(s["reason"] for s in report["skipped"])
     processed = {r["file"] for r in report["images"]}
-    assert processed == {sources[0].name, sources[1].name, "gray.png", "rgba.png", "odd_size.png"}
+    assert processed == {sources[0].name, sources[1].name, "gray.png", "rgba.png", "odd_size.png", "tiny.png"}
+    # Used, but not without a word: 10 px drawn up to the backbone's 64 is mostly interpolation.
+    assert {r["file"]: r.get("upscaled_from") for r in report["images"] if r.get("upscaled_from")} == {"tiny.png": 10}
+    assert any(w.startswith("1 image(s) were upscaled more than 2x") and "tiny.png" in w for w in report["warnings"])
     assert report["attrs_source"] == "discriminator"
     assert "text.png" in result.stdout and "truncated.png" in result.stdout  # listed to the user too
 

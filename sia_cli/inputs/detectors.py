@@ -48,6 +48,9 @@ class Detector(Protocol):
 # RetinaFace runs at the photo's resolution; larger photos are scaled down to this long side
 # first (time and memory grow with the pixels; faces under about 20 px at this scale are missed).
 MAX_SIDE = 1600
+# ... and smaller ones scaled up to this long side: the network finds no face in a 64x64 photo
+# filled by one (the renderer's own faces: 0 of 8), 7 of 8 of them at 192 px.
+MIN_SIDE = 200
 MEAN_BGR = np.array([104.0, 117.0, 127.0], dtype=np.float32)  # the network's training mean
 
 
@@ -72,13 +75,15 @@ class RetinaFace:
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
         height, width = rgb.shape[:2]
-        scale = min(1.0, MAX_SIDE / max(height, width))
-        if scale < 1:
+        longest = max(height, width)
+        scale = min(1.0, MAX_SIDE / longest) if longest >= MIN_SIDE else MIN_SIDE / longest
+        if scale != 1:
             from PIL import Image
 
-            small = Image.fromarray(rgb).resize((max(1, round(width * scale)), max(1, round(height * scale))),
-                                                Image.Resampling.LANCZOS)
-            rgb = np.asarray(small)
+            resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+            resized = Image.fromarray(rgb).resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                                                  resample)
+            rgb = np.asarray(resized)
         h, w = rgb.shape[:2]
         batch = (rgb[..., ::-1].astype(np.float32) - MEAN_BGR).transpose(2, 0, 1)[None]
         boxes, scores, points = (np.array(o, dtype=np.float64) for o in

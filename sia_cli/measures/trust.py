@@ -45,6 +45,9 @@ OUT_OF_DOMAIN_ALLOWED_FROM = 5
 LOST_SHARE_LIMIT = 0.5
 # A warning (not a failure) from this share of lost images on.
 LOST_SHARE_WARNING = 0.2
+# An image whose shorter side is under 1/UPSCALE_LIMIT of the backbone's size is drawn up that
+# many times over: most of what the backbone and the model see of it is interpolation.
+UPSCALE_LIMIT = 2
 # Attributes the backbone edits in fewer faces than this are blind spots.
 EDIT_SUCCESS_FLOOR = 0.5
 
@@ -195,6 +198,12 @@ def warnings_for(fit: dict, blind: list[str] | None, records: Sequence[dict], as
         named = ", ".join(blind) if len(blind) <= 5 else f"{len(blind)} attributes ({', '.join(blind[:3])}, ...)"
         out.append(f"blind spots: the backbone edits {named} in fewer than {EDIT_SUCCESS_FLOOR:.0%} of faces; "
                    "a low sensitivity to them means 'cannot tell', not 'not sensitive'")
+    small = [r for r in records if r.get("upscaled_from")]
+    if small:
+        least = min(small, key=lambda r: r["upscaled_from"])
+        out.append(f"{len(small)} image(s) were upscaled more than {UPSCALE_LIMIT}x to the backbone's size (the "
+                   f"smallest, {least['file']}, from {least['upscaled_from']} px): findings on them rest on "
+                   "interpolated pixels (see upscaled_from in report.json)")
     note = attribute_source_note(records)
     if note:
         out.append(note + (" (--group-by used)" if grouped else ""))

@@ -13,7 +13,7 @@ import torch
 from sia_cli.backbone.registry import load_backbone
 from sia_cli.engine.attack import AttackSettings, quantize
 from sia_cli.errors import SiaError
-from sia_cli.inputs.images import ImageError, list_images, load_image, read_attributes
+from sia_cli.inputs.images import ImageError, decode, image_tensor, list_images, read_attributes
 from sia_cli.progress import ProgressFn, silent
 from sia_cli.runs.distributed import World
 from sia_cli.targets import load_target, read_labels
@@ -95,10 +95,12 @@ class Batch:
     a0: torch.Tensor  # (B, K) in [0, 1]
     index: int = 0  # position among the run's fixed blocks of files: seeds and shards follow it
     a0_source: str = "attrs_file"  # or "discriminator": estimated, not known
+    sides: tuple[int, ...] = ()  # each file's shorter side before it was resized to the backbone's
 
     def part(self, start: int, stop: int) -> "Batch":
         """Images start..stop-1 of the batch, with its index and the source of its attributes."""
-        return Batch(self.files[start:stop], self.x0[start:stop], self.a0[start:stop], self.index, self.a0_source)
+        return Batch(self.files[start:stop], self.x0[start:stop], self.a0[start:stop], self.index, self.a0_source,
+                     self.sides[start:stop])
 
 
 def batches(inputs: Inputs, batch_size: int, device: str, skipped: list, done=frozenset(), world: World = World()):
@@ -122,9 +124,11 @@ def load_batch(inputs: Inputs, files: list[Path], device: str, index: int, skipp
     backbone's estimate); unusable files go to `skipped` with the reason. None when none is usable."""
     size = inputs.backbone.img_size
     pending: list[tuple[Path, torch.Tensor, np.ndarray | None]] = []
+    sides = []
     for file in files:
         try:
-            image = load_image(file, size)
+            photo = decode(file)
+            image = image_tensor(photo, size)
         except ImageError as exc:
             skipped.append({"file": file.name, "reason": str(exc)})
             continue
@@ -133,6 +137,7 @@ def load_batch(inputs: Inputs, files: list[Path], device: str, index: int, skipp
             skipped.append({"file": file.name, "reason": f"not listed in {inputs.attributes.path.name}"})
             continue
         pending.append((file, image, vector))
+        sides.append(min(photo.size))
     if not pending:
         return None
     x0 = torch.stack([image for _, image, _ in pending]).to(device)
@@ -140,7 +145,7 @@ def load_batch(inputs: Inputs, files: list[Path], device: str, index: int, skipp
         a0, source = torch.from_numpy(np.stack([vector for _, _, vector in pending])).to(device), "attrs_file"
     else:
         a0, source = inputs.backbone.predict_attributes(x0 * 2 - 1), "discriminator"
-    return Batch([file for file, _, _ in pending], x0, a0.float(), index, source)
+    return Batch([file for file, _, _ in pending], x0, a0.float(), index, source, tuple(sides))
 
 
 @torch.no_grad()  # not inference_mode: the reference label takes part in the attack's graph

@@ -76,6 +76,8 @@ def records_for(batch: Batch, inputs: Inputs, clean: dict, state, settings: Atta
     records = []
     for i, (file, problem) in enumerate(zip(batch.files, failures(clean, state))):
         record = {"file": file.name, "attrs_start": plain(batch.a0[i]), "attrs_source": batch.a0_source}
+        if batch.sides and batch.sides[i] * trust.UPSCALE_LIMIT < inputs.backbone.img_size:
+            record["upscaled_from"] = batch.sides[i]
         if batch.a0_source == "discriminator":
             record["attrs_confidence"] = round(float((batch.a0[i] - 0.5).abs().mean() * 2), 4)
         if problem is None:
