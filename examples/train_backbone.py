@@ -8,6 +8,12 @@ faces, supervised with the renderer's true counterfactuals; docs/backbone.md). T
         --lr 8e-4 --lambda-change 300 --refine-layers 1 --change-focus 2 \\
         --export sia_cli/backbone/builtin/synth-faces-64
 
+and a fourth, not yet the default (docs/backbone.md, "A fourth stage: detail at full resolution"):
+
+    python examples/train_backbone.py --work /tmp/sia-backbone-4 --from sia_cli/backbone/builtin/synth-faces-64 \\
+        --steps 33000 --lr 1.6e-3 --lambda-change 300 --refine-layers 1 --detail-layers 1 --change-focus 2 \\
+        --export /tmp/stage-4
+
 The first stage runs, and prints, the `sia` commands of the whole recipe:
 
     sia synth WORK/data --n 6000 --seed 1000
@@ -20,7 +26,8 @@ The second continues from the first's export (`--from`: its weights without opti
 become step 14,000 of a run to 22,000, a warm restart of the cosine schedule at 1.3e-4) with
 three times the weight on the change loss, on the same faces drawn again (the same seed). The
 third adds a refine block (as the identity) and weighs the change loss toward the edits the
-generator does worst by its own loss, for 7,000 more steps. Each stage also starts from the
+generator does worst by its own loss, for 7,000 more steps. The fourth adds a detail block at
+the image's own resolution that reads the input image (attgan.Detail, as the identity). Each stage also starts from the
 weights the repository keeps (git history holds the earlier stages' files).
 
 `sia train-gan` supervises every one-attribute edit with the renderer's true counterfactual (the
