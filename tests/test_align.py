@@ -176,7 +176,10 @@ def test_align_never_touches_files_it_did_not_write_and_a_rerun_replaces_its_own
     assert sorted(p.name for p in (out / "images").iterdir()) == ["precious.png"]
 
     (out / "images" / "precious.png").unlink()
+    # An alignment interrupted before its tables left crops named as these photos' crops: rewritten.
+    (out / "images" / "pair_1.png").write_bytes(b"half done")
     assert sia("align", photos, out, "--no-progress").exit_code == 0
+    assert (out / "images" / "pair_1.png").read_bytes() != b"half done"
     fewer = tmp_path / "fewer"
     fewer.mkdir()
     shutil.copy(photos / "rgba.png", fewer / "rgba.png")
@@ -188,10 +191,11 @@ def test_align_never_touches_files_it_did_not_write_and_a_rerun_replaces_its_own
     own = tmp_path / "own"
     (own / "images").mkdir(parents=True)
     shutil.copy(photos / "rgba.png", own / "rgba.png")
-    shutil.copy(photos / "rgba.png", own / "images" / "rgba_0.png")
+    shutil.copy(photos / "rgba.png", own / "images" / "mine.png")
     result = sia("align", own, own, "--no-progress")
-    assert result.exit_code == 2 and "rgba_0.png" in result.stderr
-    assert (own / "images" / "rgba_0.png").read_bytes() == (photos / "rgba.png").read_bytes()
+    assert result.exit_code == 2 and "mine.png" in result.stderr
+    assert (own / "images" / "mine.png").read_bytes() == (photos / "rgba.png").read_bytes()
+    assert sorted(p.name for p in (own / "images").iterdir()) == ["mine.png"]
 
 
 def test_photos_without_a_face_exit_1_so_a_script_stops_there(photos, tmp_path):

@@ -169,9 +169,9 @@ def align_folder(config: AlignConfig, detector: Detector, progress: ProgressFn =
     if not photos:
         raise SiaError(f"no images in {config.images}")
     images = Path(config.out) / "images"
-    earlier = refuse_foreign_files(images, Path(config.out))
-    images.mkdir(parents=True, exist_ok=True)
     stems = crop_names(photos)
+    earlier = refuse_foreign_files(images, Path(config.out), set(stems.values()))
+    images.mkdir(parents=True, exist_ok=True)
     result = Aligned()
     result.unaligned += [{"source": item["file"], "reason": item["reason"]}
                          for item in not_images(Path(config.images), config.used)]
@@ -203,17 +203,24 @@ def align_folder(config: AlignConfig, detector: Detector, progress: ProgressFn =
     return result
 
 
-def refuse_foreign_files(images: Path, out: Path) -> set[str]:
+def refuse_foreign_files(images: Path, out: Path, stems: set[str]) -> set[str]:
     """The crops an earlier alignment wrote into `images` (listed in OUT/alignment.csv), which a
-    rerun may replace or remove. Any other file there is someone else's: refused before any work,
-    because crops would overwrite it or a later run would read it as a face."""
+    rerun may replace or remove. Crops named as these photos' crops are named (`stems`) are an
+    interrupted alignment's, which wrote them before its tables: rewritten. Any other file there
+    is someone else's: refused before any work, because a crop would overwrite it or a later run
+    would read it as a face."""
     earlier = set()
     if (out / TABLE).is_file():
         with open(out / TABLE, newline="") as handle:
             earlier = {row.get("file", "") for row in csv.DictReader(handle)}
     if not images.is_dir():
         return earlier
-    foreign = sorted(p.name for p in images.iterdir() if not p.name.startswith(".") and p.name not in earlier)
+
+    def ours(name: str) -> bool:
+        stem, _, rest = name.rpartition("_")
+        return name in earlier or (stem in stems and rest.endswith(".png") and rest[:-4].isdigit())
+
+    foreign = sorted(p.name for p in images.iterdir() if not p.name.startswith(".") and not ours(p.name))
     if foreign:
         raise SiaError(f"{images} holds files that no alignment into {out} wrote ({first_few(foreign, 3)}): "
                        "align into a new or empty folder (nothing was changed)")
