@@ -102,7 +102,7 @@ def sdar(
         # From here the gate speaks of the report, which a retry reads instead of diagnosing again
         # (a rerun into the same --out is refused as a finished run).
         source = Path(out) / "report.json"
-        console.print(f"diagnosis written to {source}", markup=False, highlight=False)
+        console.print(f"diagnosis written to {source}", markup=False, highlight=False, soft_wrap=True)
     interval = report.get("intervals", {}).get("sdar")
     text = f"SDAR {report['sdar']:.5f}" + (f" (95% interval {interval['low']:.5f} to {interval['high']:.5f})" if interval else "")
     if baseline is not None:
