@@ -210,21 +210,27 @@ def test_impossible_architecture_in_setting_is_a_clear_error(tmp_path, make_expe
     assert_one_line(exc, "shortcut_layers")
 
 
+def grown_by_one_block(added: dict, prefix: str) -> tuple[Generator, Generator, torch.Tensor, torch.Tensor]:
+    """A small generator and the same one with the blocks `added` names, loaded from its weights:
+    only the new blocks' keys are missing, and the grown one draws exactly what it drew."""
+    torch.manual_seed(0)
+    config = dict(enc_dim=8, dec_dim=8, enc_layers=3, dec_layers=3, n_attrs=3, img_size=32, shortcut_layers=2,
+                  inject_layers=2)
+    plain, grown = Generator(GeneratorConfig(**config)), Generator(GeneratorConfig(**{**config, **added}))
+    missing, unexpected = grown.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(key.startswith(prefix) for key in missing)
+    plain.eval(), grown.eval()
+    x, a = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([[0.5, -0.5, 0.5], [-0.5, 0.5, 0.5]])
+    with torch.no_grad():
+        assert torch.equal(plain(x, a), grown(x, a))
+    return plain, grown, x, a
+
+
 def test_refine_blocks_start_as_the_identity_and_load_where_absent_they_are_not():
     """A refine block added to a trained generator leaves its images as they were (its second
     convolution starts at zero), and a public checkpoint without refine blocks builds none: its
     keys stay the public ones."""
-    torch.manual_seed(0)
-    plain = Generator(GeneratorConfig(enc_dim=8, dec_dim=8, enc_layers=3, dec_layers=3, n_attrs=3, img_size=32,
-                                      shortcut_layers=2, inject_layers=2))
-    refined = Generator(GeneratorConfig(enc_dim=8, dec_dim=8, enc_layers=3, dec_layers=3, n_attrs=3, img_size=32,
-                                        shortcut_layers=2, inject_layers=2, refine_layers=1))
-    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and missing and all(key.startswith("refine.") for key in missing)
-    plain.eval(), refined.eval()
-    x, a = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([[0.5, -0.5, 0.5], [-0.5, 0.5, 0.5]])
-    with torch.no_grad():
-        assert torch.equal(plain(x, a), refined(x, a))
+    plain, _, _, _ = grown_by_one_block({"refine_layers": 1}, "refine.")
     assert not any(key.startswith("refine") for key in plain.state_dict())
     assert GeneratorConfig.from_setting(json.loads(PUBLIC_SETTING.read_text())).refine_layers == 0
 
@@ -234,16 +240,8 @@ def test_detail_blocks_start_as_the_identity_then_carry_the_input_image_into_the
     starts at zero); once trained it reads the encoded image at full resolution, so a one-pixel
     change of the input reaches the output pixels around it by a path the coarse decoder lacks.
     Its keys sit apart from the public ones, and decoding without the image is refused."""
-    torch.manual_seed(0)
-    config = dict(enc_dim=8, dec_dim=8, enc_layers=3, dec_layers=3, n_attrs=3, img_size=32, shortcut_layers=2,
-                  inject_layers=2, refine_layers=1)
-    plain, detailed = Generator(GeneratorConfig(**config)), Generator(GeneratorConfig(**config, detail_layers=1))
-    missing, unexpected = detailed.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and missing and all(key.startswith("detail.") for key in missing)
-    plain.eval(), detailed.eval()
-    x, a = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([[0.5, -0.5, 0.5], [-0.5, 0.5, 0.5]])
+    plain, detailed, x, a = grown_by_one_block({"detail_layers": 1}, "detail.")
     with torch.no_grad():
-        assert torch.equal(plain(x, a), detailed(x, a))
         torch.nn.init.normal_(detailed.detail[0].outer.weight, std=0.1)
         nudged = x.clone()
         nudged[:, :, 16, 16] += 0.5

@@ -92,6 +92,11 @@ def _value_range(values: torch.Tensor) -> tuple[float, float]:
     return values.min().item(), values.max().item()
 
 
+def _rows_sum_to_one(values: torch.Tensor) -> bool:
+    """Whether each row of (N, C) outputs sums to 1: one softmax, not independent scores."""
+    return (values.float().sum(dim=1) - 1).abs().max().item() < 1e-3
+
+
 # ------------------------------------------------------------------------ tasks
 
 

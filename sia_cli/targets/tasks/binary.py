@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sia_cli.errors import SiaError
-from sia_cli.targets.tasks.base import PROBABILITY_EPS, Task, _binary_label, _value_range
+from sia_cli.targets.tasks.base import PROBABILITY_EPS, Task, _binary_label, _rows_sum_to_one, _value_range
 
 
 def _output_type_check(task: Task, values: torch.Tensor) -> None:
@@ -184,8 +184,8 @@ class Multilabel(Binary):
     def inspect(self, values, inferred):
         """Rows that sum to 1 are one softmax, not independent labels: a label's probability then
         falls as any other class rises, and crossing 0.5 is no change of the model's answer."""
-        in_unit_range = values.numel() and values.min().item() >= 0 and values.max().item() <= 1
-        softmax = in_unit_range and (values.float().sum(dim=1) - 1).abs().max().item() < 1e-3
+        softmax = bool(values.numel()) and 0 <= values.min().item() and values.max().item() <= 1 \
+            and _rows_sum_to_one(values)
         label = self.settings.flag_text("label", self.settings.label)
         if softmax and self.settings.task is None:
             raise SiaError(

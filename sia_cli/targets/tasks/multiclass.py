@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sia_cli.errors import SiaError
-from sia_cli.targets.tasks.base import PROBABILITY_EPS, Task, _expect_fields, _value_range
+from sia_cli.targets.tasks.base import PROBABILITY_EPS, Task, _expect_fields, _rows_sum_to_one, _value_range
 
 
 class Multiclass(Task):
@@ -59,8 +59,7 @@ class Multiclass(Task):
             return []
         # Outputs that look like probabilities are refused alike, whatever the head: reading
         # softmax probabilities as logits would flatten every loss and every measured effect.
-        sums = values.float().sum(dim=1)
-        if (sums - 1).abs().max().item() < 1e-3:
+        if _rows_sum_to_one(values):
             raise SiaError(
                 f"model outputs lie in [0, 1] ({low:.3g}..{high:.3g}) and each row sums to 1: they look like "
                 "softmax probabilities; pass --output probability (or --output logits if they are logits)"
