@@ -57,7 +57,7 @@ JUDGE = Path(__file__).resolve().parent / "targets" / "attribute_judge.pt"
 
 
 def recipe(work: Path, faces: int, steps: int, lambda_change: float, lr: float = 4e-4, refine_layers: int = 0,
-           change_focus: float = 0.0, detail_layers: int = 0) -> list[list[str]]:
+           change_focus: float = 0.0, detail_layers: int = 0, detail_only: bool = False) -> list[list[str]]:
     data = work / "data"
     synth = ["synth", str(data), "--n", str(faces), "--seed", "1000", "--no-progress"]
     train = ["train-gan", "--images", str(data / "images"), "--attrs", str(data / "list_attr.txt"),
@@ -65,7 +65,7 @@ def recipe(work: Path, faces: int, steps: int, lambda_change: float, lr: float =
              "--shortcut-layers", "3", "--inject-layers", "3", "--refine-layers", str(refine_layers),
              "--detail-layers", str(detail_layers), "--lr", f"{lr:g}", "--lr-schedule", "cosine",
              "--lambda-change", f"{lambda_change:g}", "--change-focus", f"{change_focus:g}", "--save-every", "1000", "--sample-every", "1000",
-             "--judge", str(JUDGE), "--no-progress"]
+             "--judge", str(JUDGE), "--no-progress"] + (["--detail-only"] if detail_only else [])
     last = latest_checkpoint(work / "run")
     if last is not None and checkpoint_number(last) >= steps:
         train = None  # done: `sia train-gan` refuses a finished run without --force
@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--refine-layers", type=int, default=0, help="residual blocks before the image layer")
     parser.add_argument("--detail-layers", type=int, default=0,
                         help="blocks at the image's resolution that read the input image")
+    parser.add_argument("--detail-only", action="store_true",
+                        help="train the detail blocks alone: the rest of the generator keeps the --from weights")
     parser.add_argument("--change-focus", type=float, default=0.0,
                         help="weigh the change loss of the edits the generator does worst (sia train-gan --change-focus)")
     parser.add_argument("--from", dest="start", type=Path, default=None,
@@ -129,7 +131,7 @@ def main() -> None:
     if args.start is not None:
         warm_start(args.start, args.work / "run", args.refine_layers, args.detail_layers)
     for command in recipe(args.work, args.faces, args.steps, args.lambda_change, args.lr, args.refine_layers,
-                          args.change_focus, args.detail_layers):
+                          args.change_focus, args.detail_layers, args.detail_only):
         print("sia", shlex.join(command), flush=True)
         subprocess.run([sys.executable, "-m", "sia_cli", *command], check=True)
     if args.export:

@@ -329,6 +329,38 @@ def test_batches_are_drawn_ahead_on_cuda_only():
     assert training.draws_ahead(torch.device("cuda", 0)) and not training.draws_ahead(torch.device("cpu"))
 
 
+def test_detail_only_trains_the_detail_block_and_leaves_every_other_generator_weight_and_statistic(data, tmp_path):
+    """--detail-only: after real steps (the critic training too) the encoder, decoder and their
+    batch-norm running statistics are bit for bit those the run started from; the detail block moved."""
+    config = tiny_config(data, tmp_path / "g", detail_layers=1, detail_only=True, lr=1e-2)
+    torch.manual_seed(0)
+    trainer = Trainer(config, config.setting())
+    before = {k: v.clone() for k, v in trainer.generator.state_dict().items()}
+    critic_before = {k: v.clone() for k, v in trainer.critic.state_dict().items()}
+    real, a = torch.rand(8, 3, 32, 32) * 2 - 1, torch.randint(0, 2, (8, 3)).float()
+    for _ in range(3):
+        trainer.critic_step(real, a, a.flip(0))
+        trainer.generator_step(real, a, a.flip(0), truth=real.flip(0), edited=torch.zeros(8, dtype=torch.long))
+    write_grid = tmp_path / "sample.png"
+    training.write_sample(trainer, real[:2], a[:2], write_grid)  # eval and back must keep the frozen part frozen
+    trainer.critic_step(real, a, a.flip(0))
+    trainer.generator_step(real, a, a.flip(0))
+    after = trainer.generator.state_dict()
+    frozen = [k for k in before if not k.startswith("detail.")]
+    assert any("running_mean" in k for k in frozen)
+    assert all(torch.equal(before[k], after[k]) for k in frozen), [k for k in frozen if not torch.equal(before[k], after[k])]
+    assert not torch.equal(before["detail.0.outer.weight"], after["detail.0.outer.weight"])
+    assert any(not torch.equal(critic_before[k], v) for k, v in trainer.critic.state_dict().items())
+
+
+def test_detail_only_without_a_detail_block_is_refused_before_anything_is_written(data, tmp_path):
+    out = tmp_path / "g"
+    result = run(train_args(data, out, "--detail-only"))
+    assert result.exit_code == 2, result.output
+    assert "--detail-layers" in one_error_line(result)
+    assert not out.exists()
+
+
 def test_bf16_autocast_trains_with_an_fp32_penalty_and_public_checkpoint_keys(data, tmp_path):
     config = tiny_config(data, tmp_path / "g", amp="bf16")
     torch.manual_seed(0)

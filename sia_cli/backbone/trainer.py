@@ -45,6 +45,9 @@ class TrainConfig:
     inject_layers: int = 1
     refine_layers: int = 0  # residual blocks before the image layer (attgan.Refine; not public AttGAN's)
     detail_layers: int = 0  # blocks at the image's resolution that read the input image (attgan.Detail; ours)
+    # Train the detail blocks alone (and the critic): every other generator weight and batch
+    # statistic stays as loaded, so a detail stage sharpens the images and leaves the edits.
+    detail_only: bool = False
     thres_int: float = 0.5
     lambda_1: float = 100.0  # reconstruction
     lambda_2: float = 10.0  # generator attribute classification
@@ -90,6 +93,7 @@ class TrainConfig:
             "inject_layers": self.inject_layers,
             "refine_layers": self.refine_layers,
             "detail_layers": self.detail_layers,
+            "detail_only": self.detail_only,
             "enc_dim": self.enc_dim,
             "dec_dim": self.dec_dim,
             "dis_dim": self.dis_dim,
@@ -167,7 +171,14 @@ class Trainer:
             # Weights only: convolutions follow them, and Adam's moments take the layout of the
             # parameters they are made for. A checkpoint's tensors load into either layout.
             to_channels_last(self.generator, self.critic)
-        self.optim_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=config.betas)
+        trained = self.generator.detail if config.detail_only else self.generator
+        for p in self.generator.parameters():
+            # Frozen weights get no gradient at all: the backward pass stops at the detail blocks.
+            p.requires_grad_(not config.detail_only)
+        for p in trained.parameters():
+            p.requires_grad_(True)
+        self.optim_g = torch.optim.Adam(trained.parameters(), lr=config.lr, betas=config.betas)
+        self.train_mode()
         self.optim_d = torch.optim.Adam(self.critic.parameters(), lr=config.lr, betas=config.betas)
         self.device = device
         self.edits, self.scorer = Edits(self.generator), self.critic
@@ -186,6 +197,12 @@ class Trainer:
 
     def attribute_input(self, a: torch.Tensor) -> torch.Tensor:
         return (a * 2 - 1) * self.config.thres_int
+
+    def train_mode(self) -> None:
+        """The generator in training mode, but with --detail-only its frozen part in eval mode:
+        batch norm in training mode would move the running statistics the frozen part draws with."""
+        self.generator.train(not self.config.detail_only)
+        self.generator.detail.train()
 
     def autocast(self):
         return amp_context(self.device, self.config.amp)

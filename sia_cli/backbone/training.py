@@ -92,7 +92,7 @@ def write_sample(trainer: Trainer, images: torch.Tensor, attrs: torch.Tensor, pa
         flipped = attrs.clone()
         flipped[:, k] = 1 - flipped[:, k]
         columns.append(trainer.generator(images, trainer.attribute_input(flipped)))
-    trainer.generator.train()
+    trainer.train_mode()
     grid = torch.stack(columns, dim=1).flatten(0, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(make_grid(grid, nrow=len(columns), normalize=True, value_range=(-1, 1)), path)
@@ -115,6 +115,8 @@ def check_config(config: TrainConfig) -> None:
                         "--workers": config.workers, "--seed": config.seed}.items():
         if value < 0:
             raise SiaError(f"{flag} must be non-negative (got {value})")
+    if config.detail_only and config.detail_layers < 1:
+        raise SiaError("--detail-only trains the detail blocks alone: give --detail-layers 1 or more")
     if not math.isfinite(config.lr) or config.lr <= 0:
         raise SiaError(f"--lr must be a finite positive number (got {config.lr:g})")
     if config.time_limit is not None and (not math.isfinite(config.time_limit) or config.time_limit < 0):

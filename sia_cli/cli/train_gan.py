@@ -38,6 +38,10 @@ def train_gan(
         default("detail_layers"),
         help="3x3 blocks at the image's resolution that read the input image (ours, not public AttGAN's): "
              "fine detail kept instead of drawn again from coarse maps."),
+    detail_only: bool = typer.Option(
+        default("detail_only"), "--detail-only",
+        help="Train only the detail blocks (and the critic): the rest of the generator stays as the run "
+             "started, so its edits stay as they were while its images sharpen."),
     lr: float = typer.Option(default("lr"), help="Adam learning rate (betas 0.5, 0.999)."),
     sample_every: int = typer.Option(default("sample_every"), help="Write a sample grid every N steps."),
     save_every: int = typer.Option(default("save_every"), help="Write a checkpoint every N steps."),
