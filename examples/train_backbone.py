@@ -8,11 +8,19 @@ faces, supervised with the renderer's true counterfactuals; docs/backbone.md). T
         --lr 8e-4 --lambda-change 300 --refine-layers 1 --change-focus 2 \\
         --export sia_cli/backbone/builtin/synth-faces-64
 
-and a fourth, not yet the default (docs/backbone.md, "A fourth stage: detail at full resolution"):
+a fourth, replaced by the fifth (docs/backbone.md, "A fourth stage: detail at full resolution"):
 
     python examples/train_backbone.py --work /tmp/sia-backbone-4 --from sia_cli/backbone/builtin/synth-faces-64 \\
         --steps 33000 --lr 1.6e-3 --lambda-change 300 --refine-layers 1 --detail-layers 1 --change-focus 2 \\
         --export /tmp/stage-4
+
+and a fifth, the candidate `synth-faces-64-detail` (docs/backbone.md, "A fifth stage"): the detail
+block alone trained, every other weight the shipped backbone's; the run trains a critic beside
+it, and the export keeps the shipped critic instead, whose scores backbone fit reads:
+
+    python examples/train_backbone.py --work /tmp/sia-backbone-5 --from sia_cli/backbone/builtin/synth-faces-64 \\
+        --steps 33000 --lr 1.6e-3 --lambda-change 300 --refine-layers 1 --detail-layers 1 --change-focus 2 \\
+        --detail-only --critic-from-start --export backbones/synth-faces-64-detail
 
 The first stage runs, and prints, the `sia` commands of the whole recipe:
 
@@ -97,9 +105,13 @@ def warm_start(backbone: Path, run: Path, refine_layers: int = 0, detail_layers:
     torch.save(state, run / "checkpoint" / source.name)
 
 
-def export(run: Path, dest: Path) -> Path:
+def export(run: Path, dest: Path, critic_from: Path | None = None) -> Path:
+    """The run's last generator and critic, without optimiser states; with `critic_from` (a
+    backbone folder) that backbone's critic instead of the run's."""
     checkpoint = latest_checkpoint(run)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if critic_from is not None:
+        state["D"] = torch.load(latest_checkpoint(critic_from), map_location="cpu", weights_only=True)["D"]
     folder = dest / "checkpoint"
     if folder.is_dir():
         shutil.rmtree(folder)
@@ -127,7 +139,12 @@ def main() -> None:
     parser.add_argument("--from", dest="start", type=Path, default=None,
                         help="continue from this backbone folder (the second stage: see docs/backbone.md)")
     parser.add_argument("--export", type=Path, default=None, help="write the backbone here when done")
+    parser.add_argument("--critic-from-start", action="store_true",
+                        help="export the --from backbone's critic with the new generator (a detail stage: the "
+                             "critic that scores photos for backbone fit stays the one it was)")
     args = parser.parse_args()
+    if args.critic_from_start and args.start is None:
+        parser.error("--critic-from-start needs --from")
     if args.start is not None:
         warm_start(args.start, args.work / "run", args.refine_layers, args.detail_layers)
     for command in recipe(args.work, args.faces, args.steps, args.lambda_change, args.lr, args.refine_layers,
@@ -135,7 +152,8 @@ def main() -> None:
         print("sia", shlex.join(command), flush=True)
         subprocess.run([sys.executable, "-m", "sia_cli", *command], check=True)
     if args.export:
-        print("exported", export(args.work / "run", args.export), flush=True)
+        critic_from = args.start if args.critic_from_start else None
+        print("exported", export(args.work / "run", args.export, critic_from), flush=True)
 
 
 if __name__ == "__main__":

@@ -166,3 +166,60 @@ def test_the_measure_gives_the_renderers_own_edits_nearly_full_marks(faces, judg
     assert truth["reconstruction_l1"] == 0.0  # given its own attributes it returns the face itself
     assert mean(truth["edit_success"]) >= 0.85, truth["edit_success"]
     assert min(truth["edit_success"].values()) >= 0.6, truth["edit_success"]
+
+
+def test_remeasure_puts_a_candidate_in_the_defaults_place_for_every_command(tmp_path, monkeypatch):
+    """examples/remeasure_backbone.py: its registry file makes the name `synth-faces-64` load the
+    candidate folder, with the candidate's own architecture (here the detail block the shipped
+    backbone lacks); a folder without setting.txt is refused before any job runs."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(JUDGE.parents[1]))
+    from remeasure_backbone import registry
+
+    candidate = Path(__file__).parents[1] / "backbones" / "synth-faces-64-detail"
+    monkeypatch.setenv("SIA_WEIGHTS", str(registry(candidate, tmp_path)))
+    loaded = load_backbone("synth-faces-64")
+    assert Path(loaded.info.path).parent.parent == candidate.resolve()
+    assert len(loaded.generator.detail) == 1
+    x, a = torch.rand(2, 3, 64, 64) * 2 - 1, torch.randint(0, 2, (2, 15)).float()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, a), load_backbone(str(candidate))(x, a))
+    script = JUDGE.parents[1] / "remeasure_backbone.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "not a backbone folder" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_detail_stage_exports_the_runs_generator_and_on_request_the_starting_critic(tmp_path):
+    """examples/train_backbone.py: warm_start adds the detail block to the shipped weights;
+    export writes the run's generator and, with critic_from, the starting backbone's critic in
+    place of the run's (a detail stage keeps the critic whose scores backbone fit reads)."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(JUDGE.parents[1]))
+    from train_backbone import export, warm_start
+
+    shipped = Path(__file__).parents[1] / "sia_cli" / "backbone" / "builtin" / "synth-faces-64"
+    run = tmp_path / "run"
+    warm_start(shipped, run, refine_layers=1, detail_layers=1)
+    setting = json.loads((run / "setting.txt").read_text())
+    (run / "setting.txt").write_text(json.dumps({**setting, "detail_layers": 1}))  # as train-gan writes it
+    checkpoint = next((run / "checkpoint").glob("weights.*.pth"))
+    state = torch.load(checkpoint, weights_only=True)
+    state["G"]["detail.0.outer.bias"] += 0.1  # as if trained
+    state["D"] = {k: v + 1.0 if v.is_floating_point() else v for k, v in state["D"].items()}
+    torch.save(state, checkpoint)
+    trained, start = load_backbone(str(run)), load_backbone(str(shipped))
+    x, a = torch.rand(2, 3, 64, 64) * 2 - 1, torch.randint(0, 2, (2, 15)).float()
+    with torch.no_grad():
+        assert not torch.equal(trained(x, a), start(x, a))
+        assert not torch.equal(trained.discriminator(x)[0], start.discriminator(x)[0])
+        for critic_from, critic in ((None, trained), (shipped, start)):
+            written = export(run, tmp_path / f"out-{critic_from is None}", critic_from)
+            exported = load_backbone(str(written.parent.parent))
+            assert torch.equal(exported(x, a), trained(x, a))
+            assert torch.equal(exported.discriminator(x)[0], critic.discriminator(x)[0])
