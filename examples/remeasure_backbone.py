@@ -8,8 +8,8 @@ command below, the ones without a --gan option too, runs it as the default would
 candidate's card is written first, into its own folder (`card.json`: the domain calibration that
 backbone fit reads, and the edit success that names blind spots). Each job writes OUT/NAME.log
 and, when it ends well, OUT/NAME.done with its seconds; run again after an interruption and the
-finished jobs are skipped. `--only` runs some of them. Jobs run in order of cost, about three
-hours in all on this project's 2 cores; nice it and let it run in the background.
+finished jobs are skipped. `--only` runs some of them. Jobs run in order of cost, about two
+and a half hours in all on this project's 2 cores (by the timings the docs give); nice it and let it run in the background.
 
 What each job feeds is in JOBS. Not here: the one-step table of docs/validity.md (its photos are
 put together by hand, as that page says) and the training history.
@@ -18,13 +18,16 @@ put together by hand, as that page says) and the training history.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
+
+from sia_cli.backbone.registry import BUILTIN_REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = shlex.quote(sys.executable)
@@ -74,16 +77,13 @@ JOBS: dict[str, tuple[str, str]] = {
 
 
 def registry(backbone: Path, out: Path) -> Path:
-    """A registry file naming the candidate `synth-faces-64`, in the layout of weights.yaml."""
-    setting = json.loads((backbone / "setting.txt").read_text())
-    arch = {key: setting[key] for key in ("enc_dim", "dec_dim", "enc_layers", "dec_layers", "shortcut_layers",
-                                          "inject_layers", "refine_layers", "detail_layers", "dis_dim",
-                                          "dis_layers", "dis_fc_dim") if key in setting}
-    entry = {"description": f"candidate from {backbone}", "attributes": setting["attrs"],
-             "img_size": setting["img_size"], "thres_int": setting["thres_int"], "framing": "synth",
-             "arch": arch, "source": {"path": str(backbone.resolve())}}
+    """A registry file whose `synth-faces-64` is the built-in entry with its source moved to the
+    candidate: the candidate's own setting.txt gives its architecture (it wins over an entry's)."""
+    entry = yaml.safe_load(BUILTIN_REGISTRY.read_text())["synth-faces-64"]
+    entry = {**{k: v for k, v in entry.items() if k != "arch"}, "description": f"candidate from {backbone}",
+             "source": {"path": str(backbone.resolve())}}
     path = out / "weights.yaml"
-    path.write_text(json.dumps({"synth-faces-64": entry}, indent=2))  # JSON is YAML
+    path.write_text(yaml.safe_dump({"synth-faces-64": entry}))
     return path
 
 

@@ -172,11 +172,9 @@ class Trainer:
             # parameters they are made for. A checkpoint's tensors load into either layout.
             to_channels_last(self.generator, self.critic)
         trained = self.generator.detail if config.detail_only else self.generator
-        for p in self.generator.parameters():
-            # Frozen weights get no gradient at all: the backward pass stops at the detail blocks.
-            p.requires_grad_(not config.detail_only)
-        for p in trained.parameters():
-            p.requires_grad_(True)
+        # Frozen weights get no gradient at all: the backward pass stops at the detail blocks.
+        self.generator.requires_grad_(False)
+        trained.requires_grad_(True)
         self.optim_g = torch.optim.Adam(trained.parameters(), lr=config.lr, betas=config.betas)
         self.train_mode()
         self.optim_d = torch.optim.Adam(self.critic.parameters(), lr=config.lr, betas=config.betas)
