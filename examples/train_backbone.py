@@ -14,13 +14,14 @@ a fourth, replaced by the fifth (docs/backbone.md, "A fourth stage: detail at fu
         --steps 33000 --lr 1.6e-3 --lambda-change 300 --refine-layers 1 --detail-layers 1 --change-focus 2 \\
         --export /tmp/stage-4
 
-and a fifth, the candidate `synth-faces-64-detail` (docs/backbone.md, "A fifth stage"): the detail
-block alone trained, every other weight the shipped backbone's; the run trains a critic beside
-it, and the export keeps the shipped critic instead, whose scores backbone fit reads:
+and a fifth, the candidate `synth-faces-64-detail` (docs/backbone.md, "A gate on the detail
+block"): the detail block alone trained, every other weight the shipped backbone's; the run
+trains a critic beside it, and the export keeps the shipped critic instead, whose scores
+backbone fit reads, and sets the block's gate (trained without one: see the docs):
 
     python examples/train_backbone.py --work /tmp/sia-backbone-5 --from sia_cli/backbone/builtin/synth-faces-64 \\
         --steps 33000 --lr 1.6e-3 --lambda-change 300 --refine-layers 1 --detail-layers 1 --change-focus 2 \\
-        --detail-only --critic-from-start --export backbones/synth-faces-64-detail
+        --detail-only --critic-from-start --export-gate 0.03 --export backbones/synth-faces-64-detail
 
 The first stage runs, and prints, the `sia` commands of the whole recipe:
 
@@ -50,6 +51,7 @@ card; the shipped card.json is measured afterwards on fresh faces by
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import shutil
 import subprocess
@@ -65,7 +67,8 @@ JUDGE = Path(__file__).resolve().parent / "targets" / "attribute_judge.pt"
 
 
 def recipe(work: Path, faces: int, steps: int, lambda_change: float, lr: float = 4e-4, refine_layers: int = 0,
-           change_focus: float = 0.0, detail_layers: int = 0, detail_only: bool = False) -> list[list[str]]:
+           change_focus: float = 0.0, detail_layers: int = 0, detail_only: bool = False,
+           detail_gate: float = 0.0) -> list[list[str]]:
     data = work / "data"
     synth = ["synth", str(data), "--n", str(faces), "--seed", "1000", "--no-progress"]
     train = ["train-gan", "--images", str(data / "images"), "--attrs", str(data / "list_attr.txt"),
@@ -73,7 +76,8 @@ def recipe(work: Path, faces: int, steps: int, lambda_change: float, lr: float =
              "--shortcut-layers", "3", "--inject-layers", "3", "--refine-layers", str(refine_layers),
              "--detail-layers", str(detail_layers), "--lr", f"{lr:g}", "--lr-schedule", "cosine",
              "--lambda-change", f"{lambda_change:g}", "--change-focus", f"{change_focus:g}", "--save-every", "1000", "--sample-every", "1000",
-             "--judge", str(JUDGE), "--no-progress"] + (["--detail-only"] if detail_only else [])
+             "--detail-gate", f"{detail_gate:g}", "--judge", str(JUDGE), "--no-progress"] + (
+                 ["--detail-only"] if detail_only else [])
     last = latest_checkpoint(work / "run")
     if last is not None and checkpoint_number(last) >= steps:
         train = None  # done: `sia train-gan` refuses a finished run without --force
@@ -105,9 +109,11 @@ def warm_start(backbone: Path, run: Path, refine_layers: int = 0, detail_layers:
     torch.save(state, run / "checkpoint" / source.name)
 
 
-def export(run: Path, dest: Path, critic_from: Path | None = None) -> Path:
+def export(run: Path, dest: Path, critic_from: Path | None = None, detail_gate: float | None = None) -> Path:
     """The run's last generator and critic, without optimiser states; with `critic_from` (a
-    backbone folder) that backbone's critic instead of the run's."""
+    backbone folder) that backbone's critic instead of the run's; with `detail_gate` that gate
+    in the exported setting.txt (attgan.Detail: it has no weights, so a block trained without
+    it can be exported with it)."""
     checkpoint = latest_checkpoint(run)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if critic_from is not None:
@@ -116,7 +122,10 @@ def export(run: Path, dest: Path, critic_from: Path | None = None) -> Path:
     if folder.is_dir():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    shutil.copy(run / SETTING_FILE, dest / SETTING_FILE)
+    setting = read_setting(run / SETTING_FILE)
+    if detail_gate is not None:
+        setting["detail_gate"] = detail_gate
+    (dest / SETTING_FILE).write_text(json.dumps(setting, indent=4) + "\n")
     target = folder / checkpoint.name
     torch.save({"G": state["G"], "D": state["D"], "sia": state["sia"]}, target)
     return target
@@ -134,6 +143,9 @@ def main() -> None:
                         help="blocks at the image's resolution that read the input image")
     parser.add_argument("--detail-only", action="store_true",
                         help="train the detail blocks alone: the rest of the generator keeps the --from weights")
+    parser.add_argument("--detail-gate", type=float, default=0.0,
+                        help="fade the detail blocks where the decoder's image departs this far from the input "
+                             "(sia train-gan --detail-gate)")
     parser.add_argument("--change-focus", type=float, default=0.0,
                         help="weigh the change loss of the edits the generator does worst (sia train-gan --change-focus)")
     parser.add_argument("--from", dest="start", type=Path, default=None,
@@ -142,18 +154,21 @@ def main() -> None:
     parser.add_argument("--critic-from-start", action="store_true",
                         help="export the --from backbone's critic with the new generator (a detail stage: the "
                              "critic that scores photos for backbone fit stays the one it was)")
+    parser.add_argument("--export-gate", type=float, default=None,
+                        help="the detail gate the exported setting.txt gives (default: the run's own); the "
+                             "candidate's block was trained without one and is exported with it")
     args = parser.parse_args()
     if args.critic_from_start and args.start is None:
         parser.error("--critic-from-start needs --from")
     if args.start is not None:
         warm_start(args.start, args.work / "run", args.refine_layers, args.detail_layers)
     for command in recipe(args.work, args.faces, args.steps, args.lambda_change, args.lr, args.refine_layers,
-                          args.change_focus, args.detail_layers, args.detail_only):
+                          args.change_focus, args.detail_layers, args.detail_only, args.detail_gate):
         print("sia", shlex.join(command), flush=True)
         subprocess.run([sys.executable, "-m", "sia_cli", *command], check=True)
     if args.export:
         critic_from = args.start if args.critic_from_start else None
-        print("exported", export(args.work / "run", args.export, critic_from), flush=True)
+        print("exported", export(args.work / "run", args.export, critic_from, args.export_gate), flush=True)
 
 
 if __name__ == "__main__":

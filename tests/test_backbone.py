@@ -13,6 +13,7 @@ from sia_cli.backbone import registry
 from sia_cli.backbone.attgan import (
     AttGAN,
     BackboneInfo,
+    Detail,
     Discriminator,
     DiscriminatorConfig,
     Generator,
@@ -250,3 +251,42 @@ def test_detail_blocks_start_as_the_identity_then_carry_the_input_image_into_the
     assert (change - coarse_change)[15:18, 15:18].abs().min() > 1e-3
     with pytest.raises(ValueError, match="encoded image"):
         detailed.decode(detailed.encode(x), a)
+
+
+def gated_and_open(gate: float) -> tuple[Detail, Detail]:
+    torch.manual_seed(0)
+    open_block = Detail(n_attrs=2)
+    torch.nn.init.normal_(open_block.outer.weight, std=0.1)
+    torch.nn.init.normal_(open_block.outer.bias, std=0.1)
+    gated = Detail(n_attrs=2, gate=gate)
+    gated.load_state_dict(open_block.state_dict())
+    return gated, open_block
+
+
+def test_a_gated_detail_block_adds_all_it_would_where_the_image_is_kept_and_little_where_an_edit_moved_it():
+    """The gate reads how far the decoder's image departs from the input: where the two agree,
+    or differ only by fine zero-mean error (the blur the block exists to sharpen), it adds what
+    an ungated block adds; over a region an edit moved one way (by 0.25 in [0, 1]) it adds
+    almost nothing, so the decoder's edit stands."""
+    gated, open_block = gated_and_open(0.03)
+    image, a = torch.rand(1, 3, 32, 32) * 2 - 1, torch.tensor([[0.5, -0.5]])
+    checker = (torch.arange(32).view(-1, 1) + torch.arange(32)) % 2 * 0.2 - 0.1  # +-0.05 in [0, 1]
+    edit = torch.zeros(32, 32)
+    edit[8:24, 8:24] = 0.5  # 0.25 in [0, 1]
+    with torch.no_grad():
+        for departure, inside, share in ((torch.zeros(32, 32), slice(None), (0.999, 1.001)),
+                                         (checker, slice(None), (0.9, 1.001)),
+                                         (edit, slice(12, 20), (0.0, 0.001))):
+            logits = torch.atanh((image + departure).clamp(-0.99, 0.99))
+            drawn = torch.tanh(logits)
+            added_gated = gated(logits, drawn - departure, a) - logits
+            added_open = open_block(logits, drawn - departure, a) - logits
+            ratio = added_gated[..., inside, inside].abs().sum() / added_open[..., inside, inside].abs().sum()
+            assert share[0] <= float(ratio) <= share[1], (departure.abs().max(), float(ratio))
+
+
+def test_the_gate_comes_from_the_setting_and_none_is_the_ungated_block():
+    gated = Generator(GeneratorConfig.from_setting({"detail_layers": 1, "detail_gate": 0.03, "img_size": 32,
+                                                    "enc_layers": 3, "dec_layers": 3}))
+    assert [block.gate for block in gated.detail] == [0.03]
+    assert Generator(GeneratorConfig(detail_layers=1, img_size=32, enc_layers=3, dec_layers=3)).detail[0].gate == 0.0

@@ -156,7 +156,7 @@ def test_train_gan_options_fill_every_field(captured):
             "--img-size", "32", "--batch-size", "8", "--max-steps", "9", "--n-d", "2", "--enc-dim", "8",
             "--dec-dim", "12", "--layers", "3", "--dis-dim", "10", "--dis-fc-dim", "20", "--shortcut-layers", "0",
             "--inject-layers", "0", "--lr", "0.001", "--sample-every", "3", "--save-every", "4", "--force",
-            "--refine-layers", "1", "--detail-layers", "1", "--detail-only", "--change-focus", "2", "--device", "cpu", "--seed", "6", "--workers", "2", "--preload", "--time-limit", "1.5", "--judge",
+            "--refine-layers", "1", "--detail-layers", "1", "--detail-only", "--detail-gate", "0.03", "--change-focus", "2", "--device", "cpu", "--seed", "6", "--workers", "2", "--preload", "--time-limit", "1.5", "--judge",
             "j.pt", "--no-progress"]
     result, config = captured(args)
     assert result.exit_code == 0, result.output
@@ -164,7 +164,7 @@ def test_train_gan_options_fill_every_field(captured):
         images=Path("imgs"), attrs_file=Path("a.txt"), attributes=["Bangs", "Smiling"], out=Path("o"),
         img_size=32, batch_size=8, max_steps=9, n_d=2, enc_dim=8, dec_dim=12, enc_layers=3, dec_layers=3,
         dis_layers=3, dis_dim=10, dis_fc_dim=20, shortcut_layers=0, inject_layers=0, lr=0.001, sample_every=3,
-        save_every=4, force=True, refine_layers=1, detail_layers=1, detail_only=True, change_focus=2.0, device="cpu", seed=6, workers=2, preload=True, time_limit=90.0,
+        save_every=4, force=True, refine_layers=1, detail_layers=1, detail_only=True, detail_gate=0.03, change_focus=2.0, device="cpu", seed=6, workers=2, preload=True, time_limit=90.0,
         judge=Path("j.pt"),
     )
 

@@ -7,6 +7,7 @@ scores near 0: its edits do not show. One whose edits change other attributes to
 the off-target bound.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,7 @@ def test_remeasure_puts_a_candidate_in_the_defaults_place_for_every_command(tmp_
     loaded = load_backbone("synth-faces-64")
     assert Path(loaded.info.path).parent.parent == candidate.resolve()
     assert len(loaded.generator.detail) == 1
+    assert loaded.generator.detail[0].gate == json.loads((candidate / "setting.txt").read_text()).get("detail_gate", 0)
     x, a = torch.rand(2, 3, 64, 64) * 2 - 1, torch.randint(0, 2, (2, 15)).float()
     with torch.no_grad():
         assert torch.equal(loaded(x, a), load_backbone(str(candidate))(x, a))
@@ -197,7 +199,6 @@ def test_a_detail_stage_exports_the_runs_generator_and_on_request_the_starting_c
     """examples/train_backbone.py: warm_start adds the detail block to the shipped weights;
     export writes the run's generator and, with critic_from, the starting backbone's critic in
     place of the run's (a detail stage keeps the critic whose scores backbone fit reads)."""
-    import json
     import sys
 
     sys.path.insert(0, str(JUDGE.parents[1]))
@@ -223,3 +224,10 @@ def test_a_detail_stage_exports_the_runs_generator_and_on_request_the_starting_c
             exported = load_backbone(str(written.parent.parent))
             assert torch.equal(exported(x, a), trained(x, a))
             assert torch.equal(exported.discriminator(x)[0], critic.discriminator(x)[0])
+        # The gate has no weights: exported with one, the same block adds less where the image
+        # departs from the input (random x: everywhere), and the setting says so.
+        gated = load_backbone(str(export(run, tmp_path / "gated", shipped, detail_gate=0.03).parent.parent))
+        assert [block.gate for block in gated.generator.detail] == [0.03]
+        assert json.loads((tmp_path / "gated" / "setting.txt").read_text())["detail_gate"] == 0.03
+        assert not torch.equal(gated(x, a), trained(x, a))
+        assert (gated(x, a) - start(x, a)).abs().mean() < (trained(x, a) - start(x, a)).abs().mean()

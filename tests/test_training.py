@@ -361,6 +361,15 @@ def test_detail_only_without_a_detail_block_is_refused_before_anything_is_writte
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra", [("--detail-gate", "0.03"), ("--detail-layers", "1", "--detail-gate", "-0.1")])
+def test_a_detail_gate_without_a_block_or_below_zero_is_refused_before_anything_is_written(data, tmp_path, extra):
+    out = tmp_path / "g"
+    result = run(train_args(data, out, *extra))
+    assert result.exit_code == 2, result.output
+    assert "--detail-" in one_error_line(result)
+    assert not out.exists()
+
+
 def test_bf16_autocast_trains_with_an_fp32_penalty_and_public_checkpoint_keys(data, tmp_path):
     config = tiny_config(data, tmp_path / "g", amp="bf16")
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sia_cli.errors import SiaError
@@ -86,18 +87,36 @@ class Detail(nn.Module):
     Every other map of the generator is at half the resolution or less, so without it fine
     detail the encoder saw is drawn again from coarse maps (the reconstruction's blur). The
     second convolution starts at zero: added to a trained generator it leaves its images as
-    they were until training moves it (examples/train_backbone.py --detail-layers)."""
+    they were until training moves it (examples/train_backbone.py --detail-layers).
 
-    def __init__(self, n_attrs: int, width: int = 32):
+    Reading the input, the block also brings back what an edit takes away (a man's short hair
+    grows back towards the input's long hair). With `gate` > 0 its addition is weighed per pixel
+    by exp(-d / gate), d being how far the decoder's image lies from the input there (in [0, 1]
+    units, the signed difference averaged over GATE_SIZE x GATE_SIZE pixels and its magnitude
+    averaged over channels). Blur errors are fine and zero-mean and average away, so the
+    reconstruction keeps its detail; an edit moves whole regions one way, and there the gate
+    closes and the decoder's edit stands."""
+
+    GATE_SIZE = 5
+
+    def __init__(self, n_attrs: int, width: int = 32, gate: float = 0.0):
         super().__init__()
         self.inner = nn.Conv2d(3 + 3 + n_attrs, width, 3, padding=1)
         self.outer = nn.Conv2d(width, 3, 3, padding=1)
         nn.init.zeros_(self.outer.weight)
         nn.init.zeros_(self.outer.bias)
+        self.gate = gate
 
     def forward(self, logits: torch.Tensor, image: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        seen = torch.cat([torch.tanh(logits), image, _tile(a, image.size(-1))], dim=1)
-        return logits + self.outer(torch.relu(self.inner(seen)))
+        drawn = torch.tanh(logits)
+        seen = torch.cat([drawn, image, _tile(a, image.size(-1))], dim=1)
+        added = self.outer(torch.relu(self.inner(seen)))
+        if self.gate > 0:
+            departure = F.avg_pool2d(drawn - image, self.GATE_SIZE, stride=1, padding=self.GATE_SIZE // 2,
+                                     count_include_pad=False)
+            # images are in [-1, 1]: half the difference is the difference in [0, 1]
+            added = added * torch.exp(-departure.abs().mean(dim=1, keepdim=True) / (2 * self.gate))
+        return logits + added
 
 
 @dataclass
@@ -123,6 +142,9 @@ class GeneratorConfig:
     refine_layers: int = 0
     # Ours too: attgan.Detail blocks at the image's resolution, which see the input image.
     detail_layers: int = 0
+    # Ours: in [0, 1] units, how far the decoder's image may depart from the input before the
+    # detail blocks' addition fades there (attgan.Detail); 0 adds it everywhere.
+    detail_gate: float = 0.0
 
     @classmethod
     def from_setting(cls, setting: dict) -> "GeneratorConfig":
@@ -187,7 +209,7 @@ class Generator(nn.Module):
                 n_in += c.n_attrs
         self.refine = nn.ModuleList(Refine(n_in) for _ in range(c.refine_layers))
         self.dec_layers.append(deconv_block(n_in, 3, "none", "tanh"))
-        self.detail = nn.ModuleList(Detail(c.n_attrs) for _ in range(c.detail_layers))
+        self.detail = nn.ModuleList(Detail(c.n_attrs, gate=c.detail_gate) for _ in range(c.detail_layers))
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []

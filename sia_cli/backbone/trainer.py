@@ -48,6 +48,9 @@ class TrainConfig:
     # Train the detail blocks alone (and the critic): every other generator weight and batch
     # statistic stays as loaded, so a detail stage sharpens the images and leaves the edits.
     detail_only: bool = False
+    # In [0, 1] units: where the decoder's image departs this far from the input the detail
+    # blocks' addition fades (attgan.Detail), so they sharpen and do not undo edits. 0: no gate.
+    detail_gate: float = 0.0
     thres_int: float = 0.5
     lambda_1: float = 100.0  # reconstruction
     lambda_2: float = 10.0  # generator attribute classification
@@ -94,6 +97,7 @@ class TrainConfig:
             "refine_layers": self.refine_layers,
             "detail_layers": self.detail_layers,
             "detail_only": self.detail_only,
+            "detail_gate": self.detail_gate,
             "enc_dim": self.enc_dim,
             "dec_dim": self.dec_dim,
             "dis_dim": self.dis_dim,

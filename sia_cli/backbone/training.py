@@ -117,6 +117,10 @@ def check_config(config: TrainConfig) -> None:
             raise SiaError(f"{flag} must be non-negative (got {value})")
     if config.detail_only and config.detail_layers < 1:
         raise SiaError("--detail-only trains the detail blocks alone: give --detail-layers 1 or more")
+    if not math.isfinite(config.detail_gate) or config.detail_gate < 0:
+        raise SiaError(f"--detail-gate must be a finite non-negative number (got {config.detail_gate:g})")
+    if config.detail_gate > 0 and config.detail_layers < 1:
+        raise SiaError("--detail-gate weighs the detail blocks' addition: give --detail-layers 1 or more")
     if not math.isfinite(config.lr) or config.lr <= 0:
         raise SiaError(f"--lr must be a finite positive number (got {config.lr:g})")
     if config.time_limit is not None and (not math.isfinite(config.time_limit) or config.time_limit < 0):

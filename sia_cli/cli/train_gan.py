@@ -42,6 +42,10 @@ def train_gan(
         default("detail_only"), "--detail-only",
         help="Train only the detail blocks (and the critic): the rest of the generator stays as the run "
              "started, so its edits stay as they were while its images sharpen."),
+    detail_gate: float = typer.Option(
+        default("detail_gate"),
+        help="Fade the detail blocks' addition where the decoder's image departs this far from the input "
+             "(in [0, 1], averaged over 5x5 pixels): they sharpen the image without undoing an edit (0: no gate)."),
     lr: float = typer.Option(default("lr"), help="Adam learning rate (betas 0.5, 0.999)."),
     sample_every: int = typer.Option(default("sample_every"), help="Write a sample grid every N steps."),
     save_every: int = typer.Option(default("save_every"), help="Write a checkpoint every N steps."),
