@@ -1,27 +1,32 @@
 """Train the default backbone shipped in sia_cli/backbone/builtin/synth-faces-64/ (64x64 synth
-faces, supervised with the renderer's true counterfactuals; docs/backbone.md). Three stages:
+faces, supervised with the renderer's true counterfactuals; docs/backbone.md). Three stages
+train the whole generator:
 
     python examples/train_backbone.py --work /tmp/sia-backbone --export /tmp/stage-1
     python examples/train_backbone.py --work /tmp/sia-backbone-2 --from /tmp/stage-1 --steps 22000 \\
         --lambda-change 300 --export /tmp/stage-2
     python examples/train_backbone.py --work /tmp/sia-backbone-3 --from /tmp/stage-2 --steps 29000 \\
-        --lr 8e-4 --lambda-change 300 --refine-layers 1 --change-focus 2 \\
-        --export sia_cli/backbone/builtin/synth-faces-64
+        --lr 8e-4 --lambda-change 300 --refine-layers 1 --change-focus 2 --export /tmp/stage-3
 
-a fourth, replaced by the fifth (docs/backbone.md, "A fourth stage: detail at full resolution"):
+a fourth, tried and replaced by the fifth (docs/backbone.md, "A fourth stage: detail at full
+resolution"), trained every weight with a detail block added:
 
-    python examples/train_backbone.py --work /tmp/sia-backbone-4 --from sia_cli/backbone/builtin/synth-faces-64 \\
+    python examples/train_backbone.py --work /tmp/sia-backbone-4 --from /tmp/stage-3 \\
         --steps 33000 --lr 1.6e-3 --lambda-change 300 --refine-layers 1 --detail-layers 1 --change-focus 2 \\
         --export /tmp/stage-4
 
-and a fifth, the candidate `synth-faces-64-detail` (docs/backbone.md, "A gate on the detail
-block"): the detail block alone trained, every other weight the shipped backbone's; the run
-trains a critic beside it, and the export keeps the shipped critic instead, whose scores
-backbone fit reads, and sets the block's gate (trained without one: see the docs):
+and the fifth, which gives the shipped weights (docs/backbone.md, "A gate on the detail block"),
+trains the detail block alone, every other weight the third stage's; the run trains a critic
+beside it, and the export keeps the third stage's critic instead, whose scores backbone fit
+reads, and sets the block's gate (trained without one: see the docs):
 
-    python examples/train_backbone.py --work /tmp/sia-backbone-5 --from sia_cli/backbone/builtin/synth-faces-64 \\
+    python examples/train_backbone.py --work /tmp/sia-backbone-5 --from /tmp/stage-3 \\
         --steps 33000 --lr 1.6e-3 --lambda-change 300 --refine-layers 1 --detail-layers 1 --change-focus 2 \\
-        --detail-only --critic-from-start --export-gate 0.03 --export backbones/synth-faces-64-detail
+        --detail-only --critic-from-start --export-gate 0.03 --export sia_cli/backbone/builtin/synth-faces-64
+
+The third stage's export is in git history (`git show
+4151215:sia_cli/backbone/builtin/synth-faces-64/checkpoint/weights.29000.pth` with that
+commit's setting.txt beside it), so the fifth runs alone from the repository.
 
 The first stage runs, and prints, the `sia` commands of the whole recipe:
 
@@ -35,9 +40,10 @@ The second continues from the first's export (`--from`: its weights without opti
 become step 14,000 of a run to 22,000, a warm restart of the cosine schedule at 1.3e-4) with
 three times the weight on the change loss, on the same faces drawn again (the same seed). The
 third adds a refine block (as the identity) and weighs the change loss toward the edits the
-generator does worst by its own loss, for 7,000 more steps. The fourth adds a detail block at
-the image's own resolution that reads the input image (attgan.Detail, as the identity). Each stage also starts from the
-weights the repository keeps (git history holds the earlier stages' files).
+generator does worst by its own loss, for 7,000 more steps. The fourth and fifth add a detail
+block at the image's own resolution that reads the input image (attgan.Detail, as the
+identity). Each stage also starts from the weights the repository keeps (git history holds the
+earlier stages' files).
 
 `sia train-gan` supervises every one-attribute edit with the renderer's true counterfactual (the
 folder is a `sia synth` set), beside AttGAN's own losses. Run again after an interruption: it

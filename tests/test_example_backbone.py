@@ -21,13 +21,14 @@ from sia_cli.inputs.synth import make_dataset
 from sia_cli.targets import load_target
 
 JUDGE = Path(__file__).parents[1] / "examples" / "targets" / "attribute_judge.pt"
-# The shipped backbone, trained with the renderer's counterfactuals (docs/backbone.md). Measured
-# with examples/measure_backbone.py on 300 faces (seed 77): mean edit success 0.82, clean edit
-# success 0.54, reconstruction error 0.024, every attribute at 0.6 or more (lowest Male 0.63); on
-# the first 120 of those faces, the fixture's: mean 0.815, lowest Smiling 0.617, clean 0.522,
-# error 0.0236. The bounds leave about two standard errors of 120 faces below those figures.
-# (The AttGAN-recipe backbone it replaced: mean 0.24, clean 0.12, error 0.054; an 18-step
-# backbone 0.01 and 0.177.)
+SHIPPED = Path(__file__).parents[1] / "sia_cli" / "backbone" / "builtin" / "synth-faces-64"
+# The shipped backbone, trained with the renderer's counterfactuals and given a gated detail
+# block (docs/backbone.md). Measured with examples/measure_backbone.py on 300 faces (seed 77):
+# mean edit success 0.815, clean edit success 0.54, reconstruction error 0.020, every attribute
+# at 0.6 or more (lowest Male 0.63); on the first 120 of those faces, the fixture's: mean 0.816,
+# lowest Smiling 0.633, clean 0.533, error 0.0201, off-target 0.030. The bounds leave about two
+# standard errors of 120 faces below those figures. (The AttGAN-recipe backbone it replaced:
+# mean 0.24, clean 0.12, error 0.054; an 18-step backbone 0.01 and 0.177.)
 MEAN_EDIT_SUCCESS = 0.78
 MIN_EDIT_SUCCESS = 0.55
 MEAN_CLEAN_EDIT_SUCCESS = 0.48
@@ -171,23 +172,28 @@ def test_the_measure_gives_the_renderers_own_edits_nearly_full_marks(faces, judg
 
 def test_remeasure_puts_a_candidate_in_the_defaults_place_for_every_command(tmp_path, monkeypatch):
     """examples/remeasure_backbone.py: its registry file makes the name `synth-faces-64` load the
-    candidate folder, with the candidate's own architecture (here the detail block the shipped
-    backbone lacks); a folder without setting.txt is refused before any job runs."""
+    candidate folder, with the candidate's own setting (here the shipped weights with the detail
+    block's gate off, which the built-in entry sets); a folder without setting.txt is refused
+    before any job runs."""
     import subprocess
     import sys
 
     sys.path.insert(0, str(JUDGE.parents[1]))
     from remeasure_backbone import registry
+    from train_backbone import export
 
-    candidate = Path(__file__).parents[1] / "backbones" / "synth-faces-64-detail"
+    candidate = tmp_path / "candidate"
+    export(SHIPPED, candidate, detail_gate=0.0)
+    default = load_backbone("synth-faces-64")
     monkeypatch.setenv("SIA_WEIGHTS", str(registry(candidate, tmp_path)))
     loaded = load_backbone("synth-faces-64")
     assert Path(loaded.info.path).parent.parent == candidate.resolve()
-    assert len(loaded.generator.detail) == 1
-    assert loaded.generator.detail[0].gate == json.loads((candidate / "setting.txt").read_text()).get("detail_gate", 0)
+    assert [block.gate for block in default.generator.detail] == [0.03]
+    assert [block.gate for block in loaded.generator.detail] == [0.0]
     x, a = torch.rand(2, 3, 64, 64) * 2 - 1, torch.randint(0, 2, (2, 15)).float()
     with torch.no_grad():
         assert torch.equal(loaded(x, a), load_backbone(str(candidate))(x, a))
+        assert not torch.equal(loaded(x, a), default(x, a))
     script = JUDGE.parents[1] / "remeasure_backbone.py"
     result = subprocess.run([sys.executable, str(script), str(tmp_path), "--out", str(tmp_path / "out")],
                             capture_output=True, text=True)
@@ -196,7 +202,7 @@ def test_remeasure_puts_a_candidate_in_the_defaults_place_for_every_command(tmp_
 
 
 def test_a_detail_stage_exports_the_runs_generator_and_on_request_the_starting_critic(tmp_path):
-    """examples/train_backbone.py: warm_start adds the detail block to the shipped weights;
+    """examples/train_backbone.py: warm_start carries the shipped weights, detail block included;
     export writes the run's generator and, with critic_from, the starting backbone's critic in
     place of the run's (a detail stage keeps the critic whose scores backbone fit reads)."""
     import sys
@@ -204,30 +210,46 @@ def test_a_detail_stage_exports_the_runs_generator_and_on_request_the_starting_c
     sys.path.insert(0, str(JUDGE.parents[1]))
     from train_backbone import export, warm_start
 
-    shipped = Path(__file__).parents[1] / "sia_cli" / "backbone" / "builtin" / "synth-faces-64"
     run = tmp_path / "run"
-    warm_start(shipped, run, refine_layers=1, detail_layers=1)
+    warm_start(SHIPPED, run, refine_layers=1, detail_layers=1)
     setting = json.loads((run / "setting.txt").read_text())
-    (run / "setting.txt").write_text(json.dumps({**setting, "detail_layers": 1}))  # as train-gan writes it
+    # as train-gan writes it for a block trained without the gate (the fifth stage)
+    (run / "setting.txt").write_text(json.dumps({**setting, "detail_layers": 1, "detail_gate": 0.0}))
     checkpoint = next((run / "checkpoint").glob("weights.*.pth"))
     state = torch.load(checkpoint, weights_only=True)
     state["G"]["detail.0.outer.bias"] += 0.1  # as if trained
     state["D"] = {k: v + 1.0 if v.is_floating_point() else v for k, v in state["D"].items()}
     torch.save(state, checkpoint)
-    trained, start = load_backbone(str(run)), load_backbone(str(shipped))
+    trained, start = load_backbone(str(run)), load_backbone(str(SHIPPED))
     x, a = torch.rand(2, 3, 64, 64) * 2 - 1, torch.randint(0, 2, (2, 15)).float()
     with torch.no_grad():
         assert not torch.equal(trained(x, a), start(x, a))
         assert not torch.equal(trained.discriminator(x)[0], start.discriminator(x)[0])
-        for critic_from, critic in ((None, trained), (shipped, start)):
+        for critic_from, critic in ((None, trained), (SHIPPED, start)):
             written = export(run, tmp_path / f"out-{critic_from is None}", critic_from)
             exported = load_backbone(str(written.parent.parent))
             assert torch.equal(exported(x, a), trained(x, a))
             assert torch.equal(exported.discriminator(x)[0], critic.discriminator(x)[0])
         # The gate has no weights: exported with one, the same block adds less where the image
         # departs from the input (random x: everywhere), and the setting says so.
-        gated = load_backbone(str(export(run, tmp_path / "gated", shipped, detail_gate=0.03).parent.parent))
+        gated = load_backbone(str(export(run, tmp_path / "gated", SHIPPED, detail_gate=0.03).parent.parent))
         assert [block.gate for block in gated.generator.detail] == [0.03]
         assert json.loads((tmp_path / "gated" / "setting.txt").read_text())["detail_gate"] == 0.03
         assert not torch.equal(gated(x, a), trained(x, a))
         assert (gated(x, a) - start(x, a)).abs().mean() < (trained(x, a) - start(x, a)).abs().mean()
+
+
+def test_the_edits_picture_has_a_row_per_face_and_a_column_per_edit(tmp_path):
+    """examples/backbone_edits.py (docs/backbone_edits.png): original, reconstruction and the 15
+    edits of each face, 64x64 tiles with make_grid's 2-pixel padding."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    out = tmp_path / "edits.png"
+    subprocess.run([sys.executable, str(JUDGE.parents[1] / "backbone_edits.py"), str(out), "--n", "2"], check=True)
+    picture = np.asarray(Image.open(out).convert("RGB"))
+    assert picture.shape == (2 + 2 * 66, 2 + 17 * 66, 3)
+    tiles = [picture[2:66, 2 + 66 * c:66 + 66 * c] for c in range(17)]
+    assert all(np.abs(tile.astype(int) - tiles[1]).mean() > 0 for tile in tiles[2:])  # every edit draws something else

@@ -23,7 +23,7 @@ BACKBONE_FILES = [
     "sia_cli/backbone/weights.yaml",
     "sia_cli/backbone/builtin/synth-faces-64/setting.txt",
     "sia_cli/backbone/builtin/synth-faces-64/card.json",
-    "sia_cli/backbone/builtin/synth-faces-64/checkpoint/weights.29000.pth",
+    "sia_cli/backbone/builtin/synth-faces-64/checkpoint/weights.33000.pth",
 ]
 
 
@@ -101,7 +101,7 @@ print(json.dumps({"package": sia_cli.__file__, "checkout": str(registry.checkout
     assert Path(seen["package"]).is_relative_to(site), seen["package"]  # not the checkout's (editable) copy
     assert seen["checkout"] == "None"
     assert seen["known"] == ["attgan-celeba-128", "mine", "synth-faces-64"]
-    assert Path(seen["default"]).is_relative_to(site) and seen["default"].endswith("weights.29000.pth")
+    assert Path(seen["default"]).is_relative_to(site) and seen["default"].endswith("weights.33000.pth")
     assert seen["attributes"] == 15 and seen["critic"]
     assert seen["mine"] == str(tmp_path / "gans" / "mine" / "checkpoint" / "weights.5.pth")
 
