@@ -44,7 +44,10 @@ TARGET = REPO / "examples" / "targets" / "eyeglasses_confounded.pt"
 N_IMAGES = 4
 SETTINGS = AttackSettings(steps=20)  # the paper's eta and eps
 SEED = 7
-MAX_SHARE_DIFFERENT = 0.03
+# Measured with the gated detail block: 0.037 of pixels for `image` on prepared models (its gate,
+# exp(-d / 0.03), magnifies float differences in d into a level of rounding on more pixels).
+# Twice the step size still breaks the bound (test_the_comparison_can_fail).
+MAX_SHARE_DIFFERENT = 0.05
 MAX_LEVELS = 3
 MAX_ATTRIBUTE_STEPS = 4
 RMSPROP_FIRST_STEP = 10  # in units of eta: lr * g / sqrt(0.01 * g^2)
