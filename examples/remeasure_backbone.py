@@ -1,7 +1,7 @@
 """Measure again every published figure that depends on the default backbone, with a candidate
 in its place (docs/backbone.md, "Becoming the default"):
 
-    python examples/remeasure_backbone.py /tmp/stage-6 --out /tmp/remeasure
+    python examples/remeasure_backbone.py /tmp/candidate --out /tmp/remeasure
 
 A registry file named by $SIA_WEIGHTS maps `synth-faces-64` to the candidate's folder, so every
 command below, the ones without a --gan option too, runs it as the default would be run. The
