@@ -93,12 +93,9 @@ def main() -> None:
         print(f"| {name} | {row['images']} | {row['mae']:.3f} | {row['ssim']:.3f} | {margin} | {score} | {inside} | "
               f"{lost} |")
     domain = backbone.info.card.get("domain") or {}
-    margin_floor = domain.get("critic_margin_floor")
-    rule = (f"margin >= that floor ({margin_floor})" if margin_floor is not None
-            else f"margin >= {trust.DOMAIN_MARGIN_FRACTION} x that median")
     print(f"\ncalibrated median critic margin of the backbone: {domain.get('critic_margin_median')}; critic margin "
-          f"floor: {margin_floor}; critic score floor: {domain.get('critic_score_floor')}; in domain: {rule} and "
-          "score >= the score floor")
+          f"floor: {domain.get('critic_margin_floor')}; critic score floor: {domain.get('critic_score_floor')}; "
+          f"backbone fit is {trust.fit_rule(domain)}")
 
 
 if __name__ == "__main__":

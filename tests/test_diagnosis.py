@@ -246,8 +246,15 @@ def test_one_face_names_no_attribute_and_the_gate_refuses_it(faces, tmp_path):
     text = " ".join(result.output.split())
     assert "Too few images to name an attribute" in text and "most sensitive to" not in text
     assert "not ranked (too few images" in text  # the terminal table lists by value, unnumbered
+    # report.json keeps the intervals beside `evidence`; what is shown carries none of width 0
+    headline = report["settings"]["headline"]
+    assert report["intervals"]["sdar"] and report["intervals"]["sensitivity_" + headline]
+    assert "no interval below 10 counted images" in text and "BCa interval" not in text
+    assert f"SDAR {report['sdar']:.4f} [" not in text
     page = (tmp_path / "run" / "report.html").read_text()
     assert "Too few images to name an attribute" in page and "<ol>" not in page.split("Too few images")[1][:300]
+    sdar_interval = report["intervals"]["sdar"]
+    assert f"{sdar_interval['low']:.4f}, {sdar_interval['high']:.4f}]" not in page
     gate = CliRunner().invoke(app, ["sdar", str(tmp_path / "run" / "report.json"), "--max", "1", "--allow-unfit"])
     assert gate.exit_code == FEW_IMAGES and "--allow-few-images" in gate.output
 

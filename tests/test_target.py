@@ -302,6 +302,21 @@ def test_aotinductor_package_is_refused(tmp_path):
         load_target(path)
 
 
+def test_a_model_whose_output_hardly_depends_on_its_input_is_named(tmp_path):
+    """torchvision's MobileNetV3 at random init answers about 1e-11 for every image and class:
+    its argmax is a tie that rounding breaks, so every attack would 'succeed'. A ResNet-18 at
+    random init varies with its input and is not flagged."""
+    import torchvision
+
+    torch.manual_seed(0)
+    flat = save_script(torchvision.models.mobilenet_v3_small(num_classes=5), tmp_path / "flat.pt", trace=True)
+    target = load_target(flat, probe_size=64)
+    notes = [line for line in target.assumptions if "hardly depends on its input" in line]
+    assert len(notes) == 1 and "over 13 probe images" in notes[0], target.assumptions
+    varied = save_script(torchvision.models.resnet18(num_classes=5), tmp_path / "varied.pt", trace=True)
+    assert not any("hardly depends" in line for line in load_target(varied, probe_size=64).assumptions)
+
+
 # ------------------------------------------------------------------- errors
 
 

@@ -44,6 +44,10 @@ def test_in_domain_takes_the_cards_margin_floor_where_it_calibrates_one():
     card = {"domain": {**CARD["domain"], "critic_margin_floor": 1.2}}
     assert trust.in_domain(1.2, card) is True  # under half the median, over this backbone's 1st percentile
     assert trust.in_domain(1.19, card) is False
+    rule = trust.fit_rule(card["domain"])
+    assert "its calibrated margin floor" in rule and "median" not in rule and "critic score" not in rule
+    rule = trust.fit_rule({**card["domain"], "critic_score_floor": -1.0})
+    assert "critic score of at least its calibrated floor" in rule
 
 
 @pytest.mark.parametrize("images, out, ok", [(8, 1, True), (5, 1, True), (8, 2, False), (30, 3, True),

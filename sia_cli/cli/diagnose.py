@@ -18,6 +18,7 @@ from sia_cli.cli.common import (
 )
 from sia_cli.jobs.diagnose import DiagnoseConfig
 from sia_cli.jobs.diagnose import diagnose as run_diagnosis
+from sia_cli.measures.sensitivity import shown_intervals
 from sia_cli.measures.table import ATTRIBUTE_SHIFT, by_name
 from sia_cli.reports.figures import edit_rate_text
 from sia_cli.reports.html import explanation_sentence, headline_sentence, significant
@@ -60,7 +61,7 @@ def diagnose(
 def summary_table(report: dict, top_k: int) -> Table:
     headline = by_name(report["settings"]["headline"])
     key = headline.key
-    shares, intervals = report[headline.normalized_key], report.get("intervals", {})
+    shares, intervals = report[headline.normalized_key], shown_intervals(report)
     sdar_ci = intervals.get("sdar")
     lost = (report.get("backbone_fit") or {}).get("lost_in_reconstruction")
     title = (f"ASR {100 * report['attack_success_rate']:.1f} %   SDAR {report['sdar']:.4f}"
@@ -77,7 +78,7 @@ def summary_table(report: dict, top_k: int) -> Table:
     floor = f", floor {significant(effect['floor'])} from the reconstruction alone" if effect.get("floor") is not None else ""
     withheld = report.get("ranking_withheld")
     table.caption = ((f"not ranked ({withheld}); listed by value. " if withheld else "")
-                     + f"share: {key} (headline) as share of total, with its 95% BCa interval; size: its raw "
+                     + f"share: {key} (headline) as share of total, {_interval_caption(report, intervals)}; size: its raw "
                      f"value in {unit} (all attributes {significant(sum(report[key].values()))}{floor}); "
                      "edit: the backbone's edit success (* blind spot: a low value there means cannot tell)")
     for column in ("#", "attribute", "share", "interval", "size", ATTRIBUTE_SHIFT.label, "edit"):
@@ -92,3 +93,12 @@ def summary_table(report: dict, top_k: int) -> Table:
                       f"{report[ATTRIBUTE_SHIFT.normalized_key][name]:.3f}",
                       (edit_rate_text(edit[name]) if name in edit else "?") + ("*" if name in blind else ""))
     return table
+
+
+def _interval_caption(report: dict, intervals: dict) -> str:
+    if intervals:
+        return "with its 95% BCa interval"
+    evidence = report.get("evidence") or {}
+    if evidence.get("enough") is False:
+        return f"no interval below {evidence.get('minimum_images')} counted images"
+    return "no interval (--bootstrap 0)"

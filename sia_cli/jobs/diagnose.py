@@ -314,7 +314,7 @@ def write_outputs(config: DiagnoseConfig, report: dict, telling: list[dict], sec
     `seconds()`, when given, times the run once the figures are drawn, into report.json."""
     out = config.out
     headline = measures_table.by_name(report["settings"]["headline"])
-    intervals = report.get("intervals", {}).get(headline.key)
+    intervals = sens.shown_intervals(report).get(headline.key)
     sensitivity_png(out / "sensitivity.png", report[headline.normalized_key],
                     _normalised_intervals(intervals, report[headline.key]),
                     title=f"{headline.key} (share of total)" + ("; not ranked" if report.get("ranking_withheld") else ""),

@@ -255,6 +255,15 @@ def bootstrap(records: Sequence[Record], statistic: Statistic, n: int = 200, see
 MIN_COUNTED_IMAGES = 10
 
 
+def shown_intervals(report: dict) -> dict:
+    """The intervals a report may show: none when it counted fewer than MIN_COUNTED_IMAGES (a
+    width-0 interval from one image reads as certainty). report.json keeps them all, beside
+    `evidence`; a report without `evidence` shows what it has."""
+    if (report.get("evidence") or {}).get("enough") is False:
+        return {}
+    return report.get("intervals") or {}
+
+
 def reconstruction_floor(records: Records) -> float | None:
     """The mean change of the model's output that the reconstruction G(x0, a0) alone causes,
     over the usable images: an attribute edit is a generator output too, so an edit that moves

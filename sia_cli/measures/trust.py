@@ -93,7 +93,8 @@ def _share(flags: Sequence[bool]) -> float | None:
     return float(np.mean(flags)) if flags else None
 
 
-def _fit_rule(domain: dict) -> str:
+def fit_rule(domain: dict) -> str:
+    """The backbone-fit rule in words, as `in_domain` and `backbone_fit` apply it for this calibration."""
     margin = ("its calibrated margin floor" if domain.get("critic_margin_floor") is not None
               else f"{DOMAIN_MARGIN_FRACTION} x its calibrated median margin")
     score = " and a critic score of at least its calibrated floor" if domain.get("critic_score_floor") is not None else ""
@@ -137,7 +138,7 @@ def backbone_fit(records: Sequence[dict], card: dict) -> dict:
         "critic_margin_reference": (card.get("domain") or {}).get("critic_margin_median"),
         "reconstruction_mae": float(np.mean(mae)) if mae else None,
         "reconstruction_ssim": float(np.mean(ssim)) if ssim else None,
-        "rule": _fit_rule(card.get("domain") or {}),
+        "rule": fit_rule(card.get("domain") or {}),
     }
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from sia_cli.measures.sensitivity import ranking
+from sia_cli.measures.sensitivity import ranking, shown_intervals
 from sia_cli.measures.table import FALLBACK, TABLE, report_key
 from sia_cli.reports.figures import edit_rate_text
 from sia_cli.runs.files import json_ready, write_bytes_atomic
@@ -202,7 +202,7 @@ def _table_order(report: dict, headline_key: str, columns: list[tuple[str, str]]
 def _measures_table(report: dict) -> str:
     headline_key = _headline(report)[1]
     columns = _measure_columns(report)
-    intervals = report.get("intervals") or {}
+    intervals = shown_intervals(report)
     flips = report.get("flip_rate") or {}
     header = "<tr><th>attribute</th>"
     for title, key in columns:
@@ -229,7 +229,7 @@ def _measures_table(report: dict) -> str:
 
 
 def _summary_table(report: dict) -> str:
-    intervals = report.get("intervals") or {}
+    intervals = shown_intervals(report)
     asr = report.get("attack_success_rate")
     fit = report.get("backbone_fit") or {}
     percent = lambda v: f"{v * 100:.1f} %" if isinstance(v, (int, float)) else "—"  # noqa: E731

@@ -22,6 +22,10 @@ from sia_cli.targets.tasks import ACCEPTED_SHAPES, TASKS, Binary, Multiclass, Mu
 
 PROBE_BATCH = 2
 VALUE_IMAGES = 8  # random images, plus black, white and grey, whose outputs are inspected
+# Outputs that vary across the probe images by less than this (relative to their size, at least
+# 1) are one output: torchvision's MobileNetV3 at random init answers about 1e-11 for every image
+# and class, so its predictions are ties that rounding decides and an attack "succeeds" on all.
+CONSTANT_OUTPUT_SPREAD = 1e-6
 
 # How PyTorch words a tensor on the wrong device (or a CUDA device this machine lacks).
 _DEVICE_PROBLEM = re.compile(r"device|cuda|nvidia", re.IGNORECASE)
@@ -57,6 +61,9 @@ def probe(target: Target, probe_size: int, output_key: Any) -> Probed:
         if line:
             target.assumptions.append(line)
     target.assumptions.extend(task.inspect(values, inferred=how == "output shape"))
+    constant = _constant_output_note(values)
+    if constant:
+        target.assumptions.append(constant)
     _settle_output_type(target, task)
     return Probed(settings=target.settings, task=task, output_key=target.output_key,
                   output_listing=target._output_listing, batch_range=target.batch_range,
@@ -311,6 +318,21 @@ def _probe_values(target: Target, probe_size: int, out: torch.Tensor) -> torch.T
     values = torch.cat(parts)
     finite = torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
     return values[finite]
+
+
+def _constant_output_note(values: torch.Tensor) -> str | None:
+    """A warning when the outputs of the probe images hardly differ (CONSTANT_OUTPUT_SPREAD)."""
+    if len(values) < 2:
+        return None
+    flat = values.reshape(len(values), -1).double()
+    spread = float((flat.max(dim=0).values - flat.min(dim=0).values).max())
+    scale = float(flat.abs().max())
+    if spread > CONSTANT_OUTPUT_SPREAD * max(scale, 1.0):
+        return None
+    return (f"the model's output hardly depends on its input: over {len(values)} probe images (random noise, "
+            f"black, white, grey) it varies by at most {spread:.2g} (values up to {scale:.2g}), an untrained or "
+            "collapsed head?; its predictions are then near-ties that rounding decides, and an attack success may "
+            "flip nothing but rounding")
 
 
 def _run_values(target: Target, images: torch.Tensor) -> torch.Tensor | None:
