@@ -207,6 +207,11 @@ def test_photos_without_a_face_exit_1_so_a_script_stops_there(photos, tmp_path):
     result = sia("align", cats, tmp_path / "o", "--no-progress")
     assert result.exit_code == 1 and "no face found in any of the 1 files" in result.stderr, result.output
     assert rows(tmp_path / "o" / "unaligned.csv") == [{"source": "cat.png", "reason": "no face found"}]
+    (cats / "cut.png").write_bytes((photos / "cat.png").read_bytes()[:100])  # a truncated file
+    result = sia("align", cats, tmp_path / "o2", "--no-progress")
+    assert result.exit_code == 1, result.output
+    assert "of the 2 files" in result.stderr and "without a face: 1" in result.stderr
+    assert "unreadable or not images: 1" in result.stderr
 
 
 def test_the_renderers_own_64px_faces_are_found_and_framed_as_they_were_drawn(tmp_path):

@@ -232,6 +232,16 @@ def test_bad_options_are_one_line_before_any_work(planted, tmp_path, args, messa
     assert not out.exists()
 
 
+def test_a_hardening_without_eval_images_says_it_compared_nothing(planted, tmp_path):
+    result = sia("harden", planted["model"], "--images", planted["eval"] / "images", "--out", tmp_path / "o",
+                 "--steps", "2", "--epochs", "1", "--no-progress")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Not compared before and after: pass --eval-images" in text and "trained " in text
+    assert "clean accuracy" not in text  # no table of dashes
+    assert (tmp_path / "o" / "model.pt").is_file()
+
+
 def test_eval_images_must_be_held_out(planted, tmp_path):
     result = sia("harden", planted["model"], "--images", planted["eval"] / "images", "--out", tmp_path / "o",
                  "--eval-images", planted["eval"] / "images")

@@ -11,7 +11,7 @@ from sia_cli.backbone.registry import framing_of
 from sia_cli.cli import options as o
 from sia_cli.cli.common import console, handle_errors, progress_enabled, rich_progress
 from sia_cli.errors import SiaError
-from sia_cli.inputs.align import FRAMINGS, AlignConfig, align_folder, framing_named
+from sia_cli.inputs.align import FRAMINGS, NO_FACE, AlignConfig, align_folder, framing_named
 
 
 @handle_errors
@@ -44,5 +44,9 @@ def align(
                   f"a usable face listed in {out / 'unaligned.csv'}", markup=False, highlight=False, soft_wrap=True)
     if not result.rows:
         # Exit 1, as a gate that finds nothing: a script must not go on to diagnose an empty folder.
-        raise SiaError(f"no face found in any of the {len(result.unaligned)} files of {images} "
-                       "(faces under about 20 pixels across are not found)", exit_code=1)
+        faceless = sum(row["reason"] == NO_FACE for row in result.unaligned)
+        unusable = len(result.unaligned) - faceless
+        why = f"without a face: {faceless} (faces under about 20 pixels across are not found)"
+        if unusable:
+            why += f"; unreadable or not images: {unusable} (reasons in {out / 'unaligned.csv'})"
+        raise SiaError(f"no face found in any of the {len(result.unaligned)} files of {images}: {why}", exit_code=1)

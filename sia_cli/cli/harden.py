@@ -65,9 +65,22 @@ def harden(
         summary = run_harden(config, progress)
     if not main_process():
         return
-    console.print(summary_table(summary))
+    if summary.get("before") is None and summary.get("after") is None:
+        console.print(not_compared(summary), markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print(summary_table(summary))
     console.print(f"hardened model: {summary['hardened_model']}", markup=False, highlight=False)
     console.print(f"wrote {out / 'hardening.html'}", markup=False, highlight=False, soft_wrap=True)
+
+
+def not_compared(summary: dict) -> str:
+    """What a hardening without --eval-images can say: how it trained, and that nothing was compared."""
+    training = summary.get("training") or {}
+    losses = ", ".join(f"{name.replace('_', ' ')} {value:.3g}" for name, value in (training.get("losses") or {}).items())
+    return (f"trained {training.get('steps')} steps ({summary.get('mode')}; labels: {summary.get('labels')})"
+            + (f"; last losses: {losses}" if losses else "")
+            + ". Not compared before and after: pass --eval-images (held-out faces, never the training folder) "
+            "to measure accuracy under attack and SDAR on both")
 
 
 def summary_table(summary: dict) -> Table:

@@ -34,6 +34,7 @@ from sia_cli.text import first_few
 
 TABLE = "alignment.csv"
 UNALIGNED = "unaligned.csv"
+NO_FACE = "no face found"  # the reason unaligned.csv gives a readable photo without a face
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ def align_folder(config: AlignConfig, detector: Detector, progress: ProgressFn =
             continue
         faces = [f for f in detector.detect(np.asarray(photo)) if f.points.get("lefteye") and f.points.get("righteye")]
         if not faces:
-            result.unaligned.append({"source": path.name, "reason": "no face found"})
+            result.unaligned.append({"source": path.name, "reason": NO_FACE})
         if config.largest and faces:
             faces = [max(faces, key=lambda f: f.area)]
         for index, face in enumerate(sorted(faces, key=lambda f: (f.box[0], f.box[1]))):

@@ -330,9 +330,8 @@ def _constant_output_note(values: torch.Tensor) -> str | None:
     if spread > CONSTANT_OUTPUT_SPREAD * max(scale, 1.0):
         return None
     return (f"the model's output hardly depends on its input: over {len(values)} probe images (random noise, "
-            f"black, white, grey) it varies by at most {spread:.2g} (values up to {scale:.2g}), an untrained or "
-            "collapsed head?; its predictions are then near-ties that rounding decides, and an attack success may "
-            "flip nothing but rounding")
+            f"black, white, grey) it varies by at most {spread:.2g} (values up to {scale:.2g}): an untrained or "
+            "collapsed head? Then rounding decides its predictions, and what an attack counts as a success")
 
 
 def _run_values(target: Target, images: torch.Tensor) -> torch.Tensor | None:
