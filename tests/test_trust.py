@@ -114,7 +114,8 @@ def test_warnings_name_every_reason_not_to_trust():
     fit = trust.backbone_fit([record(f"{i}.png", lost=i < 3, margin=0.1) for i in range(10)], CARD)
     estimated = [{"file": "a.png", "attrs_source": "discriminator", "attrs_confidence": 0.7}]
     lines = trust.warnings_for(fit, ["B"], estimated, ["output (B, 40) read as 40-class softmax"], grouped=True)
-    assert lines[0].startswith("backbone does not fit these images")
+    assert lines[0].startswith("backbone does not fit these images") and "--align finds their faces" in lines[0]
+    assert "--align" not in trust.warnings_for(fit, [], [], aligned=True)[0]  # already aligned: no hint
     assert any(line.startswith("blind spots: the backbone edits B") for line in lines)
     assert any("estimated by the backbone's discriminator" in line and "--group-by" in line for line in lines)
     assert lines[-1].startswith("output (B, 40)")
@@ -169,7 +170,7 @@ def test_real_photos_are_flagged_in_every_output_and_the_gate_refuses(photos, tm
     fit = report["backbone_fit"]
     assert fit["ok"] is False and fit["in_domain"] <= 0.2, fit
     warning = report["warnings"][0]
-    assert warning.startswith("backbone does not fit these images")
+    assert warning.startswith("backbone does not fit these images") and "--align finds their faces" in warning
     assert "warning: backbone does not fit these images" in result  # the terminal
     assert "does not fit these images well enough" in result
     page = (tmp_path / "run" / "report.html").read_text()

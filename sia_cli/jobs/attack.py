@@ -74,7 +74,7 @@ def _method_report(config: RunConfig, context: Context, run: MethodRun, skipped:
         "method": run.method.name,
         "method_summary": run.method.summary,
         **run.summary(),
-        **findings_trust(inputs, run.records),
+        **findings_trust(inputs, run.records, aligned=config.align),
         "images": run.records,
         "skipped": skipped,
         "timing": {"total_s": round(seconds, 3)},

@@ -205,7 +205,7 @@ def _report(config: DiagnoseConfig, context: Context, run: MethodRun, skipped: l
         report["explanations"] = explain.explanation_report(run.records, attributes, protected, config.explanation,
                                                             size * size, config.bootstrap, config.seed)
     report.update(findings_trust(inputs, run.records, grouped=bool(config.group_by),
-                                 measures_include_lost=not counted))
+                                 measures_include_lost=not counted, aligned=config.align))
     report.update(images=run.records, skipped=skipped, timing={"total_s": round(seconds, 3)}, complete=complete)
     account_for_inputs(report, config)
     return report

@@ -175,12 +175,15 @@ def attribute_source_note(records: Sequence[dict]) -> str | None:
 
 
 def warnings_for(fit: dict, blind: list[str] | None, records: Sequence[dict], assumptions: Sequence[str] = (),
-                 grouped: bool = False, measures_include_lost: bool = False) -> list[str]:
-    """One-line warnings for the terminal, report.json and the HTML banner, most serious first."""
+                 grouped: bool = False, measures_include_lost: bool = False, aligned: bool = False) -> list[str]:
+    """One-line warnings for the terminal, report.json and the HTML banner, most serious first.
+    `aligned`: the images are --align's crops (else a fit that fails suggests it)."""
     out = []
     if fit.get("ok") is False:
         out.append("backbone does not fit these images: " + "; ".join(fit["reasons"])
-                   + ". The findings may describe the backbone, not the model")
+                   + ". The findings may describe the backbone, not the model"
+                   + ("" if aligned else " (photos? --align finds their faces and frames them as the backbone's "
+                      "training faces were)"))
     elif fit.get("ok") is None:
         out.append("; ".join(fit["reasons"]))
     lost = fit.get("lost_in_reconstruction")

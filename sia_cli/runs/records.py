@@ -197,13 +197,13 @@ def protected_names(inputs: Inputs) -> list[str]:
 
 
 def findings_trust(inputs: Inputs, records: list[dict], grouped: bool = False,
-                   measures_include_lost: bool = False) -> dict:
+                   measures_include_lost: bool = False, aligned: bool = False) -> dict:
     """backbone_fit, blind_spots and warnings of a run's records (see sia_cli.measures.trust)."""
     card = inputs.backbone.info.card
     fit = trust.backbone_fit(records, card)
     blind = trust.blind_spots(card, inputs.backbone.attributes, protected_names(inputs))
     assumptions = list(getattr(inputs.target, "assumptions", []) or [])
-    warnings = trust.warnings_for(fit, blind, records, assumptions, grouped, measures_include_lost)
+    warnings = trust.warnings_for(fit, blind, records, assumptions, grouped, measures_include_lost, aligned)
     return {"backbone_fit": fit, "blind_spots": blind, "warnings": warnings}
 
 
