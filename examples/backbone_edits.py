@@ -10,16 +10,14 @@ turns the others off). docs/backbone_edits.png is
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import torch
+from measure_backbone import fresh_faces  # this folder's: the faces the card is measured on, drawn alike
 from torchvision.utils import make_grid, save_image
 
 from sia_cli.backbone.attgan import edited
 from sia_cli.backbone.registry import load_backbone
-from sia_cli.inputs.images import load_image, read_attributes
-from sia_cli.inputs.synth import make_dataset
 
 
 def main() -> None:
@@ -31,12 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     backbone = load_backbone(args.gan)
     names = list(backbone.attributes)
-    size = backbone.info.img_size
-    with tempfile.TemporaryDirectory() as tmp:
-        make_dataset(Path(tmp), args.n, seed=args.seed, size=size)
-        table = read_attributes(Path(tmp) / "list_attr.txt").select(names)
-        images = torch.stack([load_image(Path(tmp) / "images" / name, size) for name in table.rows])
-    attrs = torch.tensor([list(row) for row in table.rows.values()]).gt(0).float()
+    images, attrs = fresh_faces(args.n, args.seed, backbone.info.img_size, names)
     x = images * 2 - 1
     with torch.no_grad():
         columns = [x, backbone(x, attrs)] + [backbone(x, edited(attrs, k, names)[0]) for k in range(len(names))]
